@@ -1,0 +1,1 @@
+"""acseg's command line: one module per command, registered explicitly in ``app``."""

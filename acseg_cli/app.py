@@ -1,0 +1,47 @@
+"""The acseg application: commands registered explicitly, one module each."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from stages import __version__
+
+from . import backbones, extract
+
+app = typer.Typer(
+    name="acseg",
+    help="Unsupervised semantic segmentation by adaptive conceptualization (ACSeg), as Unix-style stages.\n\n"
+         "Each stage reads a file and prints the path of the file it wrote, so stages chain in pipes:\n\n"
+         "  acseg extract imgs/ -o feats.h5 | acseg conceptualize | acseg classify --n-classes 11 -o out/",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool):
+    if value:
+        sys.stdout.write(f"acseg {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None):
+    """acseg: ACSeg as Unix-style stages."""
+
+
+app.command("extract")(extract.command)
+app.command("backbones")(backbones.command)
+
+
+def main() -> None:
+    # A closed downstream pipe (| head) ends us quietly instead of raising at exit.
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    app()

@@ -1,0 +1,64 @@
+"""acseg extract: images -> feature store."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, List, Optional
+
+import typer
+
+from stages.backbones import DEFAULT_BACKBONE
+from stages.extract import extract as run_extract
+
+from .backbones import print_backbones
+from .options import Device, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, fail, info, setup_logging, stage
+
+
+@stage
+def command(
+    inputs: Annotated[Optional[List[str]], typer.Argument(
+        help="Image files, folders (searched recursively) or .txt lists of image paths; '-' reads a list from stdin.",
+        show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Feature store to write (.h5).")] = None,
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Backbone preset (see --list-backbones).")] = DEFAULT_BACKBONE,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Local weights file (.pth/.safetensors) for the backbone.")] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Random backbone weights (tests only).")] = False,
+    short_side: Annotated[Optional[int], typer.Option("--short-side", help="Resize the short side to this (default: the backbone's, e.g. 448 for patch 14).")] = None,
+    feature: Annotated[str, typer.Option("--feature", help="Pixel features: 'tokens' (last block, after the final norm) or 'keys' (attention keys).")] = "tokens",
+    layer: Annotated[int, typer.Option("--layer", help="Block whose output is the feature (0-based; -1 = last).")] = -1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
+    workers: Annotated[int, typer.Option("--workers", help="Decoding worker processes (0 = in the main process).")] = 1,
+    device: Device = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
+    list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbone presets and exit.")] = False,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    as_json: JsonOut = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+):
+    """Extract frozen ViT patch features (and CLS attention) from images into an HDF5 feature store."""
+    setup_logging(verbose, quiet)
+    if list_backbones:
+        print_backbones()
+        return
+    if not inputs:
+        fail("no input: pass image files or folders (or '-' with a list on stdin)", 2)
+    if not output:
+        fail("no output: pass -o FEATS.h5", 2)
+    list_text = None
+    if "-" in inputs:
+        if sys.stdin is None or sys.stdin.isatty():
+            fail("no input: '-' needs a list of image paths on stdin", 2)
+        list_text = sys.stdin.read()
+        inputs = [i for i in inputs if i != "-"]
+    with Progress("extract") as bar:
+        res = run_extract(inputs, output, backbone=backbone, weights=weights, random_weights=random_weights,
+                          short_side=short_side, feature=feature, layer=layer, batch_size=batch_size, workers=workers,
+                          device=device, strict=strict, overwrite=overwrite, resume=resume, list_text=list_text,
+                          progress=bar)
+    msg = f"extracted {res.n_images} images"
+    if res.n_skipped:
+        msg += f", skipped {res.n_skipped} unreadable (listed above and in the store's 'skipped' attribute)"
+    info(msg)
+    emit(res.path, as_json, kind="features", n_images=res.n_images, n_skipped=res.n_skipped)

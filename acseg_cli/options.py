@@ -1,0 +1,185 @@
+"""Behaviour every command shares: input from stdin, the stdout path protocol, errors and exit codes,
+logging and progress on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from stages.errors import AcsegError, UsageError
+
+err_console = Console(stderr=True, highlight=False)
+
+# -- shared option types ------------------------------------------------------------------------
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging on stderr (-vv: tracebacks).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object per artifact instead of its path.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its partial file.")]
+InputArg = Annotated[Optional[str], typer.Argument(help="Input file; omitted or '-' reads its path from stdin.",
+                                                   show_default=False)]
+Device = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda when available, else cpu).")]
+
+_state = {"verbose": 0}
+
+
+def debug_enabled() -> bool:
+    return _state["verbose"] >= 2 or os.environ.get("ACSEG_DEBUG", "") not in ("", "0")
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    _state["verbose"] = verbose
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose >= 1 else logging.WARNING)
+    root = logging.getLogger("acseg")
+    root.handlers.clear()
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if level > logging.INFO else "%(message)s"))
+    root.addHandler(h)
+    root.setLevel(level if not (level == logging.WARNING) else logging.WARNING)
+    root.propagate = False
+    _state["quiet"] = quiet
+    _state["level"] = level
+
+
+def info(msg: str) -> None:
+    """A line for people on stderr (hidden by -q)."""
+    if not _state.get("quiet"):
+        err_console.print(msg, soft_wrap=True, markup=False)
+
+
+def fail(msg: str, code: int = 1):
+    sys.stderr.write(f"Error: {msg}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+def resolve_input(arg: Optional[str]) -> str:
+    """The input path: the argument, or the first non-empty line of stdin when omitted or '-'."""
+    if arg not in (None, "-"):
+        return arg
+    stdin = sys.stdin
+    if stdin is None or stdin.isatty():
+        fail("no input: pass FILE or pipe a path", 2)
+    for line in stdin:
+        line = line.strip()
+        if line:
+            try:
+                obj = json.loads(line) if line.startswith("{") else None
+            except ValueError:
+                obj = None
+            return obj["path"] if isinstance(obj, dict) and "path" in obj else line
+    fail("no input: pass FILE or pipe a path", 2)
+
+
+def emit(path: str, as_json: bool = False, **extra) -> None:
+    """The one line a stage prints on stdout per artifact."""
+    p = str(Path(path).absolute())
+    line = json.dumps({"path": p, **extra}, sort_keys=True, default=str) if as_json else p
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def stage(fn: Callable) -> Callable:
+    """Wrap a command: library errors -> one line and exit 1 (2 for usage), Ctrl-C -> 130, closed pipe -> quiet."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except UsageError as e:
+            _trace()
+            fail(str(e), 2)
+        except AcsegError as e:
+            _trace()
+            fail(str(e), 1)
+        except KeyboardInterrupt:
+            sys.stderr.write("Interrupted.\n")
+            raise typer.Exit(130)
+        except BrokenPipeError:
+            _quiet_pipe()
+            raise typer.Exit(0)
+        except MemoryError:
+            _trace()
+            fail("out of memory; lower --batch-size or process fewer images at once", 1)
+        except OSError as e:
+            _trace()
+            fail(f"{e.strerror or e} ({e.filename or 'I/O'}); check free disk space and permissions", 1)
+        except Exception as e:  # a bug: say so in one line, the traceback on demand
+            _trace(always=False)
+            fail(f"internal error: {type(e).__name__}: {e}; re-run with -vv or ACSEG_DEBUG=1 and report it", 1)
+
+    return wrapper
+
+
+def _trace(always: bool = False) -> None:
+    if debug_enabled():
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+
+
+def _quiet_pipe() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except Exception:
+        pass
+
+
+class Progress:
+    """A rich progress bar on a terminal; plain periodic lines otherwise; nothing with -q."""
+
+    def __init__(self, description: str, unit: str = "images"):
+        self.description, self.unit = description, unit
+        self.enabled = not _state.get("quiet")
+        self.tty = sys.stderr.isatty()
+        self._bar = None
+        self._task = None
+        self._last = 0.0
+        self._t0 = time.monotonic()
+        self.extra = ""
+
+    def __enter__(self):
+        if self.enabled and self.tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RP, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self._bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
+                           TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[extra]}"),
+                           console=err_console, redirect_stdout=False, redirect_stderr=False, transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=None, extra="")
+        return self
+
+    def __call__(self, done: int, total: int, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total, extra=extra)
+            return
+        now = time.monotonic()
+        if done >= total or now - self._last >= 10.0 or done == 0:
+            self._last = now
+            rate = done / max(1e-9, now - self._t0)
+            sys.stderr.write(f"{self.description}: {done}/{total} {self.unit} ({rate:.1f}/s) {extra}\n".rstrip() + "\n")
+            sys.stderr.flush()
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False
+
+
+@contextlib.contextmanager
+def nothing():
+    yield

@@ -1,0 +1,190 @@
+"""Stage ``extract``: images -> frozen ViT patch features and CLS attention in a feature store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import images as im
+from .backbones import DEFAULT_BACKBONE, FEATURE_KINDS, create_backbone, get_preset
+from .errors import AcsegError, UsageError
+from .features import features_schema
+from .store import StoreWriter, check_output
+
+log = logging.getLogger("acseg.extract")
+
+
+@dataclass
+class ExtractResult:
+    path: str
+    n_images: int
+    n_skipped: int
+    skipped: list = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def plan_batches(grids: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Group image indices of equal grid size into batches, ordered by their first image.
+
+    Deterministic in the input list, so a resumed run processes exactly the same batches.
+    """
+    by_grid: dict[tuple[int, int], list[int]] = {}
+    for i, g in enumerate(grids):
+        if g is not None:
+            by_grid.setdefault(tuple(g), []).append(i)
+    batches = [idx[s:s + batch_size] for idx in by_grid.values() for s in range(0, len(idx), batch_size)]
+    return sorted(batches, key=lambda b: b[0])
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Decodes and resizes one planned batch per item (runs in DataLoader workers)."""
+
+    def __init__(self, items, grids, batches, patch, mean, std, max_pixels):
+        self.items, self.grids, self.batches = items, grids, batches
+        self.patch, self.mean, self.std, self.max_pixels = patch, mean, std, max_pixels
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, j):
+        im.set_pixel_limit(self.max_pixels)
+        ok, arrays, sizes, failed = [], [], [], []
+        for i in self.batches[j]:
+            try:
+                img = im.load_rgb(self.items[i].path)
+                arrays.append(im.resize_normalise(img, self.grids[i], self.patch, self.mean, self.std))
+                sizes.append((img.size[1], img.size[0]))
+                ok.append(i)
+            except im.ImageError as e:
+                failed.append((i, str(e)))
+        x = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0)
+        return j, ok, x, sizes, failed
+
+
+def _inputs_digest(items) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(it.name.encode("utf-8", "surrogateescape") + b"\0" + it.path.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
+            random_weights: bool = False, short_side: int | None = None, feature: str = "tokens", layer: int = -1,
+            batch_size: int = 8, workers: int = 1, device: str | None = None, strict: bool = False,
+            overwrite: bool = False, resume: bool = False, max_pixels: int | None = None,
+            list_text: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+    """Extract features of ``inputs`` (folders, files, list files) into the store ``output``.
+
+    ``progress(done, total)`` is called after every batch. Returns the store's path and counts.
+    """
+    preset = get_preset(backbone)
+    if feature not in FEATURE_KINDS:
+        raise UsageError(f"unknown feature {feature!r}", f"choose one of: {', '.join(FEATURE_KINDS)}")
+    if batch_size < 1 or workers < 0:
+        raise UsageError("batch size must be >= 1 and workers >= 0", "fix --batch-size / --workers")
+    short_side = short_side or preset.short_side
+    if short_side < preset.patch:
+        raise UsageError(f"--short-side {short_side} is smaller than the patch size {preset.patch}", "raise --short-side")
+    out = Path(output).absolute()
+    check_output(out, overwrite)
+    items = im.discover(inputs, list_text)
+    if not items:
+        raise AcsegError("no images found in the inputs", "pass image files, folders holding images, or a list file")
+    im.set_pixel_limit(max_pixels)
+
+    # Read headers first: sizes decide the grid, the grid decides the batches.
+    skipped: list[dict] = []
+    grids: list = []
+    for it in items:
+        try:
+            h, w = im.peek_size(it.path)
+            grids.append(im.target_grid(h, w, short_side, preset.patch))
+        except im.ImageError as e:
+            grids.append(None)
+            _skip(skipped, it, str(e), strict)
+    batches = plan_batches(grids, batch_size)
+    if not batches:
+        raise AcsegError(f"none of the {len(items)} inputs is a readable image", "check the files (see the warnings above)")
+
+    device = device or default_device()
+    bb = create_backbone(backbone, weights=weights, random_weights=random_weights, device=device)
+    if not -bb.depth <= layer < bb.depth:
+        raise UsageError(f"--layer {layer} is outside 0..{bb.depth - 1} (or -1 for the last)", "pick another --layer")
+    params = {"short_side": short_side, "feature": feature, "layer": layer % bb.depth, "batch_size": batch_size,
+              "resize": "bicubic, short side to short_side, sides rounded to multiples of the patch",
+              "inputs_sha256": _inputs_digest(items), "n_inputs": len(items)}
+    attrs = {"params": params, "backbone": bb.describe(), "parent": {}}
+    schema = features_schema(bb.dim)
+    total = sum(len(b) for b in batches)
+    with StoreWriter(out, schema, attrs, overwrite=overwrite, resume=resume) as w:
+        start = 0
+        if w.resumed_from:
+            start = int(w.f.attrs.get("batches_done", 0))
+            skipped = json.loads(w.f.attrs.get("skipped", "[]"))
+            log.info("resuming %s after %d images (%d batches)", out.name, w.resumed_from, start)
+        elif resume:
+            log.info("nothing valid to resume for %s; starting afresh", out.name)
+        ds = _BatchDataset(items, grids, batches, preset.patch, preset.mean, preset.std, max_pixels)
+        todo = list(range(start, len(batches)))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo), batch_size=None, shuffle=False,
+                                             num_workers=workers, pin_memory=(device != "cpu"))
+        done = sum(len(batches[j]) for j in range(start))
+        if progress:
+            progress(done, total)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else _null()
+        for j, ok, x, sizes, failed in loader:
+            for i, reason in failed:
+                _skip(skipped, items[i], reason, strict)
+            per_image = {"grid": [], "image_size": [], "names": [], "sources": []}
+            packed = {"tokens": [], "cls_attn": []}
+            if ok:
+                with torch.inference_mode(), autocast:
+                    feats, attn, _ = bb(x.to(device, non_blocking=True), feature=feature, layer=layer)
+                feats = feats.float().cpu().numpy().astype(np.float16)
+                attn = attn.float().cpu().numpy()
+                for n, i in enumerate(ok):
+                    per_image["grid"].append(grids[i])
+                    per_image["image_size"].append(sizes[n])
+                    per_image["names"].append(items[i].name)
+                    per_image["sources"].append(items[i].path)
+                    packed["tokens"].append(feats[n])
+                    packed["cls_attn"].append(attn[n])
+            w.append(per_image, packed, attrs={"batches_done": j + 1, "skipped": skipped, "n_skipped": len(skipped)})
+            done += len(batches[j])
+            if progress:
+                progress(done, total)
+        if w.n_done == 0:
+            raise AcsegError(f"none of the {len(items)} inputs could be decoded", "check the files (see the warnings above)")
+        w.set_attr("skipped", skipped)
+        w.set_attr("n_skipped", len(skipped))
+        resumed = w.resumed_from
+        n_done = w.n_done
+    return ExtractResult(str(out), n_done, len(skipped), skipped, resumed)
+
+
+def _skip(skipped: list, item, reason: str, strict: bool) -> None:
+    name = im.display_name(item.name)
+    if strict:
+        raise AcsegError(f"cannot read image {name}: {reason}", "fix or remove it, or drop --strict to skip it")
+    log.warning("skipping %s: %s", name, reason)
+    skipped.append({"name": name, "reason": reason})
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+

@@ -1,0 +1,389 @@
+"""HDF5 artifacts passed between stages: schema, atomic writing, resume, validated reading.
+
+Every artifact is one HDF5 file with root attributes (see ``README.md``, "File formats"):
+
+``kind``, ``schema_version``, ``acseg_version``, ``created``, ``command``, ``params`` (JSON),
+``backbone`` (JSON), ``parent`` (JSON), ``uid``, ``content_sha256``, ``n_images`` and ``complete``
+(written last).
+
+Per-image arrays are packed: a variable-length quantity (tokens, concepts) lives in one
+``(total, ...)`` dataset per field, indexed by an ``(n_images + 1,)`` offsets dataset. Writing goes to
+``.<name>.partial`` in the destination folder, flushed after every batch, renamed when complete; a lock
+file keeps a second writer out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import AcsegError
+
+SCHEMA_VERSION = 1
+STR = h5py.string_dtype("utf-8")
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+@dataclass
+class Group:
+    """Fields packed along one axis, indexed by one offsets dataset."""
+
+    offsets: str
+    fields: dict[str, tuple[np.dtype, tuple[int, ...]]]
+
+
+@dataclass
+class Schema:
+    kind: str
+    per_image: dict[str, tuple[object, tuple[int, ...]]]
+    groups: list[Group] = field(default_factory=list)
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse an existing output before any work is done."""
+    if path.exists() and not overwrite:
+        raise AcsegError(f"{path} already exists", "pass --overwrite to replace it or choose another -o")
+    if path.is_dir():
+        raise AcsegError(f"{path} is a folder", "give a file name with -o")
+    if not path.parent.is_dir():
+        raise AcsegError(f"folder {path.parent} does not exist", "create it first or choose another -o")
+
+
+class StoreWriter:
+    """Append-only writer of one artifact, atomic and resumable.
+
+    Use as a context manager: on a clean exit the file is finalised and renamed; on an exception the
+    partial file is kept (so ``resume=True`` can continue it) and the lock released.
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: Schema, attrs: dict, *, overwrite: bool = False,
+                 resume: bool = False, chunk_rows: int = 4096):
+        self.path = Path(path).absolute()
+        self.schema = schema
+        self.attrs = attrs
+        self.overwrite = overwrite
+        self.resume = resume
+        self.chunk_rows = chunk_rows
+        self.tmp = partial_path(self.path)
+        self.f: h5py.File | None = None
+        self._lock_fd: int | None = None
+        self.resumed_from = 0
+        self._hash = hashlib.sha256()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def __enter__(self) -> "StoreWriter":
+        check_output(self.path, self.overwrite)
+        self._acquire_lock()
+        try:
+            if self.resume and self.tmp.exists() and self._try_resume():
+                return self
+            self._create()
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+            elif self.f is not None:
+                try:
+                    self.f.close()
+                except Exception:  # pragma: no cover - closing a broken file
+                    pass
+                self.f = None
+        finally:
+            self._release_lock()
+
+    def _acquire_lock(self) -> None:
+        lp = lock_path(self.path)
+        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AcsegError(f"another acseg process is writing {self.path}",
+                             "wait for it to finish or choose another -o") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.unlink(lock_path(self.path))
+            except OSError:
+                pass
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _create(self) -> None:
+        if self.tmp.exists():
+            self.tmp.unlink()
+        f = h5py.File(self.tmp, "w", libver="latest")
+        self.f = f
+        for k, v in self._root_attrs().items():
+            f.attrs[k] = v
+        f.attrs["complete"] = False
+        f.attrs["n_done"] = 0
+        for name, (dtype, shape) in self.schema.per_image.items():
+            f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                             chunks=(max(1, min(1024, self.chunk_rows)), *shape))
+        for g in self.schema.groups:
+            f.create_dataset(g.offsets, data=np.zeros(1, np.int64), maxshape=(None,), chunks=(1024,))
+            for name, (dtype, shape) in g.fields.items():
+                rows = max(1, self.chunk_rows if not shape else max(1, (1 << 20) // (np.dtype(dtype).itemsize * int(np.prod(shape)))))
+                f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                 chunks=(rows, *shape))
+        f.flush()
+
+    def _root_attrs(self) -> dict:
+        a = {
+            "kind": self.schema.kind,
+            "schema_version": SCHEMA_VERSION,
+            "acseg_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": command_line(),
+            "uid": uuid.uuid4().hex,
+        }
+        for k, v in self.attrs.items():
+            a[k] = v if isinstance(v, (str, int, float, bool, np.integer, np.floating)) else json.dumps(v, sort_keys=True)
+        return a
+
+    def _try_resume(self) -> bool:
+        """Continue a partial file if it validates and was made with the same parameters."""
+        try:
+            f = h5py.File(self.tmp, "r+")
+        except Exception:
+            return False
+        try:
+            ok = f.attrs.get("kind") == self.schema.kind and int(f.attrs.get("schema_version", -1)) == SCHEMA_VERSION
+            want = self._root_attrs()
+            for key in ("params", "backbone", "parent"):
+                if key in want and f.attrs.get(key) != want[key]:
+                    ok = False
+            n = int(f.attrs.get("n_done", -1))
+            ok = ok and n >= 0
+            if ok:
+                for name in self.schema.per_image:
+                    ok = ok and f[name].shape[0] >= n
+                for g in self.schema.groups:
+                    ok = ok and f[g.offsets].shape[0] >= n + 1
+            if not ok:
+                f.close()
+                return False
+            # Drop whatever was written after the last completed batch.
+            for name in self.schema.per_image:
+                f[name].resize(n, axis=0)
+            for g in self.schema.groups:
+                f[g.offsets].resize(n + 1, axis=0)
+                end = int(f[g.offsets][n])
+                for name in g.fields:
+                    if f[name].shape[0] < end:
+                        f.close()
+                        return False
+                    f[name].resize(end, axis=0)
+            self._hash = hashlib.sha256(bytes.fromhex(f.attrs.get("hash_chain", "")))
+            self.f = f
+            self.resumed_from = n
+            return True
+        except Exception:
+            f.close()
+            return False
+
+    # -- writing ---------------------------------------------------------------------------------
+    @property
+    def n_done(self) -> int:
+        assert self.f is not None
+        return int(self.f.attrs["n_done"])
+
+    def append(self, per_image: dict[str, Sequence], packed: dict[str, Sequence[np.ndarray]],
+               attrs: dict | None = None) -> None:
+        """Append one batch of images, set ``attrs`` and flush. ``packed`` maps field -> one array per image."""
+        f = self.f
+        assert f is not None
+        n = self.n_done
+        b = len(next(iter(per_image.values())))
+        for name in self.schema.per_image:
+            d = f[name]
+            d.resize(n + b, axis=0)
+            d[n:n + b] = per_image[name]
+        for g in self.schema.groups:
+            off = f[g.offsets]
+            start = int(off[n])
+            lens = None
+            for name in g.fields:
+                parts = packed[name]
+                these = [len(p) for p in parts]
+                if lens is None:
+                    lens = these
+                elif lens != these:
+                    raise ValueError(f"packed field {name} has lengths {these}, expected {lens}")
+                data = np.concatenate(parts, axis=0) if len(parts) else np.zeros((0,) + f[name].shape[1:], f[name].dtype)
+                d = f[name]
+                d.resize(start + len(data), axis=0)
+                d[start:start + len(data)] = data
+                self._hash.update(np.ascontiguousarray(data.astype(d.dtype, copy=False)).tobytes())
+            ends = start + np.cumsum(np.asarray(lens, np.int64))
+            off.resize(n + 1 + b, axis=0)
+            off[n + 1:n + 1 + b] = ends
+        for k, v in (attrs or {}).items():
+            self.set_attr(k, v)
+        f.attrs["n_done"] = n + b
+        # The running hash is chained through an attribute so a resumed file hashes like a fresh one.
+        chain = hashlib.sha256(self._hash.digest()).hexdigest()
+        self._hash = hashlib.sha256(bytes.fromhex(chain))
+        f.attrs["hash_chain"] = chain
+        f.flush()
+
+    def set_attr(self, key: str, value) -> None:
+        assert self.f is not None
+        self.f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
+
+    def _finish(self) -> None:
+        f = self.f
+        assert f is not None
+        f.attrs["n_images"] = self.n_done
+        f.attrs["content_sha256"] = f.attrs.get("hash_chain", hashlib.sha256(b"").hexdigest())
+        f.attrs["complete"] = True
+        f.flush()
+        f.close()
+        self.f = None
+        os.replace(self.tmp, self.path)
+
+
+def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Store:
+    """A validated, read-only artifact. Subclasses add kind-specific accessors."""
+
+    kind = ""
+
+    def __init__(self, path: str | os.PathLike, *, kind: str | None = None):
+        self.path = Path(path).absolute()
+        kind = kind or self.kind
+        if not self.path.exists():
+            raise AcsegError(f"{path} does not exist", "check the path")
+        if self.path.is_dir():
+            raise AcsegError(f"{path} is a folder, not an acseg {kind} file", "pass the .h5 file")
+        try:
+            self.f = h5py.File(self.path, "r")
+        except Exception:
+            raise AcsegError(f"{path} is not an HDF5 file", f"pass a {kind} file written by acseg") from None
+        a = self.f.attrs
+        got = a.get("kind")
+        if got is None:
+            self.close()
+            raise AcsegError(f"{path} is an HDF5 file but not one of acseg's", f"pass a {kind} file written by acseg")
+        if got != kind:
+            self.close()
+            raise AcsegError(f"{path} holds {got}, not {kind}", f"pass a {kind} file (the output of the right stage)")
+        sv = int(a.get("schema_version", -1))
+        if sv > SCHEMA_VERSION:
+            self.close()
+            raise AcsegError(f"{path} has schema version {sv}, newer than this acseg understands ({SCHEMA_VERSION})",
+                             "upgrade acseg")
+        if sv != SCHEMA_VERSION:
+            self.close()
+            raise AcsegError(f"{path} has schema version {sv}; this acseg reads {SCHEMA_VERSION}", "re-run the stage that made it")
+        if not bool(a.get("complete", False)):
+            self.close()
+            raise AcsegError(f"{path} is incomplete (its writer was interrupted)", "re-run the stage that made it, with --resume")
+        self.n_images = int(a.get("n_images", -1))
+        self._validate()
+
+    def _need(self, name: str, ndim: int | None = None, length: int | None = None, dtype_kind: str | None = None):
+        if name not in self.f:
+            raise AcsegError(f"{self.path} lacks dataset '{name}'", "the file is damaged; re-run the stage that made it")
+        d = self.f[name]
+        if not isinstance(d, h5py.Dataset):
+            raise AcsegError(f"{self.path}: '{name}' is not a dataset", "the file is damaged; re-run the stage that made it")
+        if ndim is not None and d.ndim != ndim:
+            raise AcsegError(f"{self.path}: dataset '{name}' has {d.ndim} dimensions, expected {ndim}",
+                             "the file is damaged; re-run the stage that made it")
+        if length is not None and d.shape[0] != length:
+            raise AcsegError(f"{self.path}: dataset '{name}' has {d.shape[0]} rows, expected {length}",
+                             "the file is damaged; re-run the stage that made it")
+        if dtype_kind is not None and d.dtype.kind not in dtype_kind:
+            raise AcsegError(f"{self.path}: dataset '{name}' has dtype {d.dtype}", "the file is damaged; re-run the stage that made it")
+        return d
+
+    def _check_offsets(self, name: str, total_of: str) -> np.ndarray:
+        off = self._need(name, 1, self.n_images + 1, "iu")[:].astype(np.int64)
+        total = self.f[total_of].shape[0]
+        if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != total:
+            raise AcsegError(f"{self.path}: offsets '{name}' do not index '{total_of}'",
+                             "the file is damaged; re-run the stage that made it")
+        return off
+
+    def _validate(self) -> None:
+        if self.n_images < 0:
+            raise AcsegError(f"{self.path} lacks n_images", "the file is damaged; re-run the stage that made it")
+
+    def attr_json(self, key: str, default=None):
+        v = self.f.attrs.get(key)
+        if v is None:
+            return default
+        try:
+            return json.loads(v)
+        except (TypeError, ValueError):
+            raise AcsegError(f"{self.path}: attribute {key} is not valid JSON", "the file is damaged; re-run the stage that made it") from None
+
+    @property
+    def params(self) -> dict:
+        return self.attr_json("params", {})
+
+    @property
+    def backbone(self) -> dict:
+        return self.attr_json("backbone", {})
+
+    @property
+    def identity(self) -> dict:
+        """What a child artifact records as its parent."""
+        return {"path": str(self.path), "uid": str(self.f.attrs.get("uid", "")),
+                "content_sha256": str(self.f.attrs.get("content_sha256", "")), "kind": self.kind}
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def decode_names(arr: Iterable) -> list[str]:
+    return [x.decode("utf-8", "surrogateescape") if isinstance(x, bytes) else str(x) for x in arr]
