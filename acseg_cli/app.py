@@ -10,7 +10,7 @@ import typer
 
 from stages import __version__
 
-from . import backbones, extract
+from . import backbones, extract, score
 
 app = typer.Typer(
     name="acseg",
@@ -37,6 +37,7 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=
 
 
 app.command("extract")(extract.command)
+app.command("score")(score.command)
 app.command("backbones")(backbones.command)
 
 

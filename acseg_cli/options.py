@@ -146,8 +146,8 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self._bar = None
         self._task = None
-        self._last = 0.0
         self._t0 = time.monotonic()
+        self._last = self._t0
         self.extra = ""
 
     def __enter__(self):
@@ -168,7 +168,7 @@ class Progress:
             self._bar.update(self._task, completed=done, total=total, extra=extra)
             return
         now = time.monotonic()
-        if done >= total or now - self._last >= 10.0 or done == 0:
+        if done >= total or now - self._last >= 10.0:
             self._last = now
             rate = done / max(1e-9, now - self._t0)
             sys.stderr.write(f"{self.description}: {done}/{total} {self.unit} ({rate:.1f}/s) {extra}\n".rstrip() + "\n")

@@ -1,0 +1,221 @@
+"""The Adaptive Concept Generator (ACG) and the modularity loss (METHOD.md sections 2-4).
+
+In the manner of timm: a config dataclass, the module, and ``create_acg``.
+
+Cross-attention from k prototypes to N pixel tokens is computed without projecting the tokens: for head
+h, ``q_h (X W_k,h + b_k,h)^T = (q_h W_k,h) X^T + const`` (the key bias is constant over keys and drops out
+of the softmax) and ``softmax(.) (X W_v,h + b_v,h) = (softmax(.) X) W_v,h + b_v,h``. That costs
+O(k·H·N·d) instead of O(N·d²) per layer, and is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ACGConfig:
+    dim: int = 384
+    num_prototypes: int = 5
+    depth: int = 6
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ACGConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class PrototypeCrossAttention(nn.Module):
+    """Multi-head attention with few queries over many keys, never projecting the keys/values."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, K, D = query.shape
+        H, hd = self.num_heads, self.head_dim
+        q = self.q(query).view(B, K, H, hd)
+        qk = torch.einsum("bkhe,hed->bkhd", q, self.k.weight.view(H, hd, D))  # queries moved into token space
+        scores = torch.einsum("bkhd,bnd->bkhn", qk, mem) * hd ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        attn = scores.softmax(dim=-1)
+        ctx = torch.einsum("bkhn,bnd->bkhd", attn, mem)
+        out = torch.einsum("bkhd,hed->bkhe", ctx, self.v.weight.view(H, hd, D)) + self.v.bias.view(H, hd)
+        return self.proj(out.reshape(B, K, D))
+
+    def forward_naive(self, query, mem, mask=None):
+        """Textbook multi-head attention with projected keys and values (the reference in tests)."""
+        B, K, D = query.shape
+        N = mem.shape[1]
+        H, hd = self.num_heads, self.head_dim
+        q = self.q(query).view(B, K, H, hd).transpose(1, 2)
+        k = self.k(mem).view(B, N, H, hd).transpose(1, 2)
+        v = self.v(mem).view(B, N, H, hd).transpose(1, 2)
+        s = q @ k.transpose(-2, -1) * hd ** -0.5
+        if mask is not None:
+            s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+        o = s.softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(B, K, D))
+
+
+class ACGLayer(nn.Module):
+    """Cross-attention to the pixels, self-attention among prototypes, FFN; residual + LayerNorm each."""
+
+    def __init__(self, cfg: ACGConfig):
+        super().__init__()
+        d = cfg.dim
+        self.cross = PrototypeCrossAttention(d, cfg.num_heads)
+        self.self_attn = nn.MultiheadAttention(d, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
+        hidden = int(d * cfg.mlp_ratio)
+        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, q, mem, mask):
+        q = self.norm1(q + self.drop(self.cross(q, mem, mask)))
+        q = self.norm2(q + self.drop(self.self_attn(q, q, q, need_weights=False)[0]))
+        return self.norm3(q + self.drop(self.ffn(q)))
+
+
+class AdaptiveConceptGenerator(nn.Module):
+    """k learnable prototypes, refined against one image's tokens into k image-specific concepts."""
+
+    def __init__(self, cfg: ACGConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.prototypes = nn.Parameter(torch.randn(cfg.num_prototypes, cfg.dim))
+        self.layers = nn.ModuleList([ACGLayer(cfg) for _ in range(cfg.depth)])
+        self.head = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, N, d), mask (B, N) True where valid -> concepts (B, k, d)."""
+        B = tokens.shape[0]
+        q = self.prototypes.unsqueeze(0).expand(B, -1, -1)
+        for layer in self.layers:
+            q = layer(q, tokens, mask)
+        return self.head(q)
+
+
+def create_acg(dim: int = 384, num_prototypes: int = 5, **kw) -> AdaptiveConceptGenerator:
+    return AdaptiveConceptGenerator(ACGConfig(dim=dim, num_prototypes=num_prototypes, **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# Assignment and the modularity loss
+# ---------------------------------------------------------------------------------------------
+
+def assignment(tokens: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """S_ic = cos(x_i, c_c): (B, N, d) x (B, k, d) -> (B, N, k). No softmax, no temperature."""
+    return F.normalize(tokens, dim=-1) @ F.normalize(concepts, dim=-1).transpose(1, 2)
+
+
+def hard_assignment(s: torch.Tensor, mask: torch.Tensor | None = None):
+    """argmax over concepts, and per image which prototypes received at least one pixel."""
+    a = s.argmax(-1)
+    onehot = F.one_hot(a, s.shape[-1]).bool()
+    if mask is not None:
+        onehot &= mask[..., None]
+    return a, onehot.any(1)
+
+
+def _atleast_f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def modularity_matrix(tokens: torch.Tensor, mask: torch.Tensor | None = None, keep_diagonal: bool = True):
+    """W / 2m for the dense graph A_ij = max(0, cos(x_i, x_j)) of each image; no gradient."""
+    with torch.no_grad():
+        x = F.normalize(_atleast_f32(tokens), dim=-1)
+        if mask is not None:
+            x = x * mask[..., None]
+        a = (x @ x.transpose(1, 2)).clamp_min_(0)
+        if not keep_diagonal:
+            a.diagonal(dim1=1, dim2=2).zero_()
+        k = a.sum(-1)
+        two_m = k.sum(-1).clamp_min(1e-12)
+        w = a.sub_(k[:, :, None] * k[:, None, :] / two_m[:, None, None]).div_(two_m[:, None, None])
+    return w
+
+
+class _SoftModularity(torch.autograd.Function):
+    """Q = sum_ij Wn_ij f(max_c Sbar_ic Sbar_jc), without materialising the (B, N, N, k) tensor.
+
+    f is the identity (plain delta) or tanh(./tau); tanh is monotone, so max and f commute.
+    """
+
+    @staticmethod
+    def forward(ctx, wn, sbar, tau):
+        K = sbar.shape[-1]
+        m = arg = None
+        for c in range(K):
+            col = sbar[..., c]
+            p = col[:, :, None] * col[:, None, :]
+            if m is None:
+                m = p
+                arg = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+            else:
+                upd = p > m
+                m = torch.where(upd, p, m)
+                arg.masked_fill_(upd, c)
+        if tau is None:
+            q = (wn * m).sum((1, 2))
+            g = wn
+        else:
+            d = torch.tanh(m / tau)
+            q = (wn * d).sum((1, 2))
+            g = wn * (1 - d * d) / tau
+        ctx.save_for_backward(g, arg, sbar)
+        return q
+
+    @staticmethod
+    def backward(ctx, gq):
+        g, arg, sbar = ctx.saved_tensors
+        G = g * gq[:, None, None]
+        grad = torch.empty_like(sbar)
+        for c in range(sbar.shape[-1]):
+            gc = G * (arg == c)
+            col = sbar[..., c:c + 1]
+            grad[..., c] = (gc @ col).squeeze(-1) + (gc.transpose(1, 2) @ col).squeeze(-1)
+        return None, grad, None
+
+
+def soft_modularity(tokens: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | None = None, *,
+                    keep_diagonal: bool = True, delta: str = "plain", tau: float = 0.1,
+                    wn: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image soft modularity Q (B,) of assignment ``s`` (B, N, k) on the tokens' cosine graph.
+
+    For a one-hot ``s`` this is exactly the weighted Newman modularity of the partition.
+    """
+    if delta not in ("plain", "tanh"):
+        raise ValueError(f"delta must be 'plain' or 'tanh', not {delta!r}")
+    if wn is None:
+        wn = modularity_matrix(tokens, mask, keep_diagonal)
+    sbar = _atleast_f32(s).clamp_min(0)
+    wn = wn.to(sbar.dtype)
+    if mask is not None:
+        sbar = sbar * mask[..., None]
+    return _SoftModularity.apply(wn, sbar, None if delta == "plain" else float(tau))
+
+
+def modularity_loss(tokens, s, mask=None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """L = -mean over images of the soft modularity; returns (loss, Q per image)."""
+    q = soft_modularity(tokens, s, mask, **kw)
+    return -q.mean(), q.detach()

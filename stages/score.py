@@ -1,0 +1,311 @@
+"""Stage ``score``: mIoU and pixel accuracy of label maps against ground truth, by the field's protocols.
+
+One confusion matrix (prediction id x class) over all valid pixels of the set, accumulated with one
+bincount per image, then matched: ``hungarian`` (one-to-one, dataset level), ``majority`` (many-to-one)
+or ``per-image`` (matching per image; not comparable with the dataset-level numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+
+from .datasets import IGNORE, INVALID, get_dataset, plain_lut
+from .errors import AcsegError, UsageError
+
+log = logging.getLogger("acseg.score")
+PROTOCOLS = ("hungarian", "majority", "per-image")
+LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I", "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching and metrics on a confusion matrix (rows: prediction ids, columns: classes)
+# ---------------------------------------------------------------------------------------------
+
+def match_hungarian(conf: np.ndarray) -> dict[int, int]:
+    """One-to-one prediction id -> class maximising matched pixels."""
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    return {int(r): int(c) for r, c in zip(rows, cols)}
+
+
+def match_majority(conf: np.ndarray) -> dict[int, int]:
+    """Each prediction id to the class it overlaps most (ids with no valid pixel are left out)."""
+    return {int(p): int(np.argmax(conf[p])) for p in range(conf.shape[0]) if conf[p].sum() > 0}
+
+
+def matched_confusion(conf: np.ndarray, mapping: dict[int, int], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K x K matrix [true class, predicted class], per-class pixels held by unmatched prediction ids)."""
+    m = np.zeros((n_classes, n_classes), np.int64)
+    unmatched = np.zeros(n_classes, np.int64)
+    for p in range(conf.shape[0]):
+        c = mapping.get(p)
+        if c is None:
+            unmatched += conf[p, :n_classes]
+        else:
+            m[:, c] += conf[p, :n_classes]
+    return m, unmatched
+
+
+def metrics(m: np.ndarray, unmatched: np.ndarray) -> dict:
+    """mIoU over classes present in the ground truth, pixel accuracy over all valid pixels."""
+    tp = np.diag(m).astype(np.float64)
+    gt = m.sum(1) + unmatched
+    pred = m.sum(0)
+    union = gt + pred - tp
+    present = gt > 0
+    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
+    total = gt.sum()
+    return {
+        "miou": float(np.nanmean(iou)) if present.any() else 0.0,
+        "pixel_accuracy": float(tp.sum() / total) if total else 0.0,
+        "per_class_iou": [None if np.isnan(v) else float(v) for v in iou],
+        "class_pixel_share": [float(g / total) if total else 0.0 for g in gt],
+    }
+
+
+def confusion(pred: np.ndarray, gt_classes: np.ndarray, n_pred: int, n_classes: int) -> np.ndarray:
+    """Confusion (n_pred x n_classes) of one image; gt_classes < 0 are ignored."""
+    valid = gt_classes >= 0
+    code = pred[valid].astype(np.int64) * n_classes + gt_classes[valid]
+    return np.bincount(code, minlength=n_pred * n_classes).reshape(n_pred, n_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading label maps
+# ---------------------------------------------------------------------------------------------
+
+def read_label_map(path: str, what: str) -> np.ndarray:
+    """A PNG of ids, read as indices (never converted to RGB)."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode not in LABEL_MODES:
+                raise _LabelError(f"{what} {path} is a {mode} image, not a label map; label maps hold one id per pixel "
+                                  "(8-bit L or P, or 16-bit): write ids, not colours")
+            a = np.array(im)
+    except _LabelError:
+        raise
+    except Exception as e:
+        raise _LabelError(f"cannot read {what} {path} ({type(e).__name__}: {e}); replace the file") from None
+    if a.ndim != 2:
+        raise _LabelError(f"{what} {path} has {a.ndim} dimensions, not one id per pixel; write single-channel ids")
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    if a.min() < 0 or a.max() >= 65536:
+        raise _LabelError(f"{what} {path} has ids outside 0..65535; write ids as 8- or 16-bit PNG")
+    return a.astype(np.int64)
+
+
+class _LabelError(Exception):
+    pass
+
+
+def _collect(folder: Path, suffix: str) -> dict[str, Path]:
+    out = {}
+    for p in sorted(folder.rglob("*.png")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(folder).with_suffix("").as_posix()
+        if suffix and rel.endswith(suffix):
+            rel = rel[: -len(suffix)]
+        elif suffix:
+            continue
+        out[rel] = p
+    return out
+
+
+def pair_files(pred_dir: str, gt_dir: str, pred_suffix: str = "", gt_suffix: str = "",
+               allow_missing: bool = False) -> tuple[list[tuple[str, str, str]], dict]:
+    """Pairs (key, pred path, gt path) by relative path and stem; never by sorted order."""
+    pd, gd = Path(pred_dir), Path(gt_dir)
+    for d, what in ((pd, "prediction"), (gd, "ground-truth")):
+        if not d.exists():
+            raise AcsegError(f"{what} folder {d} does not exist", "check the path")
+        if not d.is_dir():
+            raise AcsegError(f"{what} path {d} is not a folder", "pass a folder of label-map PNGs")
+    preds, gts = _collect(pd, pred_suffix), _collect(gd, gt_suffix)
+    if not gts:
+        raise AcsegError(f"no ground-truth PNGs in {gd}" + (f" ending in {gt_suffix}" if gt_suffix else ""),
+                         "check the folder and --gt-suffix")
+    if not preds:
+        raise AcsegError(f"no prediction PNGs in {pd}" + (f" ending in {pred_suffix}" if pred_suffix else ""),
+                         "check the folder and --pred-suffix")
+    common = sorted(set(preds) & set(gts))
+    missing = sorted(set(gts) - set(preds))
+    extra = sorted(set(preds) - set(gts))
+    counts = {"paired": len(common), "missing_predictions": len(missing), "extra_predictions": len(extra)}
+    if (missing or extra) and not allow_missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} ground-truth files lack a prediction (e.g. {', '.join(missing[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} predictions lack ground truth (e.g. {', '.join(extra[:3])})")
+        raise AcsegError("; ".join(parts), "pair names by stem (see --pred-suffix/--gt-suffix) or pass --allow-missing")
+    if not common:
+        raise AcsegError("no prediction matches a ground-truth file by name", "check the folders and suffixes")
+    return [(k, str(preds[k]), str(gts[k])) for k in common], counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming scorer
+# ---------------------------------------------------------------------------------------------
+
+_W: dict = {}
+
+
+def _init_worker(lut, resize_pred, dataset):
+    _W.update(lut=lut, resize=resize_pred, dataset=dataset)
+
+
+def _score_one(item):
+    key, pp, gp = item
+    try:
+        pred = read_label_map(pp, "prediction")
+        gt = read_label_map(gp, "ground truth")
+        if pred.shape != gt.shape:
+            if _W["resize"] != "nearest":
+                return ("error", f"prediction {pp} is {pred.shape[1]}x{pred.shape[0]} but its ground truth is "
+                                 f"{gt.shape[1]}x{gt.shape[0]}; pass --resize-pred nearest to resize predictions")
+            im = Image.fromarray(pred.astype(np.int32), "I").resize((gt.shape[1], gt.shape[0]), Image.NEAREST)
+            pred = np.asarray(im).astype(np.int64)
+        g = _W["lut"][gt]
+        if (g == INVALID).any():
+            bad = np.unique(gt[g == INVALID])[:5].tolist()
+            return ("error", f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
+                             "choose the right --dataset or add --ignore-index")
+        n_pred = int(pred.max()) + 1
+        n_cls = max(1, int(g.max()) + 1)
+        return ("ok", key, confusion(pred, g, n_pred, n_cls), int((g >= 0).sum()))
+    except _LabelError as e:
+        return ("error", str(e))
+
+
+def _add(acc: np.ndarray, c: np.ndarray) -> np.ndarray:
+    if c.shape[0] > acc.shape[0] or c.shape[1] > acc.shape[1]:
+        grown = np.zeros((max(acc.shape[0], c.shape[0]), max(acc.shape[1], c.shape[1])), np.int64)
+        grown[:acc.shape[0], :acc.shape[1]] = acc
+        acc = grown
+    acc[:c.shape[0], :c.shape[1]] += c
+    return acc
+
+
+def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_index: tuple = (),
+          protocol: str = "hungarian", pred_suffix: str = "", gt_suffix: str = "", allow_missing: bool = False,
+          resize_pred: str | None = None, workers: int = 1, include_confusion: bool = True,
+          progress=None) -> dict:
+    """Score a folder of predicted label maps against a folder of ground truth. Returns the result dict."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {protocol!r}", f"choose one of: {', '.join(PROTOCOLS)}")
+    if resize_pred not in (None, "nearest"):
+        raise UsageError(f"unknown --resize-pred {resize_pred!r}", "the only resize is 'nearest'")
+    preset = get_dataset(dataset) if dataset else None
+    if preset:
+        lut = preset.lut()
+        for i in ignore_index:
+            lut[i] = IGNORE
+    else:
+        lut = plain_lut(tuple(ignore_index))
+    pairs, counts = pair_files(pred_dir, gt_dir, pred_suffix, gt_suffix, allow_missing)
+    if counts["missing_predictions"] or counts["extra_predictions"]:
+        log.warning("scoring %d pairs; %d ground-truth files without prediction and %d predictions without ground "
+                    "truth left out", counts["paired"], counts["missing_predictions"], counts["extra_predictions"])
+    acc = np.zeros((1, preset.n_classes if preset else 1), np.int64)
+    pi_m = np.zeros((0, 0), np.int64)  # per-image protocol: matched [true, predicted] summed over images
+    pi_u = np.zeros(0, np.int64)
+    n_pixels = 0
+    n_img = 0
+    if workers > 1 and len(pairs) > 8:
+        ctx = mp.get_context("fork")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(lut, resize_pred, dataset))
+        results = pool.imap(_score_one, pairs, chunksize=8)
+    else:
+        pool = None
+        _init_worker(lut, resize_pred, dataset)
+        results = map(_score_one, pairs)
+    K = preset.n_classes if preset else None
+    try:
+        for r in results:
+            if r[0] == "error":
+                raise AcsegError(*r[1].rsplit("; ", 1))
+            _, key, c, nv = r
+            acc = _add(acc, c)
+            n_pixels += nv
+            n_img += 1
+            if protocol == "per-image":
+                kk = max(K or 0, c.shape[1])
+                cc = np.zeros((c.shape[0], kk), np.int64)
+                cc[:, :c.shape[1]] = c
+                m_i, u_i = matched_confusion(cc, match_hungarian(cc), kk)
+                pi_m = _add(pi_m, m_i)
+                pi_u = _add(pi_u[None], u_i[None])[0]
+            if progress:
+                progress(n_img, len(pairs))
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if K is None:
+        K = acc.shape[1]
+    if acc.shape[1] < K:
+        acc = _add(acc, np.zeros((acc.shape[0], K), np.int64))
+    conf = acc[:, :K]
+    names = list(preset.class_names) if preset else [str(i) for i in range(K)]
+    if protocol == "per-image":
+        m = _add(np.zeros((K, K), np.int64), pi_m)[:K, :K]
+        u = _add(np.zeros((1, K), np.int64), pi_u[None])[0, :K]
+        mapping = {}
+        log.warning("per-image matching is a different protocol: its numbers are not comparable with "
+                    "dataset-level (hungarian) ones")
+    else:
+        mapping = match_hungarian(conf) if protocol == "hungarian" else match_majority(conf)
+        m, u = matched_confusion(conf, mapping, K)
+    res = metrics(m, u)
+    unmatched_ids = [p for p in range(conf.shape[0]) if p not in mapping and conf[p].sum() > 0]
+    out = {
+        **res,
+        "class_names": names,
+        "n_images": n_img,
+        "n_pixels": int(n_pixels),
+        "protocol": protocol,
+        "dataset": dataset,
+        "matching": {str(k): v for k, v in sorted(mapping.items())},
+        "unmatched_pixels": int(u.sum()) if protocol != "per-image" else None,
+        "unmatched_ids": unmatched_ids if protocol != "per-image" else [],
+        "n_prediction_ids": int(conf.shape[0]),
+        **counts,
+    }
+    if include_confusion:
+        out["confusion"] = conf.tolist()
+        out["matched_confusion"] = m.tolist()
+    return out
+
+
+def confusion_png(result: dict, path: str) -> str:
+    """Draw the matched confusion matrix (rows: true class, normalised per row) as a PNG."""
+    from PIL import ImageDraw
+    m = np.asarray(result["matched_confusion"], np.float64)
+    names = result["class_names"]
+    K = m.shape[0]
+    rows = m / np.maximum(m.sum(1, keepdims=True), 1)
+    cell, label_w = max(8, min(32, 640 // max(K, 1))), 130
+    W, H = label_w + K * cell + 10, label_w + K * cell + 10
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    for i in range(K):
+        d.text((4, label_w + i * cell + cell // 4), names[i][:18], fill="black")
+        for j in range(K):
+            v = int(255 * (1 - rows[i, j]))
+            d.rectangle([label_w + j * cell, label_w + i * cell, label_w + (j + 1) * cell - 1,
+                         label_w + (i + 1) * cell - 1], fill=(v, v, 255))
+    txt = Image.new("RGB", (label_w, K * cell), "white")
+    dt = ImageDraw.Draw(txt)
+    for j in range(K):
+        dt.text((4, j * cell + cell // 4), names[j][:18], fill="black")
+    img.paste(txt.rotate(90, expand=True), (label_w, 0))
+    d.text((4, 4), "true \u2193 / predicted \u2192", fill="black")
+    img.save(path)
+    return path
