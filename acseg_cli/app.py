@@ -10,7 +10,7 @@ import typer
 
 from stages import __version__
 
-from . import backbones, extract, score
+from . import backbones, classify, conceptualize, extract, fit_acg, score
 
 app = typer.Typer(
     name="acseg",
@@ -37,6 +37,9 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=
 
 
 app.command("extract")(extract.command)
+app.command("fit-acg")(fit_acg.command)
+app.command("conceptualize")(conceptualize.command)
+app.command("classify")(classify.command)
 app.command("score")(score.command)
 app.command("backbones")(backbones.command)
 

@@ -23,9 +23,15 @@ class ACGConfig:
     dim: int = 384
     num_prototypes: int = 5
     depth: int = 6
-    num_heads: int = 6
+    num_heads: int = 0  # 0: one head per 64 feature dims (6 for ViT-S, 12 for ViT-B)
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+
+    @property
+    def heads(self) -> int:
+        if self.num_heads > 0:
+            return self.num_heads
+        return max(1, self.dim // 64) if self.dim % 64 == 0 else 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -82,8 +88,8 @@ class ACGLayer(nn.Module):
     def __init__(self, cfg: ACGConfig):
         super().__init__()
         d = cfg.dim
-        self.cross = PrototypeCrossAttention(d, cfg.num_heads)
-        self.self_attn = nn.MultiheadAttention(d, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
+        self.cross = PrototypeCrossAttention(d, cfg.heads)
+        self.self_attn = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
         hidden = int(d * cfg.mlp_ratio)
         self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)

@@ -1,0 +1,46 @@
+"""acseg classify: concepts -> classes -> label-map PNGs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from stages.classify import classify
+
+from .options import InputArg, JsonOut, Overwrite, Progress, Quiet, Verbose, emit, fail, info, resolve_input, setup_logging, stage
+
+
+@stage
+def command(
+    concepts: InputArg = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder for the label maps and classes.h5.")] = None,
+    n_classes: Annotated[Optional[int], typer.Option("--n-classes", "-K", help="Number of classes (including background when split).")] = None,
+    no_background_split: Annotated[bool, typer.Option("--no-background-split", help="Do not split off background by CLS attention.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
+    n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts.")] = 10,
+    upsample: Annotated[str, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")] = "bilinear",
+    centroids: Annotated[Optional[str], typer.Option("--centroids", help="Apply the classes fitted earlier (a classes.h5) instead of clustering.")] = None,
+    match_gt: Annotated[Optional[str], typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Preset of the ground truth for --match-gt.")] = None,
+    preview: Annotated[Optional[str], typer.Option("--preview", help="Write photo / prediction (/ ground truth) pictures here.")] = None,
+    overwrite: Overwrite = False,
+    as_json: JsonOut = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+):
+    """Cluster all concepts of a dataset into classes and write one label-map PNG per image."""
+    setup_logging(verbose, quiet)
+    concepts = resolve_input(concepts)
+    if not output:
+        fail("no output: pass -o OUTDIR", 2)
+    with Progress("classify") as bar:
+        res = classify(concepts, output, n_classes=n_classes, background_split=not no_background_split, seed=seed,
+                       n_init=n_init, upsample=upsample, centroids=centroids, match_gt=match_gt, dataset=dataset,
+                       preview=preview, overwrite=overwrite, progress=bar)
+    msg = f"{res.n_images} label maps with {res.n_classes} classes in {res.path}"
+    if res.score:
+        msg += f"; matched to ground truth: mIoU {100 * res.score['miou']:.1f}"
+    info(msg)
+    emit(res.path, as_json, kind="labelmaps", n_images=res.n_images, n_classes=res.n_classes,
+         classes=res.classes_file, miou=res.score["miou"] if res.score else None)

@@ -1,0 +1,41 @@
+"""acseg conceptualize: feature store -> per-image concepts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from stages.conceptualize import conceptualize
+
+from .options import (Device, InputArg, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, info,
+                      resolve_input, setup_logging, stage)
+
+
+@stage
+def command(
+    features: InputArg = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Concepts store to write (default: FEATS stem + .concepts.h5 beside it).")] = None,
+    acg: Annotated[Optional[str], typer.Option("--acg", help="ACG checkpoint from fit-acg (default: fit one with default settings first).")] = None,
+    method: Annotated[str, typer.Option("--method", help="'acg' (ACSeg) or 'kmeans' (per-image k-means baseline).")] = "acg",
+    k: Annotated[int, typer.Option("-k", "--concepts", help="Concepts per image for --method kmeans (the ACG's k comes from its checkpoint).")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the k-means baseline.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 64,
+    preview: Annotated[Optional[str], typer.Option("--preview", help="Write each photo with its concepts overlaid into this folder.")] = None,
+    device: Device = None,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    as_json: JsonOut = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+):
+    """Turn a feature store into per-image concepts; their number adapts to each image (1..k)."""
+    setup_logging(verbose, quiet)
+    features = resolve_input(features)
+    with Progress("fit-acg", unit="steps") as fit_bar, Progress("conceptualize") as bar:
+        res = conceptualize(features, output, acg=acg, method=method, k=k, seed=seed, batch_size=batch_size,
+                            device=device, overwrite=overwrite, resume=resume, preview=preview, progress=bar,
+                            fit_progress=fit_bar)
+    info(f"{res.n_images} images, {res.mean_concepts:.2f} concepts per image on average"
+         + (f"; ACG fitted and saved as {res.acg_path}" if res.fitted else ""))
+    emit(res.path, as_json, kind="concepts", n_images=res.n_images, mean_concepts=res.mean_concepts, acg=res.acg_path)

@@ -1,0 +1,60 @@
+"""acseg fit-acg: train the Adaptive Concept Generator on a feature store."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from stages.acg import ACGConfig
+from stages.fit import TrainConfig, fit_acg
+
+from .options import (Device, InputArg, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, fail, info,
+                      resolve_input, setup_logging, stage)
+
+_T, _A = TrainConfig(), ACGConfig()
+
+
+@stage
+def command(
+    features: InputArg = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Checkpoint to write (e.g. acg.pt).")] = None,
+    prototypes: Annotated[int, typer.Option("--prototypes", "-k", help="Number of learnable prototypes k (max concepts per image).")] = _A.num_prototypes,
+    depth: Annotated[int, typer.Option("--depth", help="Decoder layers.")] = _A.depth,
+    heads: Annotated[int, typer.Option("--heads", help="Attention heads (0: one per 64 feature dims).")] = _A.num_heads,
+    mlp_ratio: Annotated[float, typer.Option("--mlp-ratio", help="FFN width / feature dim.")] = _A.mlp_ratio,
+    dropout: Annotated[float, typer.Option("--dropout")] = _A.dropout,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = _T.steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = _T.batch_size,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = _T.lr,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = _T.weight_decay,
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear warm-up steps (then cosine decay).")] = _T.warmup,
+    seed: Annotated[int, typer.Option("--seed")] = _T.seed,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Random token subsample per image above this many tokens (0 = never).")] = _T.max_tokens,
+    zero_diagonal: Annotated[bool, typer.Option("--zero-diagonal", help="Zero the graph's self-loops (default: keep them).")] = False,
+    delta: Annotated[str, typer.Option("--delta", help="'plain' product or 'tanh' of the soft same-concept intensity.")] = _T.delta,
+    tau: Annotated[float, typer.Option("--tau", help="Temperature of the tanh delta.")] = _T.tau,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between resume checkpoints (0 = none).")] = _T.checkpoint_every,
+    device: Device = None,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    as_json: JsonOut = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+):
+    """Train the Adaptive Concept Generator with the modularity loss (only the ACG learns; the ViT is frozen)."""
+    setup_logging(verbose, quiet)
+    features = resolve_input(features)
+    if not output:
+        fail("no output: pass -o ACG.pt", 2)
+    acg = ACGConfig(num_prototypes=prototypes, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed,
+                        max_tokens=max_tokens, keep_diagonal=not zero_diagonal, delta=delta, tau=tau,
+                        checkpoint_every=checkpoint_every)
+    with Progress("fit-acg", unit="steps") as bar:
+        res = fit_acg(features, output, acg=acg, train=train, device=device, overwrite=overwrite, resume=resume,
+                      progress=bar)
+    info(f"trained {res.steps} steps: loss {res.final_loss:.4f}, modularity {res.final_modularity:.4f}; "
+         f"log {res.log_path}, curve {res.plot_path}")
+    emit(res.path, as_json, kind="acg", steps=res.steps, loss=res.final_loss, modularity=res.final_modularity,
+         log=res.log_path, plot=res.plot_path)

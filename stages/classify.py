@@ -1,0 +1,256 @@
+"""Stage ``classify``: concepts of the whole dataset -> semantic classes -> label maps (METHOD.md section 5).
+
+Per image, a 2-means on the concepts' CLS-attention scores splits off background (class 0); k-means over
+all foreground concept features gives the other classes; each pixel takes its concept's class. Label maps
+are upsampled smoothly to the original image size and written as PNGs named after the images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .conceptualize import ConceptStore
+from .errors import AcsegError, UsageError
+from .images import safe_output_path
+from .kmeans import kmeans
+from .render import display_size, load_photo, overlay, palette, save_label_png, save_rgb, upsample_labels
+from .store import STR, Group, Schema, Store, StoreWriter, decode_names
+
+log = logging.getLogger("acseg.classify")
+CLASSES_FILE = "classes.h5"
+
+
+def classes_schema() -> Schema:
+    return Schema(kind="classes",
+                  per_image={"grid": (np.int32, (2,)), "image_size": (np.int32, (2,)), "names": (STR, ()),
+                             "sources": (STR, ())},
+                  groups=[Group("offsets", {"class_map": (np.uint16, ())})])
+
+
+class ClassStore(Store):
+    kind = "classes"
+
+    def _validate(self) -> None:
+        super()._validate()
+        self.centroids = self._need("centroids", 2, None, "f")[:].astype(np.float32)
+        self.names = decode_names(self._need("names", 1, self.n_images)[:])
+        self.offsets = self._check_offsets("offsets", "class_map")
+        self.grid = self._need("grid", 2, self.n_images, "iu")[:].astype(np.int64)
+        if not np.isfinite(self.centroids).all():
+            raise AcsegError(f"{self.path}: centroids hold NaN or Inf", "the file is damaged; re-run classify")
+
+    def class_map(self, i: int) -> np.ndarray:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.f["class_map"][a:b].astype(np.int64).reshape(self.grid[i])
+
+
+@dataclass
+class ClassifyResult:
+    path: str
+    n_images: int
+    n_classes: int
+    classes_file: str
+    score: dict | None = None
+
+
+def split_background(scores: np.ndarray) -> np.ndarray:
+    """1-D 2-means (exact: best split of the sorted scores); True for the low (background) group.
+
+    One concept alone, or all scores equal, is foreground.
+    """
+    m = len(scores)
+    bg = np.zeros(m, bool)
+    if m < 2 or np.ptp(scores) <= 0:
+        return bg
+    order = np.argsort(scores, kind="stable")
+    s = scores[order].astype(np.float64)
+    best, cut = np.inf, 1
+    for j in range(1, m):
+        lo, hi = s[:j], s[j:]
+        cost = ((lo - lo.mean()) ** 2).sum() + ((hi - hi.mean()) ** 2).sum()
+        if cost < best - 1e-15:
+            best, cut = cost, j
+    bg[order[:cut]] = True
+    return bg
+
+
+def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    d = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
+    return d.argmin(1)
+
+
+def _prepare_outdir(outdir: Path, overwrite: bool) -> Path:
+    if outdir.exists() and not outdir.is_dir():
+        raise AcsegError(f"{outdir} exists and is not a folder", "choose another -o")
+    if outdir.exists() and any(outdir.iterdir()) and not overwrite:
+        raise AcsegError(f"{outdir} already exists and is not empty", "pass --overwrite to replace it or choose another -o")
+    if not outdir.parent.is_dir():
+        raise AcsegError(f"folder {outdir.parent} does not exist", "create it first or choose another -o")
+    tmp = outdir.with_name(f".{outdir.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _commit_outdir(tmp: Path, outdir: Path) -> None:
+    old = outdir.with_name(f".{outdir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if outdir.exists():
+        os.replace(outdir, old)
+    os.replace(tmp, outdir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def classify(concepts: str, outdir: str, *, n_classes: int | None = None, background_split: bool = True,
+             seed: int = 0, n_init: int = 10, upsample: str = "bilinear", centroids: str | None = None,
+             match_gt: str | None = None, dataset: str | None = None, preview: str | None = None,
+             overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ClassifyResult:
+    """Cluster the concepts of ``concepts`` into classes and write label maps into ``outdir``."""
+    if upsample not in ("bilinear", "nearest"):
+        raise UsageError(f"unknown --upsample {upsample!r}", "choose bilinear or nearest")
+    if match_gt and not dataset:
+        raise UsageError("--match-gt needs --dataset", "name the ground truth's preset, e.g. --dataset camvid11")
+    store = ConceptStore(concepts)
+    feats = store.means()
+    co = store.concept_offsets
+    n = store.n_images
+
+    # 1. background split per image
+    bg = np.zeros(len(feats), bool)
+    fit_params = None
+    if centroids:
+        ref = ClassStore(centroids)
+        fit_params = ref.params
+        ref_prov = ref.attr_json("features_provenance", {})
+        for key in ("backbone", "weights_sha256", "dim", "feature", "layer"):
+            if ref_prov.get(key) != store.provenance.get(key):
+                raise AcsegError(f"{Path(centroids).name} was fitted on {key}={ref_prov.get(key)} but "
+                                 f"{Path(concepts).name} has {key}={store.provenance.get(key)}",
+                                 "apply centroids only to concepts from the same backbone and settings")
+        background_split = bool(fit_params["background_split"])
+        cents = ref.centroids
+        n_classes = int(fit_params["n_classes"])
+        ref.close()
+    if n_classes is None or n_classes < 1:
+        raise UsageError("--n-classes is required (>= 1)", "pass the number of classes, e.g. --n-classes 21")
+    if background_split and n_classes < 2:
+        raise UsageError("a background split needs --n-classes >= 2", "raise --n-classes or pass --no-background-split")
+    if background_split:
+        for i in range(n):
+            a, b = co[i], co[i + 1]
+            bg[a:b] = split_background(store.cls_attn[a:b])
+    fg = ~bg
+    k_fg = n_classes - 1 if background_split else n_classes
+    offset = 1 if background_split else 0
+
+    # 2. k-means over the foreground concepts of the dataset (or apply fitted centroids)
+    if not centroids:
+        if fg.sum() < k_fg:
+            raise AcsegError(f"only {int(fg.sum())} foreground concepts for {k_fg} classes",
+                             "lower --n-classes, use more images, or pass --no-background-split")
+        cents, _, _ = kmeans(feats[fg], k_fg, n_init=n_init, seed=seed)
+    elif cents.shape[1] != feats.shape[1]:
+        raise AcsegError(f"centroids have dimension {cents.shape[1]} but the concepts {feats.shape[1]}",
+                         "apply centroids only to concepts from the same backbone")
+    concept_class = np.zeros(len(feats), np.int64)
+    if fg.any():
+        concept_class[fg] = _nearest(feats[fg], cents) + offset
+
+    # 3. label maps at the original size, into a partial folder renamed when complete
+    out = Path(outdir).absolute()
+    tmp = _prepare_outdir(out, overwrite)
+    try:
+        png_paths = []
+        params = {"n_classes": n_classes, "background_split": background_split, "seed": seed, "n_init": n_init,
+                  "upsample": upsample, "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
+                  "concept_feature": "concept_mean"}
+        attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
+                 "features_provenance": store.provenance}
+        with StoreWriter(tmp / CLASSES_FILE, classes_schema(), attrs) as w:
+            for i in range(n):
+                cmap = store.concept_map(i)
+                pmap = concept_class[co[i] + cmap]
+                path = safe_output_path(tmp, store.names[i], ".png")
+                labels = upsample_labels(pmap, tuple(store.image_size[i]), upsample)
+                save_label_png(path, labels)
+                png_paths.append(path)
+                w.append({"grid": [store.grid[i]], "image_size": [store.image_size[i]], "names": [store.names[i]],
+                          "sources": [store.sources[i]]}, {"class_map": [pmap.ravel().astype(np.uint16)]})
+                if progress:
+                    progress(i + 1, n)
+            w.f.create_dataset("centroids", data=np.asarray(cents, np.float32))
+        score_res = None
+        if match_gt:
+            score_res = _match_to_gt(tmp, match_gt, dataset, png_paths, n_classes)
+        if preview:
+            _previews(Path(preview), store, png_paths, match_gt, dataset, score_res)
+        _commit_outdir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        store.close()
+    return ClassifyResult(str(out), n, n_classes, str(out / CLASSES_FILE), score_res)
+
+
+def _gt_id_of_class(dataset: str):
+    """Class index of a preset -> the id its ground-truth PNGs use (coarse index where no id exists)."""
+    from .datasets import get_dataset
+    p = get_dataset(dataset)
+    lut = p.lut()
+    ids = np.full(p.n_classes, -1, np.int64)
+    for gid in range(len(lut)):
+        c = lut[gid]
+        if c >= 0 and ids[c] < 0:
+            ids[c] = gid
+    if dataset == "cocostuff27":
+        ids = np.arange(p.n_classes)  # 27 coarse classes have no single fine id
+    return ids, (p.ignore[0] if p.ignore else 255)
+
+
+def _match_to_gt(folder: Path, gt: str, dataset: str, png_paths: list, n_classes: int) -> dict:
+    """Hungarian-match cluster ids to the ground truth (score's code) and rewrite maps in class ids."""
+    from PIL import Image
+
+    from .score import score
+    res = score(str(folder), gt, dataset=dataset, protocol="hungarian", allow_missing=True, resize_pred="nearest")
+    gid, ignore = _gt_id_of_class(dataset)
+    lut = np.full(max(n_classes, 1) + 1, ignore, np.int64)
+    for p, c in res["matching"].items():
+        if int(p) < len(lut):
+            lut[int(p)] = gid[c]
+    from .render import palette as pal_fn
+    pal = pal_fn(256)
+    for p in png_paths:
+        a = np.asarray(Image.open(p)).astype(np.int64)
+        save_label_png(p, lut[np.minimum(a, len(lut) - 1)], pal)
+    log.info("matched to %s: mIoU %.1f, pixel accuracy %.1f", gt, 100 * res["miou"], 100 * res["pixel_accuracy"])
+    return res
+
+
+def _previews(folder: Path, store: ConceptStore, png_paths: list, gt: str | None, dataset: str | None, res) -> None:
+    from PIL import Image
+    pal = palette(256)
+    for i, p in enumerate(png_paths):
+        size = display_size(tuple(store.image_size[i]))
+        pred = np.asarray(Image.open(p).resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
+        photo = load_photo(store.sources[i], size)
+        panels = [photo if photo is not None else np.zeros((*size, 3), np.uint8), overlay(None, pred, pal)]
+        if gt:
+            g = Path(gt) / Path(store.names[i]).with_suffix(".png")
+            if g.is_file():
+                ga = np.asarray(Image.open(g).resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
+                panels.append(overlay(None, ga, pal))
+        save_rgb(safe_output_path(folder, store.names[i], ".png"), np.concatenate(panels, axis=1))
+
+

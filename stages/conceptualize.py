@@ -1,0 +1,225 @@
+"""Stage ``conceptualize``: per-image concepts whose number adapts to each image (METHOD.md section 3).
+
+``method="acg"``: the ACG's concepts, hard assignment argmax_c cos(x_i, c_c), prototypes that receive no
+pixel dropped. ``method="kmeans"``: per-image k-means with k concepts (the paper's baseline). Both write the
+same concepts store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .acg import assignment
+from .errors import AcsegError, UsageError
+from .features import FeatureStore
+from .fit import TrainConfig, check_compatible, collate, fit_acg, load_checkpoint
+from .kmeans import batched_kmeans
+from .store import STR, Group, Schema, Store, StoreWriter, check_output, decode_names, file_sha256
+
+log = logging.getLogger("acseg.conceptualize")
+METHODS = ("acg", "kmeans")
+
+
+def concepts_schema(dim: int) -> Schema:
+    return Schema(
+        kind="concepts",
+        per_image={"grid": (np.int32, (2,)), "image_size": (np.int32, (2,)), "names": (STR, ()),
+                   "sources": (STR, ()), "n_concepts": (np.int32, ())},
+        groups=[Group("offsets", {"concept_map": (np.uint8, ())}),
+                Group("concept_offsets", {"concept_pixels": (np.int32, ()), "concept_mean": (np.float32, (dim,)),
+                                          "concept_vector": (np.float32, (dim,)), "concept_cls_attn": (np.float32, ()),
+                                          "concept_prototype": (np.int16, ())})],
+    )
+
+
+class ConceptStore(Store):
+    """A validated concepts store; all of it but the per-token maps is small and read at open."""
+
+    kind = "concepts"
+
+    def _validate(self) -> None:
+        super()._validate()
+        n = self.n_images
+        if n == 0:
+            raise AcsegError(f"{self.path} holds no images", "re-run conceptualize on a non-empty feature store")
+        self.offsets = self._check_offsets("offsets", "concept_map")
+        self._need("concept_map", 1, None, "u")
+        self.concept_offsets = self._check_offsets("concept_offsets", "concept_pixels")
+        C = self.concept_offsets[-1]
+        self.grid = self._need("grid", 2, n, "iu")[:].astype(np.int64)
+        self.image_size = self._need("image_size", 2, n, "iu")[:].astype(np.int64)
+        self.names = decode_names(self._need("names", 1, n)[:])
+        self.sources = decode_names(self._need("sources", 1, n)[:])
+        self.n_concepts = self._need("n_concepts", 1, n, "iu")[:].astype(np.int64)
+        self.pixels = self._need("concept_pixels", 1, C, "iu")[:].astype(np.int64)
+        mean = self._need("concept_mean", 2, C, "f")
+        self.dim = int(mean.shape[1])
+        self._need("concept_vector", 2, C, "f")
+        self.cls_attn = self._need("concept_cls_attn", 1, C, "f")[:].astype(np.float64)
+        if np.any(self.grid.prod(1) != np.diff(self.offsets)) or np.any(np.diff(self.concept_offsets) != self.n_concepts):
+            raise AcsegError(f"{self.path}: per-image counts do not match the packed data", "the file is damaged; re-run conceptualize")
+
+    def means(self) -> np.ndarray:
+        a = self.f["concept_mean"][:].astype(np.float32)
+        if not np.isfinite(a).all():
+            raise AcsegError(f"{self.path}: concept features hold NaN or Inf", "the file is damaged; re-run conceptualize")
+        return a
+
+    def concept_map(self, i: int) -> np.ndarray:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        m = self.f["concept_map"][a:b].astype(np.int64).reshape(self.grid[i])
+        if m.size and m.max() >= self.n_concepts[i]:
+            raise AcsegError(f"{self.path}: image {i} has concept ids beyond its {self.n_concepts[i]} concepts",
+                             "the file is damaged; re-run conceptualize")
+        return m
+
+    @property
+    def provenance(self) -> dict:
+        return self.attr_json("features_provenance", {})
+
+
+@dataclass
+class ConceptualizeResult:
+    path: str
+    n_images: int
+    mean_concepts: float
+    acg_path: str | None
+    fitted: bool
+
+
+def default_output(features: str) -> str:
+    p = Path(features).absolute()
+    stem = p.name[:-len(".features.h5")] if p.name.endswith(".features.h5") else p.stem
+    return str(p.with_name(f"{stem}.concepts.h5"))
+
+
+def summarise(tokens: np.ndarray, attn: np.ndarray, labels: np.ndarray, vectors: np.ndarray, active_ids: np.ndarray):
+    """Per concept: pixel count, L2-normalised mean of its L2-normalised tokens, concept vector, CLS-attention sum."""
+    m = len(active_ids)
+    xn = tokens / np.maximum(np.linalg.norm(tokens, axis=1, keepdims=True), 1e-8)
+    onehot = np.zeros((m, len(labels)), np.float32)
+    onehot[labels, np.arange(len(labels))] = 1
+    pix = onehot.sum(1)
+    mean = onehot @ xn / np.maximum(pix[:, None], 1)
+    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-8)
+    return pix.astype(np.int32), mean.astype(np.float32), vectors[active_ids].astype(np.float32), (onehot @ attn).astype(np.float32)
+
+
+def renumber(assign: np.ndarray, k: int):
+    """Hard assignment -> dense ids 0..m-1 (in prototype order) and the prototypes that received pixels."""
+    counts = np.bincount(assign, minlength=k)
+    active = np.flatnonzero(counts)
+    remap = np.full(k, -1, np.int64)
+    remap[active] = np.arange(len(active))
+    return remap[assign], active
+
+
+def conceptualize(features: str, output: str | None = None, *, acg: str | None = None, method: str = "acg",
+                  k: int = 5, seed: int = 0, batch_size: int = 64, device: str | None = None, overwrite: bool = False,
+                  resume: bool = False, fit_train: TrainConfig | None = None, preview: str | None = None,
+                  progress: Callable[[int, int], None] | None = None,
+                  fit_progress: Callable[[int, int, str], None] | None = None) -> ConceptualizeResult:
+    """Write a concepts store for every image of ``features``; returns its path and counts."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}", f"choose one of: {', '.join(METHODS)}")
+    output = output or default_output(features)
+    out = Path(output).absolute()
+    check_output(out, overwrite)
+    store = FeatureStore(features)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fitted = False
+    model = None
+    acg_info = None
+    if method == "acg":
+        if acg is None:
+            acg = str(out.with_name(out.name[:-3] + ".acg.pt" if out.name.endswith(".h5") else out.name + ".acg.pt"))
+            reuse = False
+            if Path(acg).exists():
+                try:
+                    prev = load_checkpoint(acg)
+                    reuse = prev.provenance.get("store", {}).get("content_sha256") == store.identity["content_sha256"]
+                except AcsegError:
+                    reuse = False
+            if reuse:
+                log.warning("no --acg given: reusing %s, fitted earlier on these features", acg)
+            else:
+                log.warning("no --acg given: fitting an ACG on %s with the default settings first, saved as %s",
+                            Path(features).name, acg)
+                fit_acg(features, acg, train=fit_train, device=device, overwrite=True, progress=fit_progress)
+                fitted = True
+        loaded = load_checkpoint(acg)
+        check_compatible(loaded.provenance, store.provenance(), Path(acg).name, Path(features).name)
+        model = loaded.model.to(device).eval()
+        k = model.cfg.num_prototypes
+        acg_info = {"path": str(Path(acg).absolute()), "sha256": file_sha256(acg), "config": json.loads(model.cfg.to_json())}
+    if not 1 <= k <= 255:
+        raise UsageError(f"k = {k} concepts is outside 1..255", "choose another -k")
+    params = {"method": method, "k": k, "seed": seed, "acg": acg_info, "concept_feature": "mean of L2-normalised tokens"}
+    attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
+             "features_provenance": store.provenance()}
+    n = store.n_images
+    total_concepts = 0
+    with StoreWriter(out, concepts_schema(store.dim), attrs, overwrite=overwrite, resume=resume) as w:
+        start = w.resumed_from
+        if progress:
+            progress(start, n)
+        for s in range(start, n, batch_size):
+            e = min(n, s + batch_size)
+            toks = store.read_range(s, e, "tokens")
+            attn = store.read_range(s, e, "cls_attn")
+            x, mask = collate(toks, None, None)
+            with torch.inference_mode():
+                xd, md = x.to(device), mask.to(device)
+                if method == "acg":
+                    vec = model(xd, md)
+                    assign = assignment(xd, vec).argmax(-1)
+                else:
+                    xn = F.normalize(xd, dim=-1)
+                    vec, assign = batched_kmeans(xn, md, k, seed=seed + s)
+            vec, assign = vec.float().cpu().numpy(), assign.cpu().numpy()
+            per = {"grid": [], "image_size": [], "names": [], "sources": [], "n_concepts": []}
+            packed = {f: [] for f in ("concept_map", "concept_pixels", "concept_mean", "concept_vector",
+                                      "concept_cls_attn", "concept_prototype")}
+            for b, i in enumerate(range(s, e)):
+                nt = len(toks[b])
+                labels, active = renumber(assign[b, :nt], k)
+                pix, mean, cvec, cattn = summarise(toks[b], attn[b], labels, vec[b], active)
+                per["grid"].append(store.grid[i])
+                per["image_size"].append(store.image_size[i])
+                per["names"].append(store.names[i])
+                per["sources"].append(store.sources[i])
+                per["n_concepts"].append(len(active))
+                packed["concept_map"].append(labels.astype(np.uint8))
+                packed["concept_pixels"].append(pix)
+                packed["concept_mean"].append(mean)
+                packed["concept_vector"].append(cvec)
+                packed["concept_cls_attn"].append(cattn)
+                packed["concept_prototype"].append(active.astype(np.int16))
+                if preview:
+                    _preview(preview, store.names[i], store.sources[i], labels.reshape(store.grid[i]), store.image_size[i])
+            w.append(per, packed)
+            total_concepts += sum(per["n_concepts"])
+            if progress:
+                progress(e, n)
+        n_done = w.n_done
+        counts = w.f["n_concepts"][:]
+    store.close()
+    return ConceptualizeResult(str(out), n_done, float(np.mean(counts)) if n_done else 0.0,
+                               acg_info["path"] if acg_info else None, fitted)
+
+
+def _preview(folder: str, name: str, source: str, cmap: np.ndarray, image_size) -> None:
+    from .images import safe_output_path
+    from .render import display_size, load_photo, overlay, palette, save_rgb, upsample_labels
+    size = display_size(image_size)
+    labels = upsample_labels(cmap, size)
+    photo = load_photo(source, size)
+    save_rgb(safe_output_path(Path(folder), name, ".png"), overlay(photo, labels, palette(max(16, cmap.max() + 2))[1:]))

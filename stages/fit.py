@@ -1,0 +1,328 @@
+"""Stage ``fit-acg``: train the Adaptive Concept Generator on a feature store with the modularity loss.
+
+Batches are read from the store at random (never the whole store in memory). Checkpoints are torch files
+of tensors and plain values, loaded with ``weights_only=True`` so that loading never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .acg import ACGConfig, AdaptiveConceptGenerator, assignment, hard_assignment, modularity_loss
+from .errors import AcsegError, UsageError
+from .features import FeatureStore
+from .store import check_output, lock_path
+
+log = logging.getLogger("acseg.fit")
+CHECKPOINT_FORMAT = "acseg-acg-1"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    seed: int = 0
+    max_tokens: int = 2048  # random token subsample per image above this (bounds the O(N^2) graph)
+    keep_diagonal: bool = True
+    delta: str = "plain"
+    tau: float = 0.1
+    proto_init: str = "kmeans"  # "kmeans": prototypes seeded from k-means of a token sample; "random"
+    log_every: int = 10
+    checkpoint_every: int = 250
+
+
+@dataclass
+class FitResult:
+    path: str
+    steps: int
+    final_loss: float
+    final_modularity: float
+    log_path: str
+    plot_path: str
+    resumed_from: int = 0
+    history: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: str | os.PathLike, model: AdaptiveConceptGenerator, provenance: dict, train: dict,
+                    extra: dict | None = None) -> None:
+    """Atomic write of weights + config + provenance (+ resume state in ``extra``)."""
+    path = Path(path)
+    obj = {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_json(), "provenance": json.dumps(provenance, sort_keys=True),
+           "train": json.dumps(train, sort_keys=True),
+           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if extra:
+        obj.update(extra)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_raw(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise AcsegError(f"checkpoint {path} does not exist", "check the path, or run 'acseg fit-acg' first")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)  # refuses anything that would run code
+    except Exception as e:
+        kind = "is not a loadable acseg checkpoint" if "pickle" in type(e).__name__.lower() or "Unpickl" in str(e) \
+            else "cannot be read"
+        raise AcsegError(f"checkpoint {path} {kind} ({type(e).__name__}); nothing in it was executed",
+                         "pass a checkpoint written by 'acseg fit-acg'") from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise AcsegError(f"{path} is not an acseg ACG checkpoint", "pass a checkpoint written by 'acseg fit-acg'")
+    return obj
+
+
+@dataclass
+class LoadedACG:
+    model: AdaptiveConceptGenerator
+    provenance: dict
+    train: dict
+    raw: dict
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedACG:
+    obj = _load_raw(path)
+    try:
+        cfg = ACGConfig.from_dict(json.loads(obj["config"]))
+        prov = json.loads(obj["provenance"])
+        train = json.loads(obj.get("train", "{}"))
+        model = AdaptiveConceptGenerator(cfg)
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except AcsegError:
+        raise
+    except Exception as e:
+        raise AcsegError(f"checkpoint {path} does not match the ACG architecture ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]})", "re-run 'acseg fit-acg' with this acseg version") from None
+    return LoadedACG(model.eval(), prov, train, obj)
+
+
+def check_compatible(ckpt_prov: dict, store_prov: dict, ckpt_name: str, store_name: str) -> None:
+    """A model trained on one backbone/feature kind/dim must not be applied to another."""
+    for key in ("backbone", "weights_sha256", "dim", "feature", "layer"):
+        a, b = ckpt_prov.get(key), store_prov.get(key)
+        if a != b:
+            raise AcsegError(f"{ckpt_name} was trained on {key}={a} but {store_name} has {key}={b}",
+                             "use a checkpoint fitted on features of the same backbone and settings, or re-run fit-acg")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+def batch_indices(n_images: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The images of one step: a pure function of (seed, step), so a resumed run sees the same batches."""
+    rng = np.random.default_rng([seed, step])
+    return rng.choice(n_images, size=min(batch_size, n_images), replace=False)
+
+
+def collate(token_list: list[np.ndarray], max_tokens: int | None, rng: np.random.Generator | None):
+    """Pad a list of (n_i, d) arrays into (B, N, d) plus a (B, N) validity mask, subsampling above max_tokens."""
+    if max_tokens:
+        token_list = [t[np.sort(rng.choice(len(t), max_tokens, replace=False))] if len(t) > max_tokens else t
+                      for t in token_list]
+    n = max(len(t) for t in token_list)
+    d = token_list[0].shape[1]
+    x = np.zeros((len(token_list), n, d), np.float32)
+    mask = np.zeros((len(token_list), n), bool)
+    for i, t in enumerate(token_list):
+        x[i, :len(t)] = t
+        mask[i, :len(t)] = True
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
+def _read_batch(store: FeatureStore, cfg: TrainConfig, step: int):
+    idx = batch_indices(store.n_images, cfg.batch_size, cfg.seed, step)
+    rng = np.random.default_rng([cfg.seed, step, 1])
+    return collate(store.read_many(idx), cfg.max_tokens, rng)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def init_prototypes(model: AdaptiveConceptGenerator, store: FeatureStore, seed: int, sample: int = 4096) -> None:
+    """Seed the prototypes with k-means centroids of a token sample (scaled like the random init), and start
+    the output head as the identity, so every prototype begins on a distinct part of feature space."""
+    from .kmeans import kmeans
+    rng = np.random.default_rng([seed, 7])
+    idx = rng.choice(store.n_images, size=min(store.n_images, 64), replace=False)
+    toks = np.concatenate(store.read_many(idx))
+    toks = toks[rng.choice(len(toks), size=min(len(toks), sample), replace=False)]
+    toks = toks / np.maximum(np.linalg.norm(toks, axis=1, keepdims=True), 1e-8)
+    c, _, _ = kmeans(toks, model.cfg.num_prototypes, n_init=2, iters=30, seed=seed)
+    c = c - c.mean(1, keepdims=True)
+    c = c / np.maximum(c.std(1, keepdims=True), 1e-8)
+    with torch.no_grad():
+        k = min(len(c), model.cfg.num_prototypes)
+        model.prototypes[:k] = torch.from_numpy(c[:k])
+        model.head.weight.copy_(torch.eye(model.cfg.dim))
+        model.head.bias.zero_()
+
+
+def resume_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.resume")
+
+
+def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: TrainConfig | None = None,
+            device: str | None = None, overwrite: bool = False, resume: bool = False,
+            progress: Callable[[int, int, str], None] | None = None) -> FitResult:
+    """Train an ACG on the store ``features``; write the checkpoint, a JSON-lines log and a loss plot."""
+    import fcntl
+
+    train = train or TrainConfig()
+    if train.steps < 1 or train.batch_size < 1:
+        raise UsageError("--steps and --batch-size must be >= 1", "fix the options")
+    if train.delta not in ("plain", "tanh"):
+        raise UsageError(f"unknown --delta {train.delta!r}", "choose plain or tanh")
+    out = Path(output).absolute()
+    check_output(out, overwrite)
+    store = FeatureStore(features)
+    cfg = acg or ACGConfig()
+    cfg = ACGConfig(**{**asdict(cfg), "dim": store.dim})
+    if cfg.dim % cfg.heads:
+        raise UsageError(f"feature dim {cfg.dim} is not divisible by --heads {cfg.heads}", "choose another --heads")
+    prov = {**store.provenance(), "store": store.identity}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log_path = out.with_suffix(".log.jsonl")
+    plot_path = out.with_suffix(".loss.png")
+
+    lock_fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise AcsegError(f"another acseg process is writing {out}", "wait for it to finish or choose another -o") from None
+    try:
+        torch.manual_seed(train.seed)
+        model = AdaptiveConceptGenerator(cfg)
+        if train.proto_init == "kmeans":
+            init_prototypes(model, store, train.seed)
+        model = model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        start = 0
+        history: list[dict] = []
+        rp = resume_path(out)
+        if resume and rp.exists():
+            try:
+                state = load_checkpoint(rp)
+                same = (state.train.get("config") == asdict(train) and state.model.cfg == cfg
+                        and state.provenance.get("store", {}).get("content_sha256") == prov["store"]["content_sha256"])
+            except AcsegError:
+                same = False
+            if same:
+                model.load_state_dict(state.model.state_dict())
+                opt.load_state_dict(state.raw["optimizer"])
+                start = int(state.raw["step"])
+                history = json.loads(state.raw.get("history", "[]"))
+                torch.set_rng_state(state.raw["torch_rng"])
+                log.info("resuming %s at step %d", out.name, start)
+            else:
+                log.warning("the resume state %s was made with other settings; starting afresh", rp.name)
+        model.train()
+        pool = ThreadPoolExecutor(1)
+        nxt = pool.submit(_read_batch, store, train, start) if start < train.steps else None
+        t0 = time.monotonic()
+        last = {"loss": float("nan"), "modularity": float("nan")}
+        for step in range(start, train.steps):
+            x, mask = nxt.result()
+            nxt = pool.submit(_read_batch, store, train, step + 1) if step + 1 < train.steps else None
+            x, mask = x.to(device), mask.to(device)
+            lr = lr_at(step, train)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            concepts = model(x, mask)
+            s = assignment(x, concepts)
+            loss, q = modularity_loss(x, s, mask, keep_diagonal=train.keep_diagonal, delta=train.delta, tau=train.tau)
+            if not torch.isfinite(loss):
+                raise AcsegError(f"the loss became {loss.item()} at step {step}", "lower --lr or check the features")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = {"loss": float(loss.item()), "modularity": float(q.mean().item())}
+            if step % train.log_every == 0 or step == train.steps - 1:
+                with torch.no_grad():
+                    _, active = hard_assignment(s, mask)
+                rec = {"step": step, **last, "active_concepts": float(active.sum(1).float().mean().item()), "lr": lr,
+                       "seconds": round(time.monotonic() - t0, 3)}
+                history.append(rec)
+            if progress:
+                progress(step + 1, train.steps, f"loss {last['loss']:.4f} Q {last['modularity']:.4f}")
+            if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.steps:
+                save_checkpoint(rp, model, prov, {"config": asdict(train)},
+                                extra={"optimizer": opt.state_dict(), "step": step + 1, "history": json.dumps(history),
+                                       "torch_rng": torch.get_rng_state()})
+        pool.shutdown()
+        model.eval()
+        _write_log(log_path, history)
+        plot_loss(history, plot_path)
+        save_checkpoint(out, model, prov, {"config": asdict(train), "final": last, "steps": train.steps})
+        if rp.exists():
+            rp.unlink()
+    finally:
+        try:
+            os.unlink(lock_path(out))
+        except OSError:
+            pass
+        os.close(lock_fd)
+        store.close()
+    return FitResult(str(out), train.steps, last["loss"], last["modularity"], str(log_path), str(plot_path), start, history)
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        for r in history:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_loss(history: list[dict], path: Path, size=(640, 360)) -> None:
+    """A small loss / modularity curve drawn with Pillow (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    pad = 40
+    d.rectangle([pad, 10, W - 10, H - pad], outline="black")
+    if len(history) >= 2:
+        steps = np.array([r["step"] for r in history], float)
+        loss = np.array([r["loss"] for r in history], float)
+        lo, hi = float(loss.min()), float(loss.max())
+        hi = hi if hi > lo else lo + 1e-6
+        xs = pad + (steps - steps[0]) / max(1e-9, steps[-1] - steps[0]) * (W - 10 - pad)
+        ys = 10 + (hi - loss) / (hi - lo) * (H - pad - 10)
+        d.line(list(zip(xs.tolist(), ys.tolist())), fill=(200, 30, 30), width=2)
+        d.text((pad + 4, 12), f"loss {loss[-1]:.4f} (max {hi:.4f}, min {lo:.4f})", fill="black")
+        d.text((pad, H - pad + 6), f"step {int(steps[0])}", fill="black")
+        d.text((W - 90, H - pad + 6), f"step {int(steps[-1])}", fill="black")
+    img.save(path)

@@ -1,0 +1,95 @@
+"""k-means in torch: k-means++ seeding, Lloyd iterations, several restarts, batched over images.
+
+Used for the per-image k-means baseline (``conceptualize --method kmeans``), the dataset-level k-means of
+``classify`` and the prototype initialisation of ``fit-acg``. Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    # (..., n, d), (..., k, d) -> (..., n, k)
+    return ((x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(-2, -1) + (c * c).sum(-1).unsqueeze(-2)).clamp_min_(0)
+
+
+def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding of one point set (n, d) -> (k, d)."""
+    n = x.shape[0]
+    idx = [int(torch.randint(n, (1,), generator=gen))]
+    d2 = _sqdist(x, x[idx]).squeeze(-1)
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            j = int(torch.randint(n, (1,), generator=gen))
+        else:
+            j = int(torch.multinomial(d2 / total, 1, generator=gen))
+        idx.append(j)
+        d2 = torch.minimum(d2, _sqdist(x, x[j:j + 1]).squeeze(-1))
+    return x[idx].clone()
+
+
+def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int = 50, seed: int = 0,
+           tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lloyd's k-means on (n, d) points. Returns (centroids (k, d), labels (n,), inertia)."""
+    x = torch.as_tensor(np.asarray(x, np.float32))
+    n = x.shape[0]
+    k = min(k, n)
+    gen = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(max(1, n_init)):
+        c = kmeans_pp(x, k, gen)
+        prev = None
+        for _ in range(iters):
+            d = _sqdist(x, c)
+            lab = d.argmin(1)
+            inertia = float(d.gather(1, lab[:, None]).sum())
+            sums = torch.zeros_like(c).index_add_(0, lab, x)
+            cnt = torch.bincount(lab, minlength=k).float()
+            empty = cnt == 0
+            c = torch.where(empty[:, None], c, sums / cnt.clamp_min(1)[:, None])
+            if empty.any():  # re-seed an empty cluster at the farthest point
+                far = d.gather(1, lab[:, None]).squeeze(1).argsort(descending=True)
+                for e, j in zip(torch.nonzero(empty).flatten().tolist(), far.tolist()):
+                    c[e] = x[j]
+            if prev is not None and abs(prev - inertia) <= tol * max(1.0, abs(prev)):
+                break
+            prev = inertia
+        d = _sqdist(x, c)
+        lab = d.argmin(1)
+        inertia = float(d.gather(1, lab[:, None]).sum())
+        if best is None or inertia < best[2]:
+            best = (c.numpy().copy(), lab.numpy().copy(), inertia)
+    return best
+
+
+def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0):
+    """Independent k-means per image on padded (B, N, d) tokens; returns (centroids (B,k,d), labels (B,N)).
+
+    One restart, k-means++ seeding per image; padded tokens take no part.
+    """
+    B = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    cents = []
+    for b in range(B):
+        xb = x[b][mask[b]]
+        c = kmeans_pp(xb, min(k, xb.shape[0]), gen)
+        if c.shape[0] < k:
+            c = torch.cat([c, c[:1].expand(k - c.shape[0], -1)], 0)
+        cents.append(c)
+    c = torch.stack(cents)
+    m = mask.float()[..., None]
+    for _ in range(iters):
+        lab = _sqdist(x, c).argmin(-1)
+        oh = torch.nn.functional.one_hot(lab, k).float() * m
+        cnt = oh.sum(1)
+        new = (oh.transpose(1, 2) @ x) / cnt.clamp_min(1)[..., None]
+        new = torch.where((cnt > 0)[..., None], new, c)
+        if torch.allclose(new, c, atol=1e-6):
+            c = new
+            break
+        c = new
+    lab = _sqdist(x, c).argmin(-1)
+    return c, lab

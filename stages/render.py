@@ -1,0 +1,115 @@
+"""Label maps and pictures: smooth upsampling, PNG writing, palettes and overlays for people."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import ImageError, load_rgb
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct colours (the PASCAL VOC bit-interleaving scheme), (n, 3) uint8."""
+    out = np.zeros((max(n, 1), 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """(h, w) ids -> (H, W) ids. 'bilinear' interpolates one-hot maps and takes the argmax (smooth
+    boundaries); 'nearest' repeats patches (blocky)."""
+    H, W = int(size[0]), int(size[1])
+    ids, inv = np.unique(patch_map, return_inverse=True)
+    inv = inv.reshape(patch_map.shape)
+    if mode == "nearest" or len(ids) == 1:
+        t = torch.from_numpy(inv.astype(np.float32))[None, None]
+        out = F.interpolate(t, size=(H, W), mode="nearest")[0, 0].numpy().astype(np.int64)
+        return ids[out]
+    m = len(ids)
+    onehot = F.one_hot(torch.from_numpy(inv.astype(np.int64)), m).permute(2, 0, 1).float()[None]
+    if m * H * W * 4 <= (256 << 20):
+        return ids[F.interpolate(onehot, size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).numpy()]
+    # Large images: interpolate along columns once, then rows in chunks (same arithmetic as PyTorch's).
+    h = patch_map.shape[0]
+    cols = F.interpolate(onehot, size=(h, W), mode="bilinear", align_corners=False)[0]  # (m, h, W)
+    out = np.empty((H, W), np.int64)
+    step = max(1, (64 << 20) // (4 * m * W))
+    for r0 in range(0, H, step):
+        ys = ((torch.arange(r0, min(H, r0 + step), dtype=torch.float32) + 0.5) * (h / H) - 0.5).clamp(0, h - 1)
+        y0 = ys.floor().long()
+        y1 = (y0 + 1).clamp(max=h - 1)
+        wy = (ys - y0.float())[:, None]
+        out[r0:r0 + len(ys)] = (cols[:, y0] * (1 - wy) + cols[:, y1] * wy).argmax(0).numpy()
+    return ids[out]
+
+
+def save_label_png(path: str | os.PathLike, labels: np.ndarray, pal: np.ndarray | None = None) -> None:
+    """8-bit PNG when ids fit (palette mode if a palette is given), 16-bit otherwise; written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if labels.max(initial=0) < 256:
+        im = Image.fromarray(labels.astype(np.uint8), "L")
+        if pal is not None:
+            im = im.convert("P")
+            flat = np.zeros((256, 3), np.uint8)
+            flat[:min(256, len(pal))] = pal[:256]
+            im.putpalette(flat.ravel().tolist())
+    else:
+        im = Image.fromarray(labels.astype(np.uint16))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    b = np.zeros(labels.shape, bool)
+    b[:-1] |= labels[:-1] != labels[1:]
+    b[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    return b
+
+
+def colorize(labels: np.ndarray, pal: np.ndarray) -> np.ndarray:
+    return pal[np.asarray(labels) % len(pal)]
+
+
+def overlay(photo: np.ndarray | None, labels: np.ndarray, pal: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The photo with coloured regions and white boundaries (or the colours alone without a photo)."""
+    col = colorize(labels, pal).astype(np.float32)
+    out = col if photo is None else (1 - alpha) * photo.astype(np.float32) + alpha * col
+    out[boundaries(labels)] = 255
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def load_photo(source: str, size: tuple[int, int]) -> np.ndarray | None:
+    """The original photo resized to (H, W), or None when it cannot be read any more."""
+    try:
+        img = load_rgb(source)
+    except (ImageError, OSError):
+        return None
+    return np.asarray(img.resize((size[1], size[0]), Image.BILINEAR))
+
+
+def display_size(size: tuple[int, int], max_side: int = 640) -> tuple[int, int]:
+    H, W = int(size[0]), int(size[1])
+    s = min(1.0, max_side / max(H, W))
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def save_rgb(path: str | os.PathLike, arr: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)

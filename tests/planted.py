@@ -1,0 +1,47 @@
+"""Synthetic feature stores with planted groups of tokens (for the ACG, conceptualize and classify)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages.features import features_schema
+from stages.store import StoreWriter
+
+
+def planted_images(n_images=48, dim=32, grid=(8, 8), n_classes=5, groups=(2, 5), noise=0.5, seed=0):
+    """Each image: 2..5 groups, each group a class from a global pool; tokens = class direction + noise.
+
+    Returns (tokens per image, group label map per image, class of each group per image).
+    """
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_classes, dim))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    h, w = grid
+    toks, labels, classes = [], [], []
+    for _ in range(n_images):
+        g = int(rng.integers(groups[0], groups[1] + 1))
+        cls = rng.choice(n_classes, g, replace=False)
+        # contiguous regions: vertical stripes of random widths, each at least one column
+        cuts = np.sort(rng.choice(np.arange(1, w), g - 1, replace=False))
+        col_group = np.searchsorted(cuts, np.arange(w), side="right")
+        lab = np.tile(col_group, (h, 1))
+        t = centers[cls[lab.ravel()]] * 3.0 + rng.normal(scale=noise * 3.0 / np.sqrt(dim), size=(h * w, dim))
+        toks.append(t.astype(np.float32))
+        labels.append(lab)
+        classes.append(cls)
+    return toks, labels, classes
+
+
+def write_planted_store(path, toks, labels, *, backbone="planted", patch=16):
+    h, w = labels[0].shape
+    dim = toks[0].shape[1]
+    attrs = {"params": {"feature": "tokens", "layer": 0, "short_side": h * patch},
+             "backbone": {"preset": backbone, "dim": dim, "patch": patch, "weights_sha256": "0" * 64}, "parent": {}}
+    with StoreWriter(path, features_schema(dim), attrs) as wr:
+        for i, (t, lab) in enumerate(zip(toks, labels)):
+            # CLS attention: higher on groups whose first column is > 0 (so a background split has signal)
+            attn = np.where(lab.ravel() == 0, 0.1, 1.0).astype(np.float32) / t.shape[0]
+            wr.append({"grid": [lab.shape], "image_size": [(lab.shape[0] * patch, lab.shape[1] * patch)],
+                       "names": [f"img_{i:03d}.png"], "sources": [f"/nonexistent/img_{i:03d}.png"]},
+                      {"tokens": [t.astype(np.float16)], "cls_attn": [attn]})
+    return str(path)
