@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from stages.conceptualize import conceptualize
+from stages.fit import TrainConfig
 
 from .options import (Device, InputArg, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, info,
                       resolve_input, setup_logging, stage)
@@ -21,6 +22,7 @@ def command(
     k: Annotated[int, typer.Option("-k", "--concepts", help="Concepts per image for --method kmeans (the ACG's k comes from its checkpoint).")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the k-means baseline.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 64,
+    fit_steps: Annotated[int, typer.Option("--fit-steps", help="Training steps when an ACG is fitted here (no --acg).")] = TrainConfig.steps,
     preview: Annotated[Optional[str], typer.Option("--preview", help="Write each photo with its concepts overlaid into this folder.")] = None,
     device: Device = None,
     overwrite: Overwrite = False,
@@ -34,7 +36,7 @@ def command(
     features = resolve_input(features)
     with Progress("fit-acg", unit="steps") as fit_bar, Progress("conceptualize") as bar:
         res = conceptualize(features, output, acg=acg, method=method, k=k, seed=seed, batch_size=batch_size,
-                            device=device, overwrite=overwrite, resume=resume, preview=preview, progress=bar,
+                            device=device, overwrite=overwrite, resume=resume, preview=preview, progress=bar, fit_train=TrainConfig(steps=fit_steps),
                             fit_progress=fit_bar)
     info(f"{res.n_images} images, {res.mean_concepts:.2f} concepts per image on average"
          + (f"; ACG fitted and saved as {res.acg_path}" if res.fitted else ""))

@@ -61,4 +61,5 @@ def command(
     if res.n_skipped:
         msg += f", skipped {res.n_skipped} unreadable (listed above and in the store's 'skipped' attribute)"
     info(msg)
-    emit(res.path, as_json, kind="features", n_images=res.n_images, n_skipped=res.n_skipped)
+    emit(res.path, as_json, kind="features", n_images=res.n_images, n_skipped=res.n_skipped,
+         resumed_from=res.resumed_from)

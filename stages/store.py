@@ -143,7 +143,7 @@ class StoreWriter:
     def _create(self) -> None:
         if self.tmp.exists():
             self.tmp.unlink()
-        f = h5py.File(self.tmp, "w", libver="latest")
+        f = h5py.File(self.tmp, "w")
         self.f = f
         for k, v in self._root_attrs().items():
             f.attrs[k] = v

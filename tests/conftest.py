@@ -13,3 +13,44 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     monkeypatch.delenv("ACSEG_DEBUG", raising=False)
+
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def make_images(folder: Path, n: int = 6, size=(80, 96), seed: int = 0) -> list[Path]:
+    """Small random photos (some sizes differ, so batches group by grid)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = size if i % 3 else (size[1], size[0])
+        a = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        p = folder / f"img_{i:02d}.png"
+        Image.fromarray(a).save(p)
+        out.append(p)
+    return out
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "imgs"
+    make_images(d)
+    return d
+
+
+TEST_BACKBONE = ["--backbone", "test-vit", "--random-weights", "-q"]
+
+
+def cli(args, input=None):
+    from typer.testing import CliRunner
+
+    from acseg_cli.app import app
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -1,0 +1,139 @@
+"""conceptualize and classify on planted stores; the full pipe through real subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import TEST_BACKBONE, cli, cli_env
+from planted import planted_images, write_planted_store
+from PIL import Image
+
+from stages.acg import ACGConfig
+from stages.classify import ClassStore, classify, split_background
+from stages.conceptualize import ConceptStore, conceptualize
+from stages.fit import TrainConfig, fit_acg
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pc")
+    toks, labels, classes = planted_images(n_images=40, seed=3)
+    path = write_planted_store(d / "feats.h5", toks, labels)
+    acg = fit_acg(path, d / "acg.pt", acg=ACGConfig(depth=2),
+                  train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=10)).path
+    return path, labels, classes, acg, d
+
+
+def test_concept_counts_adapt_and_maps_are_dense(planted, tmp_path):
+    path, labels, classes, acg, _ = planted
+    res = conceptualize(path, str(tmp_path / "c.h5"), acg=acg)
+    with ConceptStore(res.path) as st:
+        right = 0
+        for i in range(st.n_images):
+            m = st.concept_map(i)
+            n = st.n_concepts[i]
+            assert sorted(np.unique(m)) == list(range(n))
+            assert st.pixels[st.concept_offsets[i]:st.concept_offsets[i + 1]].sum() == m.size
+            right += n == len(classes[i])
+        assert right / st.n_images >= 0.9
+        assert st.f.attrs["kind"] == "concepts"
+        assert json.loads(st.f.attrs["parent"])["content_sha256"]
+        norms = np.linalg.norm(st.means(), axis=1)
+        assert np.allclose(norms, 1, atol=1e-4)
+
+
+def test_kmeans_method_writes_the_same_schema(planted, tmp_path):
+    path = planted[0]
+    a = conceptualize(path, str(tmp_path / "a.h5"), acg=planted[3])
+    b = conceptualize(path, str(tmp_path / "b.h5"), method="kmeans", k=5)
+    with h5py.File(a.path) as fa, h5py.File(b.path) as fb:
+        assert set(fa.keys()) == set(fb.keys())
+        assert all(fa[k].dtype == fb[k].dtype for k in fa)
+    with ConceptStore(b.path) as st:
+        assert np.all(st.n_concepts <= 5)
+
+
+def test_classify_recovers_planted_classes(planted, tmp_path):
+    path, labels, classes, acg, _ = planted
+    c = conceptualize(path, str(tmp_path / "c.h5"), acg=acg).path
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for i, (lab, cls) in enumerate(zip(labels, classes)):
+        Image.fromarray(cls[lab].astype(np.uint8)).resize((lab.shape[1] * 16, lab.shape[0] * 16), Image.NEAREST) \
+            .save(gt / f"img_{i:03d}.png")
+    out = tmp_path / "out"
+    res = classify(c, str(out), n_classes=5, background_split=False, seed=0)
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == sorted(p.name for p in gt.glob("*.png"))
+    assert Image.open(out / names[0]).size == Image.open(gt / names[0]).size
+    r = cli(["score", out, gt, "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["miou"] >= 0.9
+    # apply mode reproduces fit mode
+    out2 = tmp_path / "out2"
+    classify(c, str(out2), centroids=res.classes_file)
+    for n in names:
+        assert np.array_equal(np.asarray(Image.open(out / n)), np.asarray(Image.open(out2 / n)))
+    with ClassStore(res.classes_file) as cs:
+        assert cs.centroids.shape == (5, 32)
+    # match to ground truth writes ground-truth ids
+    out3 = tmp_path / "out3"
+    res3 = classify(c, str(out3), n_classes=5, background_split=False, match_gt=str(gt), dataset="voc")
+    assert res3.score["miou"] >= 0.9
+    a = np.asarray(Image.open(out3 / names[0]))
+    g = np.asarray(Image.open(gt / names[0]))
+    assert (a == g).mean() >= 0.9
+
+
+def test_background_split():
+    assert split_background(np.array([0.1, 0.9, 0.8, 0.15])).tolist() == [True, False, False, True]
+    assert split_background(np.array([0.5])).tolist() == [False]
+    assert split_background(np.array([0.3, 0.3])).tolist() == [False, False]
+
+
+def test_classify_refuses_escaping_names_and_keeps_existing_output(planted, tmp_path):
+    path, labels, classes, acg, _ = planted
+    c = conceptualize(path, str(tmp_path / "c.h5"), acg=acg).path
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = cli(["classify", c, "-K", "3", "-o", out, "-q"])
+    assert r.exit_code == 1 and "--overwrite" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    evil = tmp_path / "evil.h5"
+    evil.write_bytes(open(c, "rb").read())
+    with h5py.File(evil, "r+") as f:
+        names = f["names"][:]
+        names[0] = b"../../escaped"
+        f["names"][:] = names
+    r = cli(["classify", evil, "-K", "3", "-o", tmp_path / "o2", "-q"])
+    assert r.exit_code == 1 and "outside" in r.stderr
+    assert not (tmp_path.parent / "escaped.png").exists() and not (tmp_path / "o2").exists()
+
+
+def test_incompatible_checkpoint_is_refused(planted, tmp_path, images):
+    feats = tmp_path / "f.h5"
+    assert cli(["extract", images, "-o", feats, *TEST_BACKBONE]).exit_code == 0
+    r = cli(["conceptualize", feats, "--acg", planted[3], "-q"])
+    assert r.exit_code == 1 and "trained on" in r.stderr and "planted" in r.stderr
+
+
+def test_the_users_pipe_in_real_subprocesses(images, tmp_path):
+    """acseg extract imgs/ -o feats.h5 | acseg conceptualize | acseg classify -K 3 -o out | acseg score - out"""
+    env = cli_env()
+    feats = tmp_path / "feats.h5"
+    acg = [sys.executable, "-m", "acseg_cli"]
+    sh = (f"{' '.join(acg)} extract {images} -o {feats} {' '.join(TEST_BACKBONE)} | "
+          f"{' '.join(acg)} conceptualize --fit-steps 20 | "
+          f"{' '.join(acg)} classify -K 3 -o {tmp_path / 'out'} -q")
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", sh], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"{tmp_path / 'out'}\n"
+    assert (tmp_path / "feats.concepts.h5").exists() and (tmp_path / "feats.concepts.acg.pt").exists()
+    assert "fitting an ACG" in p.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 6
+    p = subprocess.run(["bash", "-c", f"{' '.join(acg)} backbones | head -1"], env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == ""

@@ -1,0 +1,120 @@
+"""fit-acg on planted-cluster stores: the groups are recovered; checkpoints, resume, CLI errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli
+from planted import planted_images, write_planted_store
+from sklearn.metrics import adjusted_rand_score
+
+from stages.acg import assignment
+from stages.errors import AcsegError
+from stages.features import FeatureStore
+from stages.fit import TrainConfig, fit_acg, load_checkpoint
+
+FAST = dict(steps=300, batch_size=16, lr=3e-3, warmup=10, log_every=20)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("planted")
+    toks, labels, classes = planted_images()
+    path = write_planted_store(d / "feats.h5", toks, labels)
+    return path, labels, classes, d
+
+
+@pytest.fixture(scope="module")
+def trained(planted):
+    path, labels, classes, d = planted
+    from stages.acg import ACGConfig
+    res = fit_acg(path, d / "acg.pt", acg=ACGConfig(depth=2), train=TrainConfig(**FAST))
+    return res
+
+
+def test_planted_groups_are_recovered(planted, trained):
+    path, labels, classes, _ = planted
+    model = load_checkpoint(trained.path).model
+    aris, right = [], 0
+    with FeatureStore(path) as st:
+        for i in range(st.n_images):
+            x = torch.from_numpy(st.tokens(i))[None]
+            with torch.no_grad():
+                a = assignment(x, model(x)).argmax(-1)[0].numpy()
+            aris.append(adjusted_rand_score(labels[i].ravel(), a))
+            right += len(np.unique(a)) == len(classes[i])
+    assert np.mean(aris) >= 0.9
+    assert right / len(labels) >= 0.9
+
+
+def test_training_log_plot_and_checkpoint_provenance(planted, trained):
+    path = planted[0]
+    lines = [json.loads(s) for s in open(trained.log_path)]
+    assert lines[0]["step"] == 0 and lines[-1]["step"] == FAST["steps"] - 1
+    assert {"loss", "modularity", "active_concepts", "lr"} <= set(lines[0])
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    from PIL import Image
+    assert Image.open(trained.plot_path).size == (640, 360)
+    ck = load_checkpoint(trained.path)
+    with FeatureStore(path) as st:
+        assert ck.provenance["store"]["content_sha256"] == st.f.attrs["content_sha256"]
+        assert ck.provenance["dim"] == st.dim and ck.provenance["backbone"] == "planted"
+
+
+def test_deterministic_on_cpu_and_resume_matches(planted, tmp_path):
+    path = planted[0]
+    cfg = dict(steps=12, batch_size=8, lr=1e-3, warmup=2, checkpoint_every=5)
+    a = fit_acg(path, tmp_path / "a.pt", train=TrainConfig(**cfg))
+    b = fit_acg(path, tmp_path / "b.pt", train=TrainConfig(**cfg))
+    sa, sb = load_checkpoint(a.path).model.state_dict(), load_checkpoint(b.path).model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # interrupt after step 10 (a resume state at step 10 is left), then resume
+    import stages.fit as fit
+
+    calls = {"n": 0}
+
+    def boom(done, total, extra):
+        calls["n"] += 1
+        if done == 11:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_acg(path, tmp_path / "c.pt", train=TrainConfig(**cfg), progress=boom)
+    assert not (tmp_path / "c.pt").exists() and fit.resume_path(tmp_path / "c.pt").exists()
+    c = fit_acg(path, tmp_path / "c.pt", train=TrainConfig(**cfg), resume=True)
+    assert c.resumed_from == 10
+    sc = load_checkpoint(c.path).model.state_dict()
+    assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
+    assert not fit.resume_path(tmp_path / "c.pt").exists()
+
+
+def test_cli_prints_path_and_rejects_bad_checkpoints(planted, tmp_path):
+    path = planted[0]
+    r = cli(["fit-acg", "-o", tmp_path / "x.pt", "--steps", "3", "--batch-size", "4", "-q"], input=f"{path}\n")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == f"{tmp_path / 'x.pt'}\n"
+    bad = tmp_path / "trunc.pt"
+    bad.write_bytes((tmp_path / "x.pt").read_bytes()[:200])
+    with pytest.raises(AcsegError, match="cannot be read|not a loadable"):
+        load_checkpoint(bad)
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "acseg-acg-1", "x": 1}, evil)  # a valid zip container, then poison it
+    import zipfile
+    with zipfile.ZipFile(evil) as z:
+        names = z.namelist()
+    with zipfile.ZipFile(evil, "w") as z:
+        for n in names:
+            z.writestr(n, pickle.dumps({"format": "acseg-acg-1", "boom": Evil()}) if n.endswith("data.pkl") else b"")
+    with pytest.raises(AcsegError):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+    r = cli(["conceptualize", path, "--acg", evil, "-o", tmp_path / "c.h5", "-q"])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "pwned").exists()
