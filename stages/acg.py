@@ -162,45 +162,44 @@ def modularity_matrix(tokens: torch.Tensor, mask: torch.Tensor | None = None, ke
 
 
 class _SoftModularity(torch.autograd.Function):
-    """Q = sum_ij Wn_ij f(max_c Sbar_ic Sbar_jc), without materialising the (B, N, N, k) tensor.
+    """Q_b = sum_ij Wn_ij f(max_c Sbar_ic Sbar_jc), f the identity (plain) or tanh(./tau).
 
-    f is the identity (plain delta) or tanh(./tau); tanh is monotone, so max and f commute.
+    Computed in row blocks, never materialising the (B, N, N, k) tensor, and with its gradient formed in the
+    same pass: with c* = argmax_c Sbar_ic Sbar_jc, dQ/dSbar_ic = 2 sum_j Wn_ij f'(m_ij) Sbar_jc [c*_ij = c]
+    (Wn and m are symmetric). Only the (B, N, k) gradient is kept for the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, wn, sbar, tau):
-        K = sbar.shape[-1]
-        m = arg = None
-        for c in range(K):
-            col = sbar[..., c]
-            p = col[:, :, None] * col[:, None, :]
-            if m is None:
-                m = p
-                arg = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+    def forward(ctx, wn, sbar, tau, block):
+        B, N, K = sbar.shape
+        need_grad = ctx.needs_input_grad[1]
+        q = sbar.new_zeros(B)
+        grad = sbar.new_zeros(B, N, K) if need_grad else None
+        st = sbar.transpose(1, 2)  # (B, K, N)
+        for r0 in range(0, N, block):
+            r1 = min(N, r0 + block)
+            p = sbar[:, r0:r1, None, :] * sbar[:, None, :, :]  # (B, r, N, K)
+            m, arg = p.max(-1)
+            del p
+            w = wn[:, r0:r1]
+            if tau is None:
+                q += (w * m).sum((1, 2))
+                g = w
             else:
-                upd = p > m
-                m = torch.where(upd, p, m)
-                arg.masked_fill_(upd, c)
-        if tau is None:
-            q = (wn * m).sum((1, 2))
-            g = wn
-        else:
-            d = torch.tanh(m / tau)
-            q = (wn * d).sum((1, 2))
-            g = wn * (1 - d * d) / tau
-        ctx.save_for_backward(g, arg, sbar)
+                d = torch.tanh(m / tau)
+                q += (w * d).sum((1, 2))
+                g = w * (1 - d * d) / tau
+            if need_grad:
+                h = g * torch.gather(st, 1, arg)  # Wn_ij f'(m_ij) Sbar_{j, c*_ij}
+                grad[:, r0:r1].scatter_add_(2, arg, h)
+        if need_grad:
+            ctx.save_for_backward(grad.mul_(2))
         return q
 
     @staticmethod
     def backward(ctx, gq):
-        g, arg, sbar = ctx.saved_tensors
-        G = g * gq[:, None, None]
-        grad = torch.empty_like(sbar)
-        for c in range(sbar.shape[-1]):
-            gc = G * (arg == c)
-            col = sbar[..., c:c + 1]
-            grad[..., c] = (gc @ col).squeeze(-1) + (gc.transpose(1, 2) @ col).squeeze(-1)
-        return None, grad, None
+        (grad,) = ctx.saved_tensors
+        return None, grad * gq[:, None, None], None, None
 
 
 def soft_modularity(tokens: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -218,7 +217,9 @@ def soft_modularity(tokens: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | 
     wn = wn.to(sbar.dtype)
     if mask is not None:
         sbar = sbar * mask[..., None]
-    return _SoftModularity.apply(wn, sbar, None if delta == "plain" else float(tau))
+    N, K = sbar.shape[1], sbar.shape[2]
+    block = max(1, min(N, (2 << 20) // max(1, sbar.shape[0] * N * K)))  # ~8 MB of products: cache-sized blocks
+    return _SoftModularity.apply(wn, sbar, None if delta == "plain" else float(tau), block)
 
 
 def modularity_loss(tokens, s, mask=None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
