@@ -24,6 +24,7 @@ def command(
     heads: Annotated[int, typer.Option("--heads", help="Attention heads (0: one per 64 feature dims).")] = _A.num_heads,
     mlp_ratio: Annotated[float, typer.Option("--mlp-ratio", help="FFN width / feature dim.")] = _A.mlp_ratio,
     dropout: Annotated[float, typer.Option("--dropout")] = _A.dropout,
+    center: Annotated[bool, typer.Option("--center/--no-center", help="Subtract the mean token before the graph and the assignment.")] = _A.center,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = _T.steps,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = _T.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = _T.lr,
@@ -47,7 +48,7 @@ def command(
     features = resolve_input(features)
     if not output:
         fail("no output: pass -o ACG.pt", 2)
-    acg = ACGConfig(num_prototypes=prototypes, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
+    acg = ACGConfig(num_prototypes=prototypes, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, center=center)
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed,
                         max_tokens=max_tokens, keep_diagonal=not zero_diagonal, delta=delta, tau=tau,
                         checkpoint_every=checkpoint_every)

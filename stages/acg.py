@@ -26,6 +26,7 @@ class ACGConfig:
     num_heads: int = 0  # 0: one head per 64 feature dims (6 for ViT-S, 12 for ViT-B)
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    center: bool = True  # subtract the training set's mean token before the graph, the ACG and the assignment
 
     @property
     def heads(self) -> int:
@@ -58,12 +59,12 @@ class PrototypeCrossAttention(nn.Module):
         B, K, D = query.shape
         H, hd = self.num_heads, self.head_dim
         q = self.q(query).view(B, K, H, hd)
-        qk = torch.einsum("bkhe,hed->bkhd", q, self.k.weight.view(H, hd, D))  # queries moved into token space
-        scores = torch.einsum("bkhd,bnd->bkhn", qk, mem) * hd ** -0.5
+        # queries moved into token space: (B, k*H, d); the key bias is constant over keys and drops out
+        qk = torch.einsum("bkhe,hed->bkhd", q, self.k.weight.view(H, hd, D)).reshape(B, K * H, D) * hd ** -0.5
+        scores = torch.bmm(qk, mem.transpose(1, 2))  # (B, k*H, N): the only product with N rows besides ctx
         if mask is not None:
-            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        attn = scores.softmax(dim=-1)
-        ctx = torch.einsum("bkhn,bnd->bkhd", attn, mem)
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        ctx = torch.bmm(scores.softmax(dim=-1), mem).view(B, K, H, D)  # attention-weighted tokens per head
         out = torch.einsum("bkhd,hed->bkhe", ctx, self.v.weight.view(H, hd, D)) + self.v.bias.view(H, hd)
         return self.proj(out.reshape(B, K, D))
 
@@ -110,10 +111,17 @@ class AdaptiveConceptGenerator(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(cfg.num_prototypes, cfg.dim))
         self.layers = nn.ModuleList([ACGLayer(cfg) for _ in range(cfg.depth)])
         self.head = nn.Linear(cfg.dim, cfg.dim)
+        self.register_buffer("feature_center", torch.zeros(cfg.dim))
+
+    def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens as the ACG, the graph and the assignment see them (centred when cfg.center)."""
+        return tokens - self.feature_center if self.cfg.center else tokens
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, N, d), mask (B, N) True where valid -> concepts (B, k, d)."""
         B = tokens.shape[0]
+        if mask is not None and bool(mask.all()):
+            mask = None  # nothing padded: skip the masking work
         q = self.prototypes.unsqueeze(0).expand(B, -1, -1)
         for layer in self.layers:
             q = layer(q, tokens, mask)

@@ -25,6 +25,7 @@ from .store import STR, Group, Schema, Store, StoreWriter, decode_names
 
 log = logging.getLogger("acseg.classify")
 CLASSES_FILE = "classes.h5"
+WEIGHTINGS = ("none", "pixels", "sqrt-pixels")
 
 
 def classes_schema() -> Schema:
@@ -112,7 +113,7 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
 
 
 def classify(concepts: str, outdir: str, *, n_classes: int | None = None, background_split: bool = True,
-             seed: int = 0, n_init: int = 10, upsample: str = "bilinear", centroids: str | None = None,
+             seed: int = 0, n_init: int = 10, upsample: str = "bilinear", weighting: str = "none", centroids: str | None = None,
              match_gt: str | None = None, dataset: str | None = None, preview: str | None = None,
              overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ClassifyResult:
     """Cluster the concepts of ``concepts`` into classes and write label maps into ``outdir``."""
@@ -158,7 +159,10 @@ def classify(concepts: str, outdir: str, *, n_classes: int | None = None, backgr
         if fg.sum() < k_fg:
             raise AcsegError(f"only {int(fg.sum())} foreground concepts for {k_fg} classes",
                              "lower --n-classes, use more images, or pass --no-background-split")
-        cents, _, _ = kmeans(feats[fg], k_fg, n_init=n_init, seed=seed)
+        if weighting not in WEIGHTINGS:
+            raise UsageError(f"unknown --weighting {weighting!r}", f"choose one of: {', '.join(WEIGHTINGS)}")
+        w = {"none": None, "pixels": store.pixels[fg], "sqrt-pixels": np.sqrt(store.pixels[fg])}[weighting]
+        cents, _, _ = kmeans(feats[fg], k_fg, n_init=n_init, seed=seed, weights=w)
     elif cents.shape[1] != feats.shape[1]:
         raise AcsegError(f"centroids have dimension {cents.shape[1]} but the concepts {feats.shape[1]}",
                          "apply centroids only to concepts from the same backbone")
@@ -172,7 +176,7 @@ def classify(concepts: str, outdir: str, *, n_classes: int | None = None, backgr
     try:
         png_paths = []
         params = {"n_classes": n_classes, "background_split": background_split, "seed": seed, "n_init": n_init,
-                  "upsample": upsample, "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
+                  "upsample": upsample, "weighting": weighting, "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
                   "concept_feature": "concept_mean"}
         attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
                  "features_provenance": store.provenance}

@@ -179,19 +179,21 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
             with torch.inference_mode():
                 xd, md = x.to(device), mask.to(device)
                 if method == "acg":
+                    xd = model.prepare(xd)
                     vec = model(xd, md)
                     assign = assignment(xd, vec).argmax(-1)
                 else:
                     xn = F.normalize(xd, dim=-1)
                     vec, assign = batched_kmeans(xn, md, k, seed=seed + s)
             vec, assign = vec.float().cpu().numpy(), assign.cpu().numpy()
+            center = model.feature_center.cpu().numpy() if model is not None and model.cfg.center else 0.0
             per = {"grid": [], "image_size": [], "names": [], "sources": [], "n_concepts": []}
             packed = {f: [] for f in ("concept_map", "concept_pixels", "concept_mean", "concept_vector",
                                       "concept_cls_attn", "concept_prototype")}
             for b, i in enumerate(range(s, e)):
                 nt = len(toks[b])
                 labels, active = renumber(assign[b, :nt], k)
-                pix, mean, cvec, cattn = summarise(toks[b], attn[b], labels, vec[b], active)
+                pix, mean, cvec, cattn = summarise(toks[b] - center, attn[b], labels, vec[b], active)
                 per["grid"].append(store.grid[i])
                 per["image_size"].append(store.image_size[i])
                 per["names"].append(store.names[i])

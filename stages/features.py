@@ -8,9 +8,15 @@ Datasets: ``tokens`` (total_tokens, d) float16; ``cls_attn`` (total_tokens,) flo
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .errors import AcsegError
 from .store import STR, Group, Schema, Store, decode_names
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    """float16 -> float32 through torch (vectorised; numpy's cast is several times slower)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).float().numpy() if a.dtype == np.float16 else a.astype(np.float32)
 
 
 def features_schema(dim: int) -> Schema:
@@ -58,13 +64,13 @@ class FeatureStore(Store):
                 "feature": self.feature_kind, "layer": self.params.get("layer", -1)}
 
     def _finite(self, a: np.ndarray, what: str) -> np.ndarray:
-        if not np.isfinite(a).all():
+        if not bool(torch.isfinite(torch.from_numpy(a)).all()):
             raise AcsegError(f"{self.path}: {what} holds NaN or Inf values", "the file is damaged; re-run extract")
         return a
 
     def tokens(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return self._finite(self.f["tokens"][a:b].astype(np.float32), f"tokens of image {i}")
+        return self._finite(_f32(self.f["tokens"][a:b]), f"tokens of image {i}")
 
     def cls_attn(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -77,7 +83,7 @@ class FeatureStore(Store):
     def read_range(self, start: int, stop: int, field: str = "tokens") -> list[np.ndarray]:
         """Images start..stop-1 in one contiguous read."""
         a, b = self.offsets[start], self.offsets[stop]
-        block = self._finite(self.f[field][a:b].astype(np.float32), f"{field} of images {start}..{stop - 1}")
+        block = self._finite(_f32(self.f[field][a:b]), f"{field} of images {start}..{stop - 1}")
         return [block[self.offsets[i] - a:self.offsets[i + 1] - a] for i in range(start, stop)]
 
     def read_many(self, indices, field: str = "tokens") -> list[np.ndarray]:
@@ -85,7 +91,7 @@ class FeatureStore(Store):
         out = {}
         for i in sorted(set(int(i) for i in indices)):
             a, b = self.offsets[i], self.offsets[i + 1]
-            out[i] = self._finite(self.f[field][a:b].astype(np.float32), f"{field} of image {i}")
+            out[i] = self._finite(_f32(self.f[field][a:b]), f"{field} of image {i}")
         return [out[int(i)] for i in indices]
 
     def iter_chunks(self, images_per_chunk: int = 64):

@@ -170,13 +170,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # Training
 # ---------------------------------------------------------------------------------------------
 
+def mean_token(store: FeatureStore, chunk: int = 256) -> np.ndarray:
+    """The mean token of the whole store, read in chunks."""
+    total = np.zeros(store.dim, np.float64)
+    for s in range(0, store.n_images, chunk):
+        for t in store.read_range(s, min(store.n_images, s + chunk)):
+            total += t.sum(0)
+    return (total / max(1, store.offsets[-1])).astype(np.float32)
+
+
 def init_prototypes(model: AdaptiveConceptGenerator, store: FeatureStore, seed: int, sample: int = 4096) -> None:
     """Seed the prototypes with k-means centroids of a token sample (scaled like the random init), and start
     the output head as the identity, so every prototype begins on a distinct part of feature space."""
     from .kmeans import kmeans
     rng = np.random.default_rng([seed, 7])
     idx = rng.choice(store.n_images, size=min(store.n_images, 64), replace=False)
-    toks = np.concatenate(store.read_many(idx))
+    toks = np.concatenate(store.read_many(idx)) - model.feature_center.numpy()
     toks = toks[rng.choice(len(toks), size=min(len(toks), sample), replace=False)]
     toks = toks / np.maximum(np.linalg.norm(toks, axis=1, keepdims=True), 1e-8)
     c, _, _ = kmeans(toks, model.cfg.num_prototypes, n_init=2, iters=30, seed=seed)
@@ -225,6 +234,8 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
     try:
         torch.manual_seed(train.seed)
         model = AdaptiveConceptGenerator(cfg)
+        if cfg.center:
+            model.feature_center.copy_(torch.from_numpy(mean_token(store)))
         if train.proto_init == "kmeans":
             init_prototypes(model, store, train.seed)
         model = model.to(device)
@@ -256,7 +267,7 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         for step in range(start, train.steps):
             x, mask = nxt.result()
             nxt = pool.submit(_read_batch, store, train, step + 1) if step + 1 < train.steps else None
-            x, mask = x.to(device), mask.to(device)
+            x, mask = model.prepare(x.to(device)), mask.to(device)
             lr = lr_at(step, train)
             for g in opt.param_groups:
                 g["lr"] = lr

@@ -15,39 +15,41 @@ def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return ((x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(-2, -1) + (c * c).sum(-1).unsqueeze(-2)).clamp_min_(0)
 
 
-def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding of one point set (n, d) -> (k, d)."""
+def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | None = None) -> torch.Tensor:
+    """k-means++ seeding of one point set (n, d) -> (k, d), optionally with sample weights."""
     n = x.shape[0]
-    idx = [int(torch.randint(n, (1,), generator=gen))]
+    idx = [int(torch.randint(n, (1,), generator=gen)) if w is None else int(torch.multinomial(w / w.sum(), 1, generator=gen))]
     d2 = _sqdist(x, x[idx]).squeeze(-1)
     for _ in range(1, k):
-        total = d2.sum()
+        pw = d2 if w is None else d2 * w
+        total = pw.sum()
         if total <= 0:
             j = int(torch.randint(n, (1,), generator=gen))
         else:
-            j = int(torch.multinomial(d2 / total, 1, generator=gen))
+            j = int(torch.multinomial(pw / total, 1, generator=gen))
         idx.append(j)
         d2 = torch.minimum(d2, _sqdist(x, x[j:j + 1]).squeeze(-1))
     return x[idx].clone()
 
 
 def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int = 50, seed: int = 0,
-           tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, float]:
-    """Lloyd's k-means on (n, d) points. Returns (centroids (k, d), labels (n,), inertia)."""
+           tol: float = 1e-6, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lloyd's k-means on (n, d) points, optionally weighted. Returns (centroids (k, d), labels (n,), inertia)."""
     x = torch.as_tensor(np.asarray(x, np.float32))
     n = x.shape[0]
+    w = torch.ones(n) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
     k = min(k, n)
     gen = torch.Generator().manual_seed(seed)
     best = None
     for _ in range(max(1, n_init)):
-        c = kmeans_pp(x, k, gen)
+        c = kmeans_pp(x, k, gen, None if weights is None else w)
         prev = None
         for _ in range(iters):
             d = _sqdist(x, c)
             lab = d.argmin(1)
-            inertia = float(d.gather(1, lab[:, None]).sum())
-            sums = torch.zeros_like(c).index_add_(0, lab, x)
-            cnt = torch.bincount(lab, minlength=k).float()
+            inertia = float((d.gather(1, lab[:, None]).squeeze(1) * w).sum())
+            sums = torch.zeros_like(c).index_add_(0, lab, x * w[:, None])
+            cnt = torch.zeros(k).index_add_(0, lab, w)
             empty = cnt == 0
             c = torch.where(empty[:, None], c, sums / cnt.clamp_min(1)[:, None])
             if empty.any():  # re-seed an empty cluster at the farthest point
@@ -59,7 +61,7 @@ def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int 
             prev = inertia
         d = _sqdist(x, c)
         lab = d.argmin(1)
-        inertia = float(d.gather(1, lab[:, None]).sum())
+        inertia = float((d.gather(1, lab[:, None]).squeeze(1) * w).sum())
         if best is None or inertia < best[2]:
             best = (c.numpy().copy(), lab.numpy().copy(), inertia)
     return best

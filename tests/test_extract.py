@@ -211,10 +211,15 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     script = _slow_extract_script(tmp_path)
     partial = tmp_path / ".f.h5.partial"
     p = subprocess.Popen([sys.executable, str(script), *args], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not partial.exists() and time.time() < deadline and p.poll() is None:
+    deadline = time.time() + 120
+    done = 0
+    while done < 4 and time.time() < deadline and p.poll() is None:  # kill once a few batches are on disk
         time.sleep(0.05)
-    time.sleep(0.8)
+        try:
+            with h5py.File(partial, "r", locking=False) as f:
+                done = int(f.attrs.get("n_done", 0))
+        except Exception:
+            pass
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not out.exists(), "a killed run must leave nothing under the final name"

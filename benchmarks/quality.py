@@ -1,0 +1,155 @@
+"""Quality on CamVid: fit on the unlabelled train images, score on the labelled test images.
+
+Variants (all in one run, same features, several seeds):
+  (a) dataset-level k-means on the patch tokens, K = 11
+  (b) per-image k-means concepts (k = 5) + classify
+  (c) ACSeg: fit-acg + conceptualize + classify, with acseg's defaults and the variants named on the command line
+
+Usage: python benchmarks/quality.py --train TRAIN.h5 --test TEST.h5 [--seeds 5] [--variants a,b,c]
+Features come from `acseg extract` (offline ViT-S/14, 448 short side). Prints a table and JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.acg import ACGConfig  # noqa: E402
+from stages.classify import classify  # noqa: E402
+from stages.conceptualize import conceptualize  # noqa: E402
+from stages.features import FeatureStore  # noqa: E402
+from stages.fit import TrainConfig, fit_acg  # noqa: E402
+from stages.kmeans import kmeans  # noqa: E402
+from stages.render import save_label_png, upsample_labels  # noqa: E402
+from stages.score import score  # noqa: E402
+
+GT = ROOT.parent / "shared" / "data" / "camvid_segnet" / "testannot"
+
+
+def miou(pred_dir: Path) -> tuple[float, float]:
+    r = score(str(pred_dir), str(GT), dataset="camvid11", allow_missing=False, workers=2)
+    return r["miou"], r["pixel_accuracy"]
+
+
+def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: int = 60000):
+    """Dataset-level k-means on L2-normalised tokens: fit on a train sample, label every test token."""
+    rng = np.random.default_rng(seed)
+    with FeatureStore(train) as tr:
+        toks = np.concatenate(tr.read_range(0, tr.n_images))
+    toks = toks[rng.choice(len(toks), min(sample, len(toks)), replace=False)]
+    toks /= np.linalg.norm(toks, axis=1, keepdims=True)
+    cents, _, _ = kmeans(toks, K, n_init=3, seed=seed)
+    d = out / f"a_s{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    with FeatureStore(test) as te:
+        for i in range(te.n_images):
+            x = te.tokens(i)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            lab = ((x[:, None, :] - cents[None]) ** 2).sum(-1).argmin(1).reshape(te.grid[i])
+            save_label_png(d / Path(te.names[i]).with_suffix(".png"), upsample_labels(lab, tuple(te.image_size[i])))
+    return miou(d)
+
+
+def concepts_and_classify(train_c: str, test_c: str, out: Path, tag: str, seed: int, K: int, bg: bool):
+    fit_dir = out / f"{tag}_train_s{seed}"
+    classify(train_c, str(fit_dir), n_classes=K, background_split=bg, seed=seed, overwrite=True)
+    d = out / f"{tag}_s{seed}"
+    classify(test_c, str(d), centroids=str(fit_dir / "classes.h5"), overwrite=True)
+    return miou(d)
+
+
+def oracle(test_c: str) -> float:
+    """Upper bound of the concepts: each test concept labelled with its majority ground-truth class."""
+    from PIL import Image
+
+    from stages.conceptualize import ConceptStore
+    conf = np.zeros((11, 11), np.int64)
+    with ConceptStore(test_c) as st:
+        for i in range(st.n_images):
+            g = np.asarray(Image.open(GT / Path(st.names[i]).with_suffix(".png"))).astype(np.int64)
+            lab = upsample_labels(st.concept_map(i), g.shape)
+            valid = g < 11
+            pred = np.zeros_like(g)
+            for c in np.unique(lab):
+                sel = (lab == c) & valid
+                if sel.any():
+                    pred[lab == c] = np.bincount(g[sel], minlength=11).argmax()
+            conf += np.bincount(g[valid] * 11 + pred[valid], minlength=121).reshape(11, 11)
+    tp = np.diag(conf)
+    iou = tp / np.maximum(conf.sum(0) + conf.sum(1) - tp, 1)
+    return float(iou[conf.sum(1) > 0].mean())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--test", required=True)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--variants", default="a,b,c")
+    ap.add_argument("--k", type=int, default=5, help="prototypes / per-image k-means concepts")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-tokens", type=int, default=768)
+    ap.add_argument("--delta", default="plain")
+    ap.add_argument("--bg", action="store_true", help="background split in classify")
+    ap.add_argument("--fit-seed", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--center", action="store_true")
+    ap.add_argument("--bg-both", action="store_true", help="classify with and without the background split")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def report(name, vals, extra=None):
+        m = np.array([v[0] for v in vals]) * 100
+        row = {"variant": name, "miou_mean": round(float(m.mean()), 2), "miou_std": round(float(m.std()), 2),
+               "seeds": len(vals), "pixel_acc": round(float(np.mean([v[1] for v in vals]) * 100), 2), **(extra or {})}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    seeds = range(a.seeds)
+    if "a" in a.variants:
+        report("a: dataset k-means on tokens K=11", [variant_a(a.train, a.test, out, s) for s in seeds])
+    if "b" in a.variants:
+        trc = conceptualize(a.train, str(out / "b_train.h5"), method="kmeans", k=a.k, overwrite=True).path
+        tec = conceptualize(a.test, str(out / "b_test.h5"), method="kmeans", k=a.k, overwrite=True)
+        vals = [concepts_and_classify(trc, tec.path, out, "b", s, 11, a.bg) for s in seeds]
+        report(f"b: per-image k-means k={a.k} + classify", vals,
+               {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
+    if "c" in a.variants:
+        t0 = time.time()
+        ck = out / f"c{a.tag}.pt"
+        res = fit_acg(a.train, str(ck), acg=ACGConfig(num_prototypes=a.k, center=a.center),
+                      train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_tokens=a.max_tokens,
+                                        delta=a.delta, seed=a.fit_seed), overwrite=True)
+        fit_s = time.time() - t0
+        trc = conceptualize(a.train, str(out / f"c{a.tag}_train.h5"), acg=str(ck), overwrite=True).path
+        tec = conceptualize(a.test, str(out / f"c{a.tag}_test.h5"), acg=str(ck), overwrite=True)
+        orc = round(100 * oracle(tec.path), 1)
+        for bg in ([False, True] if a.bg_both else [a.bg]):
+            vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg) for s in seeds]
+            report(f"c: ACSeg k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} delta={a.delta} bg={bg} "
+                   f"center={a.center} {a.tag}", vals,
+                   {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": orc,
+                    "final_modularity": round(res.final_modularity, 4), "fit_seconds": round(fit_s)})
+    print()
+    print("| variant | mIoU | pixel acc | concepts/img | oracle |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['miou_mean']:.1f} +- {r['miou_std']:.1f} | {r['pixel_acc']:.1f} | "
+              f"{r.get('concepts_per_image', '-')} | {r.get('oracle', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
