@@ -28,9 +28,18 @@ LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I", "1")
 # ---------------------------------------------------------------------------------------------
 
 def match_hungarian(conf: np.ndarray) -> dict[int, int]:
-    """One-to-one prediction id -> class maximising matched pixels."""
-    rows, cols = linear_sum_assignment(conf, maximize=True)
-    return {int(r): int(c) for r, c in zip(rows, cols)}
+    """One-to-one prediction id -> class maximising matched pixels.
+
+    Only ids that hold pixels take part, and rows are put in a canonical order (by their counts) before
+    solving, so that renaming the prediction ids cannot change which of several optimal matchings is found.
+    """
+    used = np.flatnonzero(conf.sum(1) > 0)
+    if len(used) == 0:
+        return {}
+    sub = conf[used]
+    order = np.lexsort(sub.T[::-1])
+    rows, cols = linear_sum_assignment(sub[order], maximize=True)
+    return {int(used[order[r]]): int(c) for r, c in zip(rows, cols)}
 
 
 def match_majority(conf: np.ndarray) -> dict[int, int]:
