@@ -109,8 +109,9 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedACG:
         cfg = ACGConfig.from_dict(json.loads(obj["config"]))
         prov = json.loads(obj["provenance"])
         train = json.loads(obj.get("train", "{}"))
-        model = AdaptiveConceptGenerator(cfg)
-        model.load_state_dict(obj["state_dict"], strict=True)
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            model = AdaptiveConceptGenerator(cfg)
+        model.load_state_dict(obj["state_dict"], strict=True, assign=True)
     except AcsegError:
         raise
     except Exception as e:

@@ -1,0 +1,231 @@
+"""Speed and memory of each stage against a baseline measured in the same run, on this machine.
+
+  python benchmarks/speed.py extract --images DIR [--n 48] [--short-side 448]
+  python benchmarks/speed.py extract-memory --images DIR          (peak RSS for 50 vs 500 images)
+  python benchmarks/speed.py score --pred DIR --gt DIR             (+ synthetic 2,000 pairs for memory)
+  python benchmarks/speed.py fit [--tokens 768]                    (steps/s, peak memory at batch 32)
+  python benchmarks/speed.py conceptualize --features F.h5 --acg A.pt
+
+Each prints one JSON object per measurement and the ratios the issues ask for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def out(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def peak_rss_mb(cmd: list[str]) -> float:
+    """Peak resident memory of a child process (its own ru_maxrss, via /usr/bin/time-free wait4)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status, ru = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd} failed")
+    return ru.ru_maxrss / 1024
+
+
+def bench_extract(a):
+    import torch
+
+    from stages.backbones import create_backbone, get_preset
+    from stages.extract import extract
+    from stages.images import discover, load_rgb, resize_normalise, target_grid
+    items = discover([a.images])[: a.n]
+    pre = get_preset(a.backbone)
+    bb = create_backbone(a.backbone)
+    grids = [target_grid(*load_rgb(it.path).size[::-1], a.short_side, pre.patch) for it in items]
+    # bare forward on pre-decoded tensors, batches of equal grids
+    tensors = [torch.from_numpy(resize_normalise(load_rgb(it.path), g, pre.patch, pre.mean, pre.std)) for it, g in zip(items, grids)]
+    batches = [torch.stack(tensors[i:i + a.batch_size]) for i in range(0, len(tensors), a.batch_size)]
+    with torch.inference_mode():
+        bb(batches[0][:1])
+        t = time.perf_counter()
+        for x in batches:
+            bb(x)
+        bare = len(items) / (time.perf_counter() - t)
+    out(stage="extract", what="bare forward on pre-decoded tensors", img_per_s=round(bare, 3), n=len(items))
+    with tempfile.TemporaryDirectory() as d:
+        lst = Path(d) / "list.txt"
+        lst.write_text("\n".join(it.path for it in items))
+        t = time.perf_counter()
+        extract([str(lst)], str(Path(d) / "f.h5"), backbone=a.backbone, short_side=a.short_side,
+                batch_size=a.batch_size, workers=a.workers)
+        e2e = len(items) / (time.perf_counter() - t)
+    out(stage="extract", what="acseg extract end to end (incl. model load)", img_per_s=round(e2e, 3), n=len(items))
+    with torch.inference_mode():
+        t = time.perf_counter()
+        for it, g in zip(items, grids):
+            x = torch.from_numpy(resize_normalise(load_rgb(it.path), g, pre.patch, pre.mean, pre.std))[None]
+            bb(x)
+        loop = len(items) / (time.perf_counter() - t)
+    out(stage="extract", what="batch-1 loop: decode, resize, forward", img_per_s=round(loop, 3), n=len(items))
+    out(stage="extract", ratio_end_to_end_vs_bare=round(e2e / bare, 3), ratio_end_to_end_vs_batch1=round(e2e / loop, 3))
+
+
+def bench_extract_memory(a):
+    from stages.images import discover
+    items = discover([a.images])
+    res = {}
+    with tempfile.TemporaryDirectory() as d:
+        for n in (50, 500):
+            sub = Path(d) / f"imgs{n}"
+            sub.mkdir()
+            for i in range(n):
+                it = items[i % len(items)]
+                os.symlink(it.path, sub / f"{i:04d}_{Path(it.path).name}")
+            cmd = [sys.executable, "-m", "acseg_cli", "extract", str(sub), "-o", str(Path(d) / f"f{n}.h5"),
+                   "--short-side", str(a.short_side), "-q"]
+            t = time.perf_counter()
+            res[n] = peak_rss_mb(cmd)
+            out(stage="extract", what=f"peak RSS, {n} images, short side {a.short_side}", peak_rss_mb=round(res[n]),
+                seconds=round(time.perf_counter() - t, 1))
+    out(stage="extract", ratio_peak_memory_500_vs_50=round(res[500] / res[50], 3))
+
+
+def _naive_score(pairs, ignore=11, k=11):
+    from PIL import Image
+    preds, gts = [], []
+    for p, g in pairs:
+        preds.append(np.asarray(Image.open(p)).ravel())
+        gts.append(np.asarray(Image.open(g)).ravel())
+    pred, gt = np.concatenate(preds).astype(np.int64), np.concatenate(gts).astype(np.int64)
+    valid = gt != ignore
+    pred, gt = pred[valid], gt[valid]
+    ids = np.unique(pred)
+    inter = np.array([[np.sum((pred == i) & (gt == c)) for c in range(k)] for i in ids])
+    return inter
+
+
+def bench_score(a):
+    from PIL import Image
+
+    from stages.score import pair_files, read_label_map, score
+    pairs, _ = pair_files(a.pred, a.gt)
+    t = time.perf_counter()
+    for _, p, g in pairs:
+        read_label_map(p, "p"), read_label_map(g, "g")
+    dec = time.perf_counter() - t
+    t = time.perf_counter()
+    score(a.pred, a.gt, dataset=a.dataset, workers=1)
+    sc1 = time.perf_counter() - t
+    t = time.perf_counter()
+    score(a.pred, a.gt, dataset=a.dataset, workers=2)
+    sc2 = time.perf_counter() - t
+    t = time.perf_counter()
+    _naive_score([(p, g) for _, p, g in pairs])
+    naive = time.perf_counter() - t
+    out(stage="score", n_pairs=len(pairs), decode_only_s=round(dec, 3), score_1_worker_s=round(sc1, 3),
+        score_2_workers_s=round(sc2, 3), naive_flatten_s=round(naive, 3),
+        ratio_score_vs_decode=round(sc1 / dec, 3), ratio_naive_vs_score=round(naive / sc1, 2))
+    with tempfile.TemporaryDirectory() as d:
+        rng = np.random.default_rng(0)
+        for n in (100, 2000):
+            pd, gd = Path(d) / f"p{n}", Path(d) / f"g{n}"
+            pd.mkdir()
+            gd.mkdir()
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 12, (120, 160), dtype=np.uint8)).save(pd / f"{i:05d}.png")
+                Image.fromarray(rng.integers(0, 12, (120, 160), dtype=np.uint8)).save(gd / f"{i:05d}.png")
+            cmd = [sys.executable, "-m", "acseg_cli", "score", str(pd), str(gd), "-d", "camvid11", "-q", "--no-confusion"]
+            t = time.perf_counter()
+            rss = peak_rss_mb(cmd)
+            out(stage="score", what=f"synthetic {n} pairs 160x120", peak_rss_mb=round(rss), seconds=round(time.perf_counter() - t, 2))
+
+
+def bench_fit(a):
+    import torch
+
+    from stages.acg import ACGConfig, create_acg, assignment, modularity_loss
+    torch.manual_seed(0)
+    x = torch.randn(a.batch_size, a.tokens, 384)
+    mask = torch.ones(a.batch_size, a.tokens, dtype=torch.bool)
+    m = create_acg(dim=384)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+    def step():
+        xc = m.prepare(x)
+        loss, _ = modularity_loss(xc, assignment(xc, m(xc, mask)), mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    step()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    sps = a.steps / (time.perf_counter() - t)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out(stage="fit-acg", batch=a.batch_size, tokens=a.tokens, steps_per_s=round(sps, 3), peak_rss_mb=round(rss),
+        note="process peak RSS, includes torch and the batch")
+
+
+def bench_conceptualize(a):
+    import torch
+    from sklearn.cluster import KMeans
+
+    from stages.conceptualize import conceptualize
+    from stages.features import FeatureStore
+    with tempfile.TemporaryDirectory() as d:
+        conceptualize(a.features, str(Path(d) / "warm.h5"), acg=a.acg)  # warm caches, page in the store
+        t = time.perf_counter()
+        r = conceptualize(a.features, str(Path(d) / "c.h5"), acg=a.acg, batch_size=a.batch_size)
+        acg_s = r.n_images / (time.perf_counter() - t)
+        t = time.perf_counter()
+        r2 = conceptualize(a.features, str(Path(d) / "k.h5"), method="kmeans", k=5)
+        ours_km = r2.n_images / (time.perf_counter() - t)
+    with FeatureStore(a.features) as st:
+        toks = st.read_range(0, st.n_images)
+        ntok = int(np.mean([len(t) for t in toks]))
+    t = time.perf_counter()
+    for x in toks:
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        KMeans(5, n_init=1, random_state=0).fit(xn)
+    sk = len(toks) / (time.perf_counter() - t)
+    out(stage="conceptualize", tokens_per_image=ntok, acg_img_per_s=round(acg_s, 1),
+        acseg_kmeans_img_per_s=round(ours_km, 1), sklearn_kmeans_img_per_s=round(sk, 1),
+        ratio_acg_vs_sklearn_kmeans=round(acg_s / sk, 2), threads=torch.get_num_threads())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["extract", "extract-memory", "score", "fit", "conceptualize"])
+    ap.add_argument("--images")
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--backbone", default="focus-vits14")
+    ap.add_argument("--short-side", type=int, default=448)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--pred")
+    ap.add_argument("--gt")
+    ap.add_argument("--dataset", default="camvid11")
+    ap.add_argument("--tokens", type=int, default=768)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--features")
+    ap.add_argument("--acg")
+    a = ap.parse_args()
+    if a.what == "fit" and a.batch_size == 8:
+        a.batch_size = 32
+    if a.what == "conceptualize" and a.batch_size == 8:
+        a.batch_size = 64
+    {"extract": bench_extract, "extract-memory": bench_extract_memory, "score": bench_score, "fit": bench_fit,
+     "conceptualize": bench_conceptualize}[a.what](a)
+
+
+if __name__ == "__main__":
+    main()
