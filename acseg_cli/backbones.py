@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from stages.backbones import list_backbones
+from stages.presets import list_backbones
 
 from .options import JsonOut, stage
 

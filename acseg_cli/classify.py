@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.classify import classify
 
 from .options import InputArg, JsonOut, Overwrite, Progress, Quiet, Verbose, emit, fail, info, resolve_input, setup_logging, stage
 
@@ -34,6 +33,8 @@ def command(
     concepts = resolve_input(concepts)
     if not output:
         fail("no output: pass -o OUTDIR", 2)
+    from stages.classify import classify
+
     with Progress("classify") as bar:
         res = classify(concepts, output, n_classes=n_classes, background_split=not no_background_split, seed=seed,
                        n_init=n_init, upsample=upsample, centroids=centroids, match_gt=match_gt, dataset=dataset,

@@ -6,8 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.conceptualize import conceptualize
-from stages.fit import TrainConfig
+from stages.config import TrainConfig
 
 from .options import (Device, InputArg, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, info,
                       resolve_input, setup_logging, stage)
@@ -34,6 +33,8 @@ def command(
     """Turn a feature store into per-image concepts; their number adapts to each image (1..k)."""
     setup_logging(verbose, quiet)
     features = resolve_input(features)
+    from stages.conceptualize import conceptualize
+
     with Progress("fit-acg", unit="steps") as fit_bar, Progress("conceptualize") as bar:
         res = conceptualize(features, output, acg=acg, method=method, k=k, seed=seed, batch_size=batch_size,
                             device=device, overwrite=overwrite, resume=resume, preview=preview, progress=bar, fit_train=TrainConfig(steps=fit_steps),

@@ -7,8 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from stages.backbones import DEFAULT_BACKBONE
-from stages.extract import extract as run_extract
+from stages.presets import DEFAULT_BACKBONE
 
 from .backbones import print_backbones
 from .options import Device, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, fail, info, setup_logging, stage
@@ -52,6 +51,8 @@ def command(
             fail("no input: '-' needs a list of image paths on stdin", 2)
         list_text = sys.stdin.read()
         inputs = [i for i in inputs if i != "-"]
+    from stages.extract import extract as run_extract
+
     with Progress("extract") as bar:
         res = run_extract(inputs, output, backbone=backbone, weights=weights, random_weights=random_weights,
                           short_side=short_side, feature=feature, layer=layer, batch_size=batch_size, workers=workers,

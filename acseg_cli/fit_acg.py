@@ -6,8 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.acg import ACGConfig
-from stages.fit import TrainConfig, fit_acg
+from stages.config import ACGConfig, TrainConfig
 
 from .options import (Device, InputArg, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, fail, info,
                       resolve_input, setup_logging, stage)
@@ -52,6 +51,8 @@ def command(
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed,
                         max_tokens=max_tokens, keep_diagonal=not zero_diagonal, delta=delta, tau=tau,
                         checkpoint_every=checkpoint_every)
+    from stages.fit import fit_acg
+
     with Progress("fit-acg", unit="steps") as bar:
         res = fit_acg(features, output, acg=acg, train=train, device=device, overwrite=overwrite, resume=resume,
                       progress=bar)

@@ -11,4 +11,5 @@ if [ $# -lt 3 ]; then
 fi
 pred=$1 gt=$2 dataset=$3
 shift 3
-${ACSEG:-acseg} score "$pred" "$gt" --dataset "$dataset" --no-confusion --confusion-png "${pred%/}-confusion.png" "$@"
+# e.g. add: --confusion-png confusion.png --protocol majority --pred-suffix _pred
+${ACSEG:-acseg} score "$pred" "$gt" --dataset "$dataset" --no-confusion "$@"

@@ -10,36 +10,11 @@ O(k·H·N·d) instead of O(N·d²) per layer, and is exact.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class ACGConfig:
-    dim: int = 384
-    num_prototypes: int = 5
-    depth: int = 6
-    num_heads: int = 0  # 0: one head per 64 feature dims (6 for ViT-S, 12 for ViT-B)
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    center: bool = True  # subtract the training set's mean token before the graph, the ACG and the assignment
-
-    @property
-    def heads(self) -> int:
-        if self.num_heads > 0:
-            return self.num_heads
-        return max(1, self.dim // 64) if self.dim % 64 == 0 else 1
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ACGConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+from .config import ACGConfig
 
 
 class PrototypeCrossAttention(nn.Module):

@@ -19,30 +19,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .acg import ACGConfig, AdaptiveConceptGenerator, assignment, hard_assignment, modularity_loss
+from .acg import AdaptiveConceptGenerator, assignment, hard_assignment, modularity_loss
+from .config import ACGConfig, TrainConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore
 from .store import check_output, lock_path
 
 log = logging.getLogger("acseg.fit")
 CHECKPOINT_FORMAT = "acseg-acg-1"
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 2500
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: int = 100
-    seed: int = 0
-    max_tokens: int = 2048  # random token subsample per image above this (bounds the O(N^2) graph)
-    keep_diagonal: bool = True
-    delta: str = "plain"
-    tau: float = 0.1
-    proto_init: str = "kmeans"  # "kmeans": prototypes seeded from k-means of a token sample; "random"
-    log_every: int = 10
-    checkpoint_every: int = 250
 
 
 @dataclass

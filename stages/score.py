@@ -78,10 +78,13 @@ def metrics(m: np.ndarray, unmatched: np.ndarray) -> dict:
 
 
 def confusion(pred: np.ndarray, gt_classes: np.ndarray, n_pred: int, n_classes: int) -> np.ndarray:
-    """Confusion (n_pred x n_classes) of one image; gt_classes < 0 are ignored."""
-    valid = gt_classes >= 0
-    code = pred[valid].astype(np.int64) * n_classes + gt_classes[valid]
-    return np.bincount(code, minlength=n_pred * n_classes).reshape(n_pred, n_classes)
+    """Confusion (n_pred x n_classes) of one image; gt_classes < 0 are ignored.
+
+    One bincount over all pixels: ignored pixels go to an extra column that is dropped (no masking copies).
+    """
+    g = np.where(gt_classes < 0, n_classes, gt_classes)
+    code = pred.astype(np.int64).ravel() * (n_classes + 1) + g.ravel()
+    return np.bincount(code, minlength=n_pred * (n_classes + 1)).reshape(n_pred, n_classes + 1)[:, :n_classes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +108,9 @@ def read_label_map(path: str, what: str) -> np.ndarray:
         raise _LabelError(f"{what} {path} has {a.ndim} dimensions, not one id per pixel; write single-channel ids")
     if a.dtype == bool:
         a = a.astype(np.uint8)
-    if a.min() < 0 or a.max() >= 65536:
+    if a.dtype not in (np.uint8, np.uint16) and (a.min() < 0 or a.max() >= 65536):
         raise _LabelError(f"{what} {path} has ids outside 0..65535; write ids as 8- or 16-bit PNG")
-    return a.astype(np.int64)
+    return a
 
 
 class _LabelError(Exception):
@@ -167,8 +170,9 @@ def pair_files(pred_dir: str, gt_dir: str, pred_suffix: str = "", gt_suffix: str
 _W: dict = {}
 
 
-def _init_worker(lut, resize_pred, dataset):
-    _W.update(lut=lut, resize=resize_pred, dataset=dataset)
+def _init_worker(lut, resize_pred, dataset, n_classes=None):
+    _W.clear()
+    _W.update(lut=lut, resize=resize_pred, dataset=dataset, n_classes=n_classes)
 
 
 def _score_one(item):
@@ -181,17 +185,46 @@ def _score_one(item):
                 return ("error", f"prediction {pp} is {pred.shape[1]}x{pred.shape[0]} but its ground truth is "
                                  f"{gt.shape[1]}x{gt.shape[0]}; pass --resize-pred nearest to resize predictions")
             im = Image.fromarray(pred.astype(np.int32), "I").resize((gt.shape[1], gt.shape[0]), Image.NEAREST)
-            pred = np.asarray(im).astype(np.int64)
+            pred = np.asarray(im)
+        if pred.dtype == np.uint8 and gt.dtype == np.uint8:
+            return _score_8bit(key, gp, pred, gt)
         g = _W["lut"][gt]
-        if (g == INVALID).any():
+        if g.min() == INVALID:
             bad = np.unique(gt[g == INVALID])[:5].tolist()
             return ("error", f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
                              "choose the right --dataset or add --ignore-index")
         n_pred = int(pred.max()) + 1
-        n_cls = max(1, int(g.max()) + 1)
-        return ("ok", key, confusion(pred, g, n_pred, n_cls), int((g >= 0).sum()))
+        n_cls = _W["n_classes"] or max(1, int(g.max()) + 1)
+        c = confusion(pred, g, n_pred, n_cls)
+        return ("ok", key, c, int(c.sum()))
     except _LabelError as e:
         return ("error", str(e))
+
+
+def _score_8bit(key, gp, pred, gt):
+    """8-bit maps: one bincount over (prediction id, ground-truth id) pairs, then the id -> class mapping is
+    applied to the 256 x 256 joint histogram instead of to every pixel."""
+    code = (pred.astype(np.uint16) << 8) | gt
+    h = np.bincount(code.ravel(), minlength=65536).reshape(256, 256)
+    lut = _W["lut"][:256]
+    seen = h.sum(0) > 0
+    if (seen & (lut == INVALID)).any():
+        bad = np.flatnonzero(seen & (lut == INVALID))[:5].tolist()
+        return ("error", f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
+                         "choose the right --dataset or add --ignore-index")
+    n_pred = int(pred.max()) + 1
+    n_cls = _W["n_classes"] or max(1, int(lut[seen].max()) + 1)
+    if "onehot8" not in _W:  # id -> class as a (256, classes) 0/1 matrix, once per process
+        valid = lut >= 0
+        onehot = np.zeros((256, int(lut[valid].max()) + 1 if valid.any() else 1))
+        onehot[np.flatnonzero(valid), lut[valid]] = 1
+        _W["onehot8"] = onehot
+    oh = _W["onehot8"]
+    c = np.rint(h[:n_pred].astype(np.float64) @ oh).astype(np.int64)  # counts < 2^53: exact
+    if c.shape[1] < n_cls:
+        c = np.pad(c, ((0, 0), (0, n_cls - c.shape[1])))
+    c = c[:, :n_cls]
+    return ("ok", key, c, int(c.sum()))
 
 
 def _add(acc: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -230,11 +263,11 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
     n_img = 0
     if workers > 1 and len(pairs) > 8:
         ctx = mp.get_context("fork")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(lut, resize_pred, dataset))
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(lut, resize_pred, dataset, preset.n_classes if preset else None))
         results = pool.imap(_score_one, pairs, chunksize=8)
     else:
         pool = None
-        _init_worker(lut, resize_pred, dataset)
+        _init_worker(lut, resize_pred, dataset, preset.n_classes if preset else None)
         results = map(_score_one, pairs)
     K = preset.n_classes if preset else None
     try:

@@ -1,0 +1,47 @@
+"""Configuration of the ACG and of its training: plain dataclasses, importable without torch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class ACGConfig:
+    dim: int = 384
+    num_prototypes: int = 5
+    depth: int = 6
+    num_heads: int = 0  # 0: one head per 64 feature dims (6 for ViT-S, 12 for ViT-B)
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    center: bool = True  # subtract the training set's mean token before the graph, the ACG and the assignment
+
+    @property
+    def heads(self) -> int:
+        if self.num_heads > 0:
+            return self.num_heads
+        return max(1, self.dim // 64) if self.dim % 64 == 0 else 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ACGConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    seed: int = 0
+    max_tokens: int = 2048  # random token subsample per image above this (bounds the O(N^2) graph)
+    keep_diagonal: bool = True
+    delta: str = "plain"
+    tau: float = 0.1
+    proto_init: str = "kmeans"  # "kmeans": prototypes seeded from k-means of a token sample; "random"
+    log_every: int = 10
+    checkpoint_every: int = 250
