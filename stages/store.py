@@ -36,7 +36,10 @@ STR = h5py.string_dtype("utf-8")
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    prog = Path(sys.argv[0]).name
+    if prog in ("__main__.py", "acseg"):
+        prog = "acseg"
+    return " ".join([prog, *sys.argv[1:]])
 
 
 @dataclass
