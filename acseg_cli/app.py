@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Annotated, Optional
@@ -48,4 +49,12 @@ def main() -> None:
     # A closed downstream pipe (| head) ends us quietly instead of raising at exit.
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        from stages.store import BROKEN_WRITES
+        if BROKEN_WRITES:  # after a failed HDF5 write, libhdf5's teardown can crash: leave without it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        raise

@@ -3,7 +3,6 @@ logging and progress on stderr."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -117,13 +116,13 @@ def stage(fn: Callable) -> Callable:
             _trace()
             fail(f"{e.strerror or e} ({e.filename or 'I/O'}); check free disk space and permissions", 1)
         except Exception as e:  # a bug: say so in one line, the traceback on demand
-            _trace(always=False)
+            _trace()
             fail(f"internal error: {type(e).__name__}: {e}; re-run with -vv or ACSEG_DEBUG=1 and report it", 1)
 
     return wrapper
 
 
-def _trace(always: bool = False) -> None:
+def _trace() -> None:
     if debug_enabled():
         import traceback
         traceback.print_exc(file=sys.stderr)
@@ -179,7 +178,3 @@ class Progress:
             self._bar.__exit__(*exc)
         return False
 
-
-@contextlib.contextmanager
-def nothing():
-    yield

@@ -152,7 +152,7 @@ def bench_score(a):
 def bench_fit(a):
     import torch
 
-    from stages.acg import ACGConfig, create_acg, assignment, modularity_loss
+    from stages.acg import assignment, create_acg, modularity_loss
     torch.manual_seed(0)
     x = torch.randn(a.batch_size, a.tokens, 384)
     mask = torch.ones(a.batch_size, a.tokens, dtype=torch.bool)

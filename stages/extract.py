@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -142,7 +143,7 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
         done = sum(len(batches[j]) for j in range(start))
         if progress:
             progress(done, total)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else _null()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
         for j, ok, x, sizes, failed in loader:
             for i, reason in failed:
                 _skip(skipped, items[i], reason, strict)
@@ -180,11 +181,4 @@ def _skip(skipped: list, item, reason: str, strict: bool) -> None:
     log.warning("skipping %s: %s", name, reason)
     skipped.append({"name": name, "reason": reason})
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 

@@ -32,6 +32,7 @@ from . import __version__
 from .errors import AcsegError
 
 SCHEMA_VERSION = 1
+BROKEN_WRITES: list[str] = []  # HDF5 files whose writes failed in this process (their handles cannot be trusted)
 STR = h5py.string_dtype("utf-8")
 
 
@@ -116,9 +117,14 @@ class StoreWriter:
             elif self.f is not None:
                 try:
                     self.f.close()
-                except Exception:  # pragma: no cover - closing a broken file
+                except Exception:  # closing a file whose writes failed
                     pass
                 self.f = None
+                if getattr(self, "_broken", False):
+                    try:
+                        self.tmp.unlink()
+                    except OSError:
+                        pass
         finally:
             self._release_lock()
 
@@ -225,7 +231,20 @@ class StoreWriter:
 
     def append(self, per_image: dict[str, Sequence], packed: dict[str, Sequence[np.ndarray]],
                attrs: dict | None = None) -> None:
-        """Append one batch of images, set ``attrs`` and flush. ``packed`` maps field -> one array per image."""
+        """Append one batch of images, set ``attrs`` and flush. ``packed`` maps field -> one array per image.
+
+        A failed write (full disk, file-size limit, I/O error) becomes one clear error; the partial file is
+        then removed, since a half-written HDF5 file cannot be trusted, and the final name is untouched.
+        """
+        try:
+            self._append(per_image, packed, attrs)
+        except (OSError, RuntimeError) as e:
+            self._broken = True
+            BROKEN_WRITES.append(str(self.tmp))
+            raise AcsegError(f"writing {self.path.name} failed ({str(e).splitlines()[0][:120]})",
+                             "check free disk space and permissions; the previous output, if any, is untouched") from None
+
+    def _append(self, per_image, packed, attrs) -> None:
         f = self.f
         assert f is not None
         n = self.n_done

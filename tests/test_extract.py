@@ -1,7 +1,6 @@
 """extract and the feature store: schema, provenance, resume, bad inputs, the pipe protocol."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from conftest import TEST_BACKBONE, cli, cli_env, make_images
 from PIL import Image
 
 from stages.errors import AcsegError
-from stages.extract import extract, plan_batches
+from stages.extract import plan_batches
 from stages.features import FeatureStore
 from stages.images import discover, load_rgb, target_grid
 
@@ -252,3 +251,24 @@ def test_version_and_help():
     assert r.exit_code == 0 and r.stdout.startswith("acseg ")
     r = cli(["backbones"])
     assert "focus-vits14" in r.stdout and "(default)" in r.stdout
+
+
+def test_a_full_disk_is_one_error_and_the_previous_output_survives(images, tmp_path):
+    """A file-size limit (like a full disk) stops the write: exit 1, an Error line, the old file intact."""
+    import resource
+    out = tmp_path / "f.h5"
+    assert run_extract(images, out).exit_code == 0
+    before = out.read_bytes()
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    # workers 0: DataLoader workers share tensors through files, which the same limit would stop first
+    p = subprocess.run([sys.executable, "-m", "acseg_cli", "extract", str(images), "-o", str(out), "--overwrite",
+                        "--workers", "0", *TEST_BACKBONE], env=cli_env(), preexec_fn=limit, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert "Error: writing f.h5 failed" in p.stderr and "disk space" in p.stderr
+    assert p.stdout == ""
+    assert out.read_bytes() == before
+    assert not (tmp_path / ".f.h5.partial").exists()
