@@ -137,3 +137,18 @@ def test_the_users_pipe_in_real_subprocesses(images, tmp_path):
     assert len(list((tmp_path / "out").glob("*.png"))) == 6
     p = subprocess.run(["bash", "-c", f"{' '.join(acg)} backbones | head -1"], env=env, capture_output=True, text=True)
     assert p.returncode == 0 and p.stderr == ""
+
+
+def test_previews_are_drawn_for_people(images, tmp_path):
+    feats = tmp_path / "f.h5"
+    assert cli(["extract", images, "-o", feats, *TEST_BACKBONE]).exit_code == 0
+    r = cli(["conceptualize", feats, "--method", "kmeans", "-k", "3", "--preview", tmp_path / "pc", "-q"])
+    assert r.exit_code == 0, r.stderr
+    pics = sorted((tmp_path / "pc").glob("*.png"))
+    assert len(pics) == 6
+    src = Image.open(images / pics[0].name)
+    assert Image.open(pics[0]).size == src.size and Image.open(pics[0]).mode == "RGB"
+    r = cli(["classify", r.stdout.strip(), "-K", "2", "-o", tmp_path / "o", "--preview", tmp_path / "pv", "-q"])
+    assert r.exit_code == 0, r.stderr
+    pv = Image.open(tmp_path / "pv" / pics[0].name)
+    assert pv.size == (2 * src.size[0], src.size[1])  # photo | prediction
