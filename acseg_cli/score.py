@@ -42,7 +42,7 @@ def command(
     gt_suffix: Annotated[str, typer.Option("--gt-suffix", help="Suffix of ground-truth stems to strip (e.g. _gtFine_labelIds).")] = "",
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score the pairs that exist instead of failing.")] = False,
     resize_pred: Annotated[Optional[str], typer.Option("--resize-pred", help="'nearest' resizes predictions to the ground truth's size.")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="PNG decoding processes.")] = 1,
+    workers: Annotated[int, typer.Option("--workers", help="PNG decoding processes (0: one per core, at most 4).")] = 0,
     no_confusion: Annotated[bool, typer.Option("--no-confusion", help="Leave the confusion matrices out of the JSON.")] = False,
     confusion_png_path: Annotated[Optional[str], typer.Option("--confusion-png", help="Draw the matched confusion matrix here.")] = None,
     verbose: Verbose = 0,

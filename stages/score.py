@@ -203,16 +203,17 @@ def _score_one(item):
 
 def _score_8bit(key, gp, pred, gt):
     """8-bit maps: one bincount over (prediction id, ground-truth id) pairs, then the id -> class mapping is
-    applied to the 256 x 256 joint histogram instead of to every pixel."""
-    code = (pred.astype(np.uint16) << 8) | gt
-    h = np.bincount(code.ravel(), minlength=65536).reshape(256, 256)
+    applied to the small (prediction id x ground-truth id) histogram instead of to every pixel."""
+    n_pred = int(pred.max()) + 1
+    # rows: ground-truth id, columns: prediction id; a small histogram (256 x n_pred) stays in cache
+    code = gt.astype(np.uint16) * np.uint16(n_pred) + pred
+    h = np.bincount(code.ravel(), minlength=256 * n_pred).reshape(256, n_pred).T
     lut = _W["lut"][:256]
     seen = h.sum(0) > 0
     if (seen & (lut == INVALID)).any():
         bad = np.flatnonzero(seen & (lut == INVALID))[:5].tolist()
         return ("error", f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
                          "choose the right --dataset or add --ignore-index")
-    n_pred = int(pred.max()) + 1
     n_cls = _W["n_classes"] or max(1, int(lut[seen].max()) + 1)
     if "onehot8" not in _W:  # id -> class as a (256, classes) 0/1 matrix, once per process
         valid = lut >= 0
@@ -220,7 +221,7 @@ def _score_8bit(key, gp, pred, gt):
         onehot[np.flatnonzero(valid), lut[valid]] = 1
         _W["onehot8"] = onehot
     oh = _W["onehot8"]
-    c = np.rint(h[:n_pred].astype(np.float64) @ oh).astype(np.int64)  # counts < 2^53: exact
+    c = np.rint(h.astype(np.float64) @ oh).astype(np.int64)  # counts < 2^53: exact
     if c.shape[1] < n_cls:
         c = np.pad(c, ((0, 0), (0, n_cls - c.shape[1])))
     c = c[:, :n_cls]
@@ -253,6 +254,9 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
     else:
         lut = plain_lut(tuple(ignore_index))
     pairs, counts = pair_files(pred_dir, gt_dir, pred_suffix, gt_suffix, allow_missing)
+    if workers <= 0:
+        import os
+        workers = min(4, os.cpu_count() or 1)
     if counts["missing_predictions"] or counts["extra_predictions"]:
         log.warning("scoring %d pairs; %d ground-truth files without prediction and %d predictions without ground "
                     "truth left out", counts["paired"], counts["missing_predictions"], counts["extra_predictions"])
