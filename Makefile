@@ -9,6 +9,8 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.acseg-deps-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
+DEMO_OUT ?= $(CURDIR)/demo-out
+DEMO_ARGS ?=
 
 .PHONY: venv demo test clean-demo
 
@@ -25,7 +27,7 @@ venv: $(STAMP)
 	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 
 demo: venv
-	@$(MAKE) --no-print-directory -C examples ACSEG=$(BIN)/acseg OUT=$(CURDIR)/demo-out
+	@$(MAKE) --no-print-directory -C examples ACSEG=$(BIN)/acseg OUT=$(DEMO_OUT) $(DEMO_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -44,7 +44,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if level > logging.INFO else "%(message)s"))
     root.addHandler(h)
-    root.setLevel(level if not (level == logging.WARNING) else logging.WARNING)
+    root.setLevel(level)
     root.propagate = False
     _state["quiet"] = quiet
     _state["level"] = level

@@ -149,10 +149,11 @@ class StoreWriter:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _create(self) -> None:
-        if self.tmp.exists():
-            self.tmp.unlink()
-        f = h5py.File(self.tmp, "w")
+    def _create(self, path: Path | None = None) -> None:
+        path = path or self.tmp
+        if path.exists():
+            path.unlink()
+        f = h5py.File(path, "w")
         self.f = f
         for k, v in self._root_attrs().items():
             f.attrs[k] = v
@@ -183,44 +184,61 @@ class StoreWriter:
         return a
 
     def _try_resume(self) -> bool:
-        """Continue a partial file if it validates and was made with the same parameters."""
+        """Continue a partial file if it validates and was made with the same parameters.
+
+        The completed part (the first ``n_done`` images) is copied into a fresh file that replaces the
+        partial one: a process killed in the middle of a write can leave HDF5's internal structures (e.g. the
+        heap of variable-length strings) damaged in ways that only show on the next write.
+        """
         try:
-            f = h5py.File(self.tmp, "r+")
+            old = h5py.File(self.tmp, "r")
         except Exception:
             return False
+        fresh = self.tmp.with_name(self.tmp.name + ".copy")
         try:
-            ok = f.attrs.get("kind") == self.schema.kind and int(f.attrs.get("schema_version", -1)) == SCHEMA_VERSION
-            want = self._root_attrs()
-            for key in ("params", "backbone", "parent"):
-                if key in want and f.attrs.get(key) != want[key]:
-                    ok = False
-            n = int(f.attrs.get("n_done", -1))
-            ok = ok and n >= 0
-            if ok:
+            with old:
+                a = old.attrs
+                ok = a.get("kind") == self.schema.kind and int(a.get("schema_version", -1)) == SCHEMA_VERSION
+                want = self._root_attrs()
+                ok = ok and all(a.get(k) == want[k] for k in ("params", "backbone", "parent") if k in want)
+                n = int(a.get("n_done", -1))
+                if not ok or n < 0:
+                    return False
+                self._create(path=fresh)
+                f = self.f
+                for k, v in a.items():
+                    f.attrs[k] = v
                 for name in self.schema.per_image:
-                    ok = ok and f[name].shape[0] >= n
+                    f[name].resize(n, axis=0)
+                    f[name][:] = old[name][:n]
                 for g in self.schema.groups:
-                    ok = ok and f[g.offsets].shape[0] >= n + 1
-            if not ok:
-                f.close()
-                return False
-            # Drop whatever was written after the last completed batch.
-            for name in self.schema.per_image:
-                f[name].resize(n, axis=0)
-            for g in self.schema.groups:
-                f[g.offsets].resize(n + 1, axis=0)
-                end = int(f[g.offsets][n])
-                for name in g.fields:
-                    if f[name].shape[0] < end:
-                        f.close()
-                        return False
-                    f[name].resize(end, axis=0)
-            self._hash = hashlib.sha256(bytes.fromhex(f.attrs.get("hash_chain", "")))
-            self.f = f
+                    off = old[g.offsets][:n + 1]
+                    if len(off) != n + 1:
+                        raise ValueError("offsets too short")
+                    f[g.offsets].resize(n + 1, axis=0)
+                    f[g.offsets][:] = off
+                    end = int(off[-1])
+                    for name in g.fields:
+                        f[name].resize(end, axis=0)
+                        step = 1 << 20
+                        for s0 in range(0, end, step):
+                            f[name][s0:min(end, s0 + step)] = old[name][s0:min(end, s0 + step)]
+                f.flush()
+            self.f.close()
+            os.replace(fresh, self.tmp)
+            self.f = h5py.File(self.tmp, "r+")
+            self._hash = hashlib.sha256(bytes.fromhex(str(self.f.attrs.get("hash_chain", ""))))
             self.resumed_from = n
             return True
         except Exception:
-            f.close()
+            if self.f is not None:
+                try:
+                    self.f.close()
+                except Exception:
+                    pass
+                self.f = None
+            if fresh.exists():
+                fresh.unlink()
             return False
 
     # -- writing ---------------------------------------------------------------------------------

@@ -70,3 +70,17 @@ def test_score_external_script(tmp_path):
     assert json.loads(p.stdout)["miou"] == 1.0
     p = subprocess.run(["bash", str(EXAMPLES / "score_external.sh")], env=env, capture_output=True, text=True)
     assert p.returncode == 2 and "usage" in p.stderr
+
+
+@needs_make
+def test_the_readme_demo_target(tmp_path):
+    """`make demo` itself, on the bundled photos, with the random test backbone instead of the real one."""
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    if not os.path.exists(os.path.join(venv, "bin", "pip")):
+        pytest.skip("the tests do not run inside a virtual environment")
+    p = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "demo", f"VENV={venv}", f"DEMO_OUT={tmp_path}",
+                        "DEMO_ARGS=BACKBONE=test-vit BACKBONE_FLAGS=--random-weights STEPS=5"],
+                       env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "seed 0: mIoU" in p.stdout and "pictures:" in p.stdout
+    assert json.loads((tmp_path / "score-s0.json").read_text())["n_images"] == 8
