@@ -64,3 +64,9 @@ def test_local_weights_file_is_loaded_without_unpickling_code(tmp_path):
     with pytest.raises(AcsegError):
         create_backbone("test-vit", weights=str(evil))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_hub_backbone_without_network_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network, but failing fast
+    with pytest.raises(AcsegError, match="cannot download weights for dino-vits16.*--weights FILE.*focus-vits14"):
+        create_backbone("dino-vits16")
