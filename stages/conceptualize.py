@@ -166,7 +166,6 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
     attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
              "features_provenance": store.provenance()}
     n = store.n_images
-    total_concepts = 0
     with StoreWriter(out, concepts_schema(store.dim), attrs, overwrite=overwrite, resume=resume) as w:
         start = w.resumed_from
         if progress:
@@ -208,7 +207,6 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                 if preview:
                     _preview(preview, store.names[i], store.sources[i], labels.reshape(store.grid[i]), store.image_size[i])
             w.append(per, packed)
-            total_concepts += sum(per["n_concepts"])
             if progress:
                 progress(e, n)
         n_done = w.n_done

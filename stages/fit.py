@@ -23,7 +23,7 @@ from .acg import AdaptiveConceptGenerator, assignment, hard_assignment, modulari
 from .config import ACGConfig, TrainConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore
-from .store import check_output, lock_path
+from .store import acquire_output_lock, check_output, release_output_lock
 
 log = logging.getLogger("acseg.fit")
 CHECKPOINT_FORMAT = "acseg-acg-1"
@@ -191,8 +191,6 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
             device: str | None = None, overwrite: bool = False, resume: bool = False,
             progress: Callable[[int, int, str], None] | None = None) -> FitResult:
     """Train an ACG on the store ``features``; write the checkpoint, a JSON-lines log and a loss plot."""
-    import fcntl
-
     train = train or TrainConfig()
     if train.steps < 1 or train.batch_size < 1:
         raise UsageError("--steps and --batch-size must be >= 1", "fix the options")
@@ -210,12 +208,7 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
     log_path = out.with_suffix(".log.jsonl")
     plot_path = out.with_suffix(".loss.png")
 
-    lock_fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        raise AcsegError(f"another acseg process is writing {out}", "wait for it to finish or choose another -o") from None
+    lock_fd = acquire_output_lock(out)
     try:
         torch.manual_seed(train.seed)
         model = AdaptiveConceptGenerator(cfg)
@@ -285,11 +278,7 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         if rp.exists():
             rp.unlink()
     finally:
-        try:
-            os.unlink(lock_path(out))
-        except OSError:
-            pass
-        os.close(lock_fd)
+        release_output_lock(out, lock_fd)
         store.close()
     return FitResult(str(out), train.steps, last["loss"], last["modularity"], str(log_path), str(plot_path), start, history)
 

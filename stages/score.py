@@ -191,14 +191,18 @@ def _score_one(item):
         g = _W["lut"][gt]
         if g.min() == INVALID:
             bad = np.unique(gt[g == INVALID])[:5].tolist()
-            return ("error", f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
-                             "choose the right --dataset or add --ignore-index")
+            return _invalid_ids(gp, bad)
         n_pred = int(pred.max()) + 1
         n_cls = _W["n_classes"] or max(1, int(g.max()) + 1)
         c = confusion(pred, g, n_pred, n_cls)
         return ("ok", key, c, int(c.sum()))
     except _LabelError as e:
         return ("error", str(e))
+
+
+def _invalid_ids(gp, bad) -> tuple:
+    return ("error", f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
+                     "choose the right --dataset or add --ignore-index")
 
 
 def _score_8bit(key, gp, pred, gt):
@@ -212,8 +216,7 @@ def _score_8bit(key, gp, pred, gt):
     seen = h.sum(0) > 0
     if (seen & (lut == INVALID)).any():
         bad = np.flatnonzero(seen & (lut == INVALID))[:5].tolist()
-        return ("error", f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
-                         "choose the right --dataset or add --ignore-index")
+        return _invalid_ids(gp, bad)
     n_cls = _W["n_classes"] or max(1, int(lut[seen].max()) + 1)
     if "onehot8" not in _W:  # id -> class as a (256, classes) 0/1 matrix, once per process
         valid = lut >= 0

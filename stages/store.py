@@ -66,6 +66,26 @@ def lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+def acquire_output_lock(path: Path) -> int:
+    """An exclusive lock beside ``path``, so a second process writing the same output stops at once."""
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AcsegError(f"another acseg process is writing {path}", "wait for it to finish or choose another -o") from None
+    return fd
+
+
+def release_output_lock(path: Path, fd: int) -> None:
+    try:
+        os.unlink(lock_path(path))
+    except OSError:
+        pass
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 def check_output(path: Path, overwrite: bool) -> None:
     """Refuse an existing output before any work is done."""
     if path.exists() and not overwrite:
@@ -129,24 +149,11 @@ class StoreWriter:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
-        lp = lock_path(self.path)
-        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AcsegError(f"another acseg process is writing {self.path}",
-                             "wait for it to finish or choose another -o") from None
-        self._lock_fd = fd
+        self._lock_fd = acquire_output_lock(self.path)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
-            try:
-                os.unlink(lock_path(self.path))
-            except OSError:
-                pass
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            release_output_lock(self.path, self._lock_fd)
             self._lock_fd = None
 
     def _create(self, path: Path | None = None) -> None:

@@ -272,3 +272,15 @@ def test_a_full_disk_is_one_error_and_the_previous_output_survives(images, tmp_p
     assert p.stdout == ""
     assert out.read_bytes() == before
     assert not (tmp_path / ".f.h5.partial").exists()
+
+
+def test_a_second_writer_of_the_same_output_is_refused(images, tmp_path):
+    from stages.store import acquire_output_lock, release_output_lock
+    out = tmp_path / "f.h5"
+    fd = acquire_output_lock(out)  # as another process holding the output
+    try:
+        r = run_extract(images, out)
+        assert r.exit_code == 1 and "another acseg process is writing" in r.stderr
+    finally:
+        release_output_lock(out, fd)
+    assert run_extract(images, out).exit_code == 0
