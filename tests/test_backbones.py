@@ -68,5 +68,10 @@ def test_local_weights_file_is_loaded_without_unpickling_code(tmp_path):
 
 def test_hub_backbone_without_network_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network, but failing fast
+    try:  # read at import: once another test imported the hub client, the variable alone is not seen
+        import huggingface_hub.constants as hc
+        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    except ImportError:
+        pass
     with pytest.raises(AcsegError, match="cannot download weights for dino-vits16.*--weights FILE.*focus-vits14"):
         create_backbone("dino-vits16")
