@@ -11,7 +11,7 @@ import typer
 
 from stages import __version__
 
-from . import backbones, classify, conceptualize, extract, fit_acg, score
+from . import backbones, classify, conceptualize, extract, fit_acg, merge, score
 
 app = typer.Typer(
     name="acseg",
@@ -41,6 +41,7 @@ app.command("extract")(extract.command)
 app.command("fit-acg")(fit_acg.command)
 app.command("conceptualize")(conceptualize.command)
 app.command("classify")(classify.command)
+app.command("merge")(merge.command)
 app.command("score")(score.command)
 app.command("backbones")(backbones.command)
 

@@ -96,11 +96,14 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
             random_weights: bool = False, short_side: int | None = None, feature: str = "tokens", layer: int = -1,
             batch_size: int = 8, workers: int = 1, device: str | None = None, strict: bool = False,
             overwrite: bool = False, resume: bool = False, max_pixels: int | None = None,
-            list_text: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+            list_text: str | None = None, shard: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract features of ``inputs`` (folders, files, list files) into the store ``output``.
 
     ``progress(done, total)`` is called after every batch. Returns the store's path and counts.
+    ``shard="i/N"`` processes only the i-th of N contiguous ranges of the planned batches (see shards.py).
     """
+    from .shards import parse_shard, plan_datasets, shard_range
+    shard_spec = parse_shard(shard) if shard is not None else None
     preset = get_preset(backbone)
     if feature not in FEATURE_KINDS:
         raise UsageError(f"unknown feature {feature!r}", f"choose one of: {', '.join(FEATURE_KINDS)}")
@@ -129,6 +132,19 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
     batches = plan_batches(grids, batch_size)
     if not batches:
         raise AcsegError(f"none of the {len(items)} inputs is a readable image", "check the files (see the warnings above)")
+    first, stop, extra, shard_attr = 0, len(batches), None, None
+    if shard_spec:
+        si, sn = shard_spec
+        first, stop = shard_range(len(batches), si, sn)
+        if first == stop:
+            raise UsageError(f"shard {si}/{sn} is empty: the inputs make only {len(batches)} batches for {sn} shards",
+                             "use fewer shards or a smaller --batch-size")
+        batch_of = np.full(len(items), -1, np.int32)
+        for j, b in enumerate(batches):
+            batch_of[b] = j
+        extra = plan_datasets([it.name for it in items], batch_of)
+        shard_attr = {"index": si, "count": sn, "batches": [first, stop], "n_batches": len(batches),
+                      "header_skipped": len(skipped)}
 
     device = device or default_device()
     bound_heap()
@@ -138,22 +154,26 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
     params = {"short_side": short_side, "feature": feature, "layer": layer % bb.depth, "batch_size": batch_size,
               "resize": "bicubic, short side to short_side, sides rounded to multiples of the patch",
               "inputs_sha256": _inputs_digest(items), "n_inputs": len(items)}
+    if shard_attr:
+        params["shard"] = f"{shard_spec[0]}/{shard_spec[1]}"
     attrs = {"params": params, "backbone": bb.describe(), "parent": {}}
+    if shard_attr:
+        attrs["shard"] = shard_attr
     schema = features_schema(bb.dim)
-    total = sum(len(b) for b in batches)
-    with StoreWriter(out, schema, attrs, overwrite=overwrite, resume=resume) as w:
-        start = 0
+    total = sum(len(batches[j]) for j in range(first, stop))
+    with StoreWriter(out, schema, attrs, overwrite=overwrite, resume=resume, extra=extra) as w:
+        start = first
         if w.resumed_from:
-            start = int(w.f.attrs.get("batches_done", 0))
+            start = max(first, int(w.f.attrs.get("batches_done", 0)))
             skipped = json.loads(w.f.attrs.get("skipped", "[]"))
             log.info("resuming %s after %d images (%d batches)", out.name, w.resumed_from, start)
         elif resume:
             log.info("nothing valid to resume for %s; starting afresh", out.name)
         ds = _BatchDataset(items, grids, batches, preset.patch, preset.mean, preset.std, max_pixels)
-        todo = list(range(start, len(batches)))
+        todo = list(range(start, stop))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo), batch_size=None, shuffle=False,
                                              num_workers=workers, pin_memory=(device != "cpu"))
-        done = sum(len(batches[j]) for j in range(start))
+        done = sum(len(batches[j]) for j in range(first, start))
         if progress:
             progress(done, total)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()

@@ -104,8 +104,9 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike, schema: Schema, attrs: dict, *, overwrite: bool = False,
-                 resume: bool = False, chunk_rows: int = 4096):
+                 resume: bool = False, chunk_rows: int = 4096, extra: dict[str, np.ndarray] | None = None):
         self.path = Path(path).absolute()
+        self.extra = extra or {}  # fixed datasets written at creation (e.g. a shard's plan), outside the schema
         self.schema = schema
         self.attrs = attrs
         self.overwrite = overwrite
@@ -175,6 +176,8 @@ class StoreWriter:
                 rows = max(1, self.chunk_rows if not shape else max(1, (1 << 20) // (np.dtype(dtype).itemsize * int(np.prod(shape)))))
                 f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
                                  chunks=(rows, *shape))
+        for name, data in self.extra.items():
+            f.create_dataset(name, data=data)
         f.flush()
 
     def _root_attrs(self) -> dict:
