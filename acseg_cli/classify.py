@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 
-from .options import InputArg, JsonOut, Overwrite, Progress, Quiet, Verbose, emit, fail, info, resolve_input, setup_logging, stage
+from .options import JsonOut, Overwrite, Progress, Quiet, Verbose, emit, fail, info, resolve_inputs, setup_logging, stage
 
 
 @stage
 def command(
-    concepts: InputArg = None,
+    concepts: Annotated[Optional[List[str]], typer.Argument(
+        help="Concepts store(s): one, or the parts (shards) of one dataset, clustered together; omitted or '-' reads "
+             "the paths from stdin.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder for the label maps and classes.h5.")] = None,
     n_classes: Annotated[Optional[int], typer.Option("--n-classes", "-K", help="Number of classes (including background when split).")] = None,
     no_background_split: Annotated[bool, typer.Option("--no-background-split", help="Do not split off background by CLS attention.")] = False,
@@ -30,7 +32,7 @@ def command(
 ):
     """Cluster all concepts of a dataset into classes and write one label-map PNG per image."""
     setup_logging(verbose, quiet)
-    concepts = resolve_input(concepts)
+    concepts = resolve_inputs(concepts)
     if not output:
         fail("no output: pass -o OUTDIR", 2)
     from stages.classify import classify

@@ -62,22 +62,45 @@ def fail(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def _path_of_line(line: str) -> str:
+    """A path line, or the ``path`` of a ``--json`` line."""
+    try:
+        obj = json.loads(line) if line.startswith("{") else None
+    except ValueError:
+        obj = None
+    return obj["path"] if isinstance(obj, dict) and "path" in obj else line
+
+
+def _stdin_paths(first_only: bool) -> list[str]:
+    stdin = sys.stdin
+    if stdin is None or stdin.isatty():
+        fail("no input: pass FILE or pipe a path", 2)
+    paths = []
+    for line in stdin:
+        line = line.strip()
+        if line:
+            paths.append(_path_of_line(line))
+            if first_only:
+                break
+    if not paths:
+        fail("no input: pass FILE or pipe a path", 2)
+    return paths
+
+
 def resolve_input(arg: Optional[str]) -> str:
     """The input path: the argument, or the first non-empty line of stdin when omitted or '-'."""
     if arg not in (None, "-"):
         return arg
-    stdin = sys.stdin
-    if stdin is None or stdin.isatty():
-        fail("no input: pass FILE or pipe a path", 2)
-    for line in stdin:
-        line = line.strip()
-        if line:
-            try:
-                obj = json.loads(line) if line.startswith("{") else None
-            except ValueError:
-                obj = None
-            return obj["path"] if isinstance(obj, dict) and "path" in obj else line
-    fail("no input: pass FILE or pipe a path", 2)
+    return _stdin_paths(first_only=True)[0]
+
+
+def resolve_inputs(args: Optional[list[str]]) -> list[str]:
+    """Several input paths: the arguments, with '-' (or no argument) standing for every path line on stdin."""
+    args = list(args or ["-"])
+    out: list[str] = []
+    for a in args:
+        out += _stdin_paths(first_only=False) if a == "-" else [a]
+    return out
 
 
 def emit(path: str, as_json: bool = False, **extra) -> None:

@@ -52,6 +52,82 @@ class ClassStore(Store):
         return self.f["class_map"][a:b].astype(np.int64).reshape(self.grid[i])
 
 
+class ConceptSet:
+    """Several concepts stores (e.g. the shards of one dataset) seen as one: what classify reads."""
+
+    def __init__(self, paths: list[str]):
+        if not paths:
+            raise UsageError("no concepts store given", "pass one or more concepts stores")
+        self.stores: list[ConceptStore] = []
+        try:
+            for p in paths:
+                self.stores.append(ConceptStore(p))
+            self._order_shards()
+            self._join()
+        except BaseException:
+            self.close()
+            raise
+
+    def _order_shards(self) -> None:
+        """Shards of one split go in shard order, whatever order the shell listed them in (``concepts.10.h5``
+        sorts before ``concepts.2.h5``), so the result equals classifying their merged store."""
+        from .shards import shard_info
+        infos = [shard_info(s) for s in self.stores]
+        if len(self.stores) > 1 and all(infos):
+            order = sorted(range(len(infos)), key=lambda j: (infos[j].count, infos[j].index))
+            self.stores = [self.stores[j] for j in order]
+
+    def _join(self) -> None:
+        first = self.stores[0]
+        for s in self.stores[1:]:
+            if s.provenance != first.provenance:
+                raise AcsegError(f"{s.path.name} and {first.path.name} come from different backbones or feature settings",
+                                 "classify together only concepts of the same backbone and settings")
+            if s.params.get("acg") != first.params.get("acg") or s.params.get("method") != first.params.get("method"):
+                raise AcsegError(f"{s.path.name} and {first.path.name} were conceptualized differently (method or ACG)",
+                                 "conceptualize every part with the same --method and --acg")
+        self.names = [n for s in self.stores for n in s.names]
+        if len(set(self.names)) != len(self.names):
+            seen, dup = set(), None
+            for n in self.names:
+                if n in seen:
+                    dup = n
+                    break
+                seen.add(n)
+            raise AcsegError(f"image {dup!r} appears in more than one of the concepts stores",
+                             "pass each part once (shards of one split never share images)")
+        self.sources = [n for s in self.stores for n in s.sources]
+        self.grid = np.concatenate([s.grid for s in self.stores])
+        self.image_size = np.concatenate([s.image_size for s in self.stores])
+        self.cls_attn = np.concatenate([s.cls_attn for s in self.stores])
+        self.pixels = np.concatenate([s.pixels for s in self.stores])
+        self.n_images = len(self.names)
+        counts = np.concatenate([np.diff(s.concept_offsets) for s in self.stores])
+        self.concept_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._where = [(j, i) for j, s in enumerate(self.stores) for i in range(s.n_images)]
+        self.provenance = first.provenance
+        self.backbone = first.backbone
+        self.params = first.params
+        self.dim = first.dim
+
+    @property
+    def identity(self) -> dict:
+        if len(self.stores) == 1:
+            return self.stores[0].identity
+        return {"parts": [s.identity for s in self.stores], "kind": "concepts"}
+
+    def means(self) -> np.ndarray:
+        return np.concatenate([s.means() for s in self.stores])
+
+    def concept_map(self, i: int) -> np.ndarray:
+        j, k = self._where[i]
+        return self.stores[j].concept_map(k)
+
+    def close(self) -> None:
+        for s in self.stores:
+            s.close()
+
+
 @dataclass
 class ClassifyResult:
     path: str
@@ -112,16 +188,19 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
         shutil.rmtree(old)
 
 
-def classify(concepts: str, outdir: str, *, n_classes: int | None = None, background_split: bool = True,
+def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = None, background_split: bool = True,
              seed: int = 0, n_init: int = 10, upsample: str = "bilinear", weighting: str = "none", centroids: str | None = None,
              match_gt: str | None = None, dataset: str | None = None, preview: str | None = None,
              overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ClassifyResult:
-    """Cluster the concepts of ``concepts`` into classes and write label maps into ``outdir``."""
+    """Cluster the concepts of ``concepts`` (one store, or several parts of one dataset) into classes and
+    write label maps into ``outdir``."""
     if upsample not in ("bilinear", "nearest"):
         raise UsageError(f"unknown --upsample {upsample!r}", "choose bilinear or nearest")
     if match_gt and not dataset:
         raise UsageError("--match-gt needs --dataset", "name the ground truth's preset, e.g. --dataset camvid11")
-    store = ConceptStore(concepts)
+    paths = [concepts] if isinstance(concepts, (str, os.PathLike)) else list(concepts)
+    store = ConceptSet([str(p) for p in paths])
+    concepts = paths[0] if len(paths) == 1 else f"{len(paths)} concepts stores"
     feats = store.means()
     co = store.concept_offsets
     n = store.n_images
@@ -242,7 +321,7 @@ def _match_to_gt(folder: Path, gt: str, dataset: str, png_paths: list, n_classes
     return res
 
 
-def _previews(folder: Path, store: ConceptStore, png_paths: list, gt: str | None, dataset: str | None, res) -> None:
+def _previews(folder: Path, store: ConceptSet, png_paths: list, gt: str | None, dataset: str | None, res) -> None:
     from PIL import Image
     pal = palette(256)
     for i, p in enumerate(png_paths):

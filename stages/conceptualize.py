@@ -22,6 +22,7 @@ from .errors import AcsegError, UsageError
 from .features import FeatureStore
 from .fit import TrainConfig, check_compatible, collate, fit_acg, load_checkpoint
 from .kmeans import batched_kmeans
+from .shards import SHARD_ATTR, copy_plan
 from .store import STR, Group, Schema, Store, StoreWriter, check_output, decode_names, file_sha256
 
 log = logging.getLogger("acseg.conceptualize")
@@ -165,8 +166,11 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
     params = {"method": method, "k": k, "seed": seed, "acg": acg_info, "concept_feature": "mean of L2-normalised tokens"}
     attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
              "features_provenance": store.provenance()}
+    if SHARD_ATTR in store.f.attrs:  # a shard's concepts stay a shard, so 'acseg merge' can join them
+        attrs[SHARD_ATTR] = store.attr_json(SHARD_ATTR)
     n = store.n_images
-    with StoreWriter(out, concepts_schema(store.dim), attrs, overwrite=overwrite, resume=resume) as w:
+    with StoreWriter(out, concepts_schema(store.dim), attrs, overwrite=overwrite, resume=resume,
+                     extra=copy_plan(store.f)) as w:
         start = w.resumed_from
         if progress:
             progress(start, n)
