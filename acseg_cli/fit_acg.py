@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -43,7 +44,8 @@ def command(
     quiet: Quiet = False,
 ):
     """Train the Adaptive Concept Generator with the modularity loss (only the ACG learns; the ViT is frozen)."""
-    setup_logging(verbose, quiet)
+    rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun, rank 0 alone reports
+    setup_logging(verbose, quiet or rank != 0)
     features = resolve_input(features)
     if not output:
         fail("no output: pass -o ACG.pt", 2)
@@ -56,6 +58,8 @@ def command(
     with Progress("fit-acg", unit="steps") as bar:
         res = fit_acg(features, output, acg=acg, train=train, device=device, overwrite=overwrite, resume=resume,
                       progress=bar)
+    if rank != 0:
+        return
     info(f"trained {res.steps} steps: loss {res.final_loss:.4f}, modularity {res.final_modularity:.4f}; "
          f"log {res.log_path}, curve {res.plot_path}")
     emit(res.path, as_json, kind="acg", steps=res.steps, loss=res.final_loss, modularity=res.final_modularity,

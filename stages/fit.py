@@ -138,10 +138,24 @@ def collate(token_list: list[np.ndarray], max_tokens: int | None, rng: np.random
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
-def _read_batch(store: FeatureStore, cfg: TrainConfig, step: int):
-    idx = batch_indices(store.n_images, cfg.batch_size, cfg.seed, step)
-    rng = np.random.default_rng([cfg.seed, step, 1])
-    return collate(store.read_many(idx), cfg.max_tokens, rng)
+def _read_batch(store: FeatureStore, cfg: TrainConfig, step: int, rank: int = 0, world: int = 1):
+    """This rank's share of the global batch of ``step`` (all of it in one process). The token subsample of
+    each image is keyed by (seed, step, image), so it does not depend on how the batch is split."""
+    idx = batch_indices(store.n_images, cfg.batch_size, cfg.seed, step)[rank::world]
+    toks = store.read_many(idx)
+    if cfg.max_tokens:
+        toks = [collate_subsample(t, cfg.max_tokens, np.random.default_rng([cfg.seed, step, 1, int(i)]))
+                for t, i in zip(toks, idx)]
+    return collate(toks, None, None)
+
+
+def collate_subsample(t: np.ndarray, max_tokens: int, rng: np.random.Generator) -> np.ndarray:
+    return t[np.sort(rng.choice(len(t), max_tokens, replace=False))] if len(t) > max_tokens else t
+
+
+def q_grad_sum(loss: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The sum of the per-image modularities, differentiable (``loss`` is minus their mean)."""
+    return -loss * len(q)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -155,13 +169,57 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def mean_token(store: FeatureStore, chunk: int = 256) -> np.ndarray:
-    """The mean token of the whole store, read in chunks."""
+def mean_token(store: FeatureStore, chunk: int = 256, dist: "Dist | None" = None) -> np.ndarray:
+    """The mean token of the whole store, read in chunks (under torchrun each rank reads every W-th chunk)."""
     total = np.zeros(store.dim, np.float64)
-    for s in range(0, store.n_images, chunk):
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    for j, s in enumerate(range(0, store.n_images, chunk)):
+        if j % world != rank:
+            continue
         for t in store.read_range(s, min(store.n_images, s + chunk)):
             total += t.sum(0)
+    if dist:
+        total = dist.sum(total)
     return (total / max(1, store.offsets[-1])).astype(np.float32)
+
+
+@dataclass
+class Dist:
+    """This process's place under ``torchrun`` (gloo on CPU, NCCL on GPU)."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    def sum(self, a: np.ndarray) -> np.ndarray:
+        import torch.distributed as td
+        t = torch.from_numpy(np.ascontiguousarray(a, np.float64))
+        if td.get_backend() == "nccl":
+            t = t.cuda()
+        td.all_reduce(t)
+        return t.cpu().numpy()
+
+    def barrier(self) -> None:
+        import torch.distributed as td
+        td.barrier()
+
+
+def setup_distributed(device: str | None) -> tuple[Dist | None, str]:
+    """Join torchrun's process group when started under it (WORLD_SIZE > 1); returns (dist, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None, device or ("cuda" if torch.cuda.is_available() else "cpu")
+    import torch.distributed as td
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    else:
+        device = "cpu"
+    if not td.is_initialized():
+        td.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(td.get_rank(), td.get_world_size(), local), device
 
 
 def init_prototypes(model: AdaptiveConceptGenerator, store: FeatureStore, seed: int, sample: int = 4096) -> None:
@@ -204,20 +262,34 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
     if cfg.dim % cfg.heads:
         raise UsageError(f"feature dim {cfg.dim} is not divisible by --heads {cfg.heads}", "choose another --heads")
     prov = {**store.provenance(), "store": store.identity}
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist, device = setup_distributed(device)
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    if min(train.batch_size, store.n_images) < world:
+        raise UsageError(f"a batch of {min(train.batch_size, store.n_images)} images cannot be shared by {world} processes",
+                         "raise --batch-size or start fewer processes")
     log_path = out.with_suffix(".log.jsonl")
     plot_path = out.with_suffix(".loss.png")
+    if dist and rank == 0:
+        log.info("fit-acg on %d processes (%s): global batch %d", world, "nccl" if device.startswith("cuda") else "gloo",
+                 min(train.batch_size, store.n_images))
 
-    lock_fd = acquire_output_lock(out)
+    lock_fd = acquire_output_lock(out) if rank == 0 else None  # rank 0 alone writes
     try:
         torch.manual_seed(train.seed)
-        model = AdaptiveConceptGenerator(cfg)
+        core = AdaptiveConceptGenerator(cfg)
         if cfg.center:
-            model.feature_center.copy_(torch.from_numpy(mean_token(store)))
+            core.feature_center.copy_(torch.from_numpy(mean_token(store, dist=dist)))
         if train.proto_init == "kmeans":
-            init_prototypes(model, store, train.seed)
-        model = model.to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+            init_prototypes(core, store, train.seed)
+        core = core.to(device)
+        model = core
+        if dist:
+            from torch.nn.parallel import DistributedDataParallel
+            # static graph: the key biases get no gradient by design (constant over keys, they drop out of the
+            # exact low-rank attention), every step the same
+            model = DistributedDataParallel(core, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
+                                            static_graph=True)
+        opt = torch.optim.AdamW(core.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         start = 0
         history: list[dict] = []
         rp = resume_path(out)
@@ -225,11 +297,12 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
             try:
                 state = load_checkpoint(rp)
                 same = (state.train.get("config") == asdict(train) and state.model.cfg == cfg
-                        and state.provenance.get("store", {}).get("content_sha256") == prov["store"]["content_sha256"])
+                        and state.provenance.get("store", {}).get("content_sha256") == prov["store"]["content_sha256"]
+                        and int(state.raw.get("world", 1)) == world)
             except AcsegError:
                 same = False
             if same:
-                model.load_state_dict(state.model.state_dict())
+                core.load_state_dict(state.model.state_dict())
                 opt.load_state_dict(state.raw["optimizer"])
                 start = int(state.raw["step"])
                 history = json.loads(state.raw.get("history", "[]"))
@@ -239,47 +312,66 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
                 log.warning("the resume state %s was made with other settings; starting afresh", rp.name)
         model.train()
         pool = ThreadPoolExecutor(1)
-        nxt = pool.submit(_read_batch, store, train, start) if start < train.steps else None
+        nxt = pool.submit(_read_batch, store, train, start, rank, world) if start < train.steps else None
         t0 = time.monotonic()
         last = {"loss": float("nan"), "modularity": float("nan")}
+        n_global = min(train.batch_size, store.n_images)
         for step in range(start, train.steps):
             x, mask = nxt.result()
-            nxt = pool.submit(_read_batch, store, train, step + 1) if step + 1 < train.steps else None
-            x, mask = model.prepare(x.to(device)), mask.to(device)
+            nxt = pool.submit(_read_batch, store, train, step + 1, rank, world) if step + 1 < train.steps else None
+            x, mask = core.prepare(x.to(device)), mask.to(device)
             lr = lr_at(step, train)
             for g in opt.param_groups:
                 g["lr"] = lr
             concepts = model(x, mask)
             s = assignment(x, concepts)
             loss, q = modularity_loss(x, s, mask, keep_diagonal=train.keep_diagonal, delta=train.delta, tau=train.tau)
+            if dist:  # this rank's images' share of the global mean; DDP averages gradients over the W ranks
+                loss = -q_grad_sum(loss, q) * world / n_global
             if not torch.isfinite(loss):
                 raise AcsegError(f"the loss became {loss.item()} at step {step}", "lower --lr or check the features")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            last = {"loss": float(loss.item()), "modularity": float(q.mean().item())}
-            if step % train.log_every == 0 or step == train.steps - 1:
+            logging_step = step % train.log_every == 0 or step == train.steps - 1
+            active_sum = 0.0
+            if logging_step:
                 with torch.no_grad():
                     _, active = hard_assignment(s, mask)
-                rec = {"step": step, **last, "active_concepts": float(active.sum(1).float().mean().item()), "lr": lr,
+                active_sum = float(active.sum(1).float().sum().item())
+            q_sum = float(q.sum().item())
+            if dist:
+                q_sum, active_sum = (float(v) for v in dist.sum(np.array([q_sum, active_sum])))
+            last = {"loss": -q_sum / n_global, "modularity": q_sum / n_global}
+            if logging_step:
+                rec = {"step": step, **last, "active_concepts": active_sum / n_global, "lr": lr,
                        "seconds": round(time.monotonic() - t0, 3)}
                 history.append(rec)
-            if progress:
+            if progress and rank == 0:
                 progress(step + 1, train.steps, f"loss {last['loss']:.4f} Q {last['modularity']:.4f}")
-            if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.steps:
-                save_checkpoint(rp, model, prov, {"config": asdict(train)},
+            if (rank == 0 and train.checkpoint_every and (step + 1) % train.checkpoint_every == 0
+                    and step + 1 < train.steps):
+                save_checkpoint(rp, core, prov, {"config": asdict(train)},
                                 extra={"optimizer": opt.state_dict(), "step": step + 1, "history": json.dumps(history),
-                                       "torch_rng": torch.get_rng_state()})
+                                       "torch_rng": torch.get_rng_state(), "world": world})
         pool.shutdown()
-        model.eval()
-        _write_log(log_path, history)
-        plot_loss(history, plot_path)
-        save_checkpoint(out, model, prov, {"config": asdict(train), "final": last, "steps": train.steps})
-        if rp.exists():
-            rp.unlink()
+        core.eval()
+        if rank == 0:
+            _write_log(log_path, history)
+            plot_loss(history, plot_path)
+            save_checkpoint(out, core, prov, {"config": asdict(train), "final": last, "steps": train.steps,
+                                              "processes": world})
+            if rp.exists():
+                rp.unlink()
+        if dist:
+            dist.barrier()
     finally:
-        release_output_lock(out, lock_fd)
+        if lock_fd is not None:
+            release_output_lock(out, lock_fd)
         store.close()
+        if dist:
+            import torch.distributed as td
+            td.destroy_process_group()
     return FitResult(str(out), train.steps, last["loss"], last["modularity"], str(log_path), str(plot_path), start, history)
 
 
