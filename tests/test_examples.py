@@ -84,3 +84,67 @@ def test_the_readme_demo_target(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "seed 0: mIoU" in p.stdout and "pictures:" in p.stdout
     assert json.loads((tmp_path / "score-s0.json").read_text())["n_images"] == 8
+
+
+def _same_store(a, b):
+    import h5py
+    import numpy as np
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert fa.attrs["content_sha256"] == fb.attrs["content_sha256"]
+        for k in fa:
+            if isinstance(fa[k], h5py.Dataset):
+                assert np.array_equal(fa[k][:], fb[k][:]), k
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unsharded") / "feats.h5"
+    p = subprocess.run([sys.executable, "-m", "acseg_cli", "extract", str(EXAMPLES / "camvid" / "images"), "-o", str(out),
+                        "--backbone", "test-vit", "--random-weights", "--batch-size", "2", "-q"], env=cli_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+@needs_make
+def test_sharded_makefile_with_make_j(tmp_path, unsharded):
+    args = [f"ACSEG={sys.executable} -m acseg_cli", f"IMAGES={EXAMPLES / 'camvid' / 'images'}", f"OUT={tmp_path}",
+            "SHARDS=3", "EXTRACT_FLAGS=--backbone test-vit --random-weights --batch-size 2 --workers 0", "-j3"]
+    p = make(["-f", "sharded.mk", *args], cli_env())
+    assert p.stdout.count("--shard") == 3
+    assert sorted(x.name for x in (tmp_path / "shards").iterdir()) == [f"feats.{i}.h5" for i in range(3)]
+    _same_store(tmp_path / "feats.h5", unsharded)
+    assert make(["-f", "sharded.mk", *args, "-q"], cli_env(), check=False).returncode == 0  # up to date
+
+
+def test_parallel_extract_script(tmp_path, unsharded):
+    env = cli_env()
+    env["ACSEG"] = f"{sys.executable} -m acseg_cli"
+    cmd = ["bash", str(EXAMPLES / "parallel_extract.sh"), str(EXAMPLES / "camvid" / "images"), str(tmp_path), "2",
+           "--backbone", "test-vit", "--random-weights", "--batch-size", "2", "--workers", "0"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(tmp_path / "feats.h5")
+    _same_store(tmp_path / "feats.h5", unsharded)
+    p = subprocess.run(cmd[:2], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "usage" in p.stderr
+
+
+def test_slurm_scripts_as_plain_bash(tmp_path, unsharded):
+    """The array tasks run as Slurm would start them (its environment variables), without Slurm."""
+    env = cli_env()
+    env.update(ACSEG=f"{sys.executable} -m acseg_cli", IMAGES=str(EXAMPLES / "camvid" / "images"), OUT=str(tmp_path),
+               SLURM_ARRAY_TASK_COUNT="2", EXTRACT_FLAGS="--backbone test-vit --random-weights --batch-size 2 -q",
+               WORKERS="0")
+    for i in (0, 1):
+        p = subprocess.run(["bash", str(EXAMPLES / "slurm" / "extract.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+    p = subprocess.run(["bash", str(EXAMPLES / "slurm" / "extract.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "already done" in p.stderr  # a re-queued finished task does nothing
+    p = subprocess.run([sys.executable, "-m", "acseg_cli", "merge", str(tmp_path / "shards" / "feats.1.h5"),
+                        str(tmp_path / "shards" / "feats.0.h5"), "-o", str(tmp_path / "feats.h5"), "-q"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    _same_store(tmp_path / "feats.h5", unsharded)
