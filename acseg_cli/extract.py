@@ -29,6 +29,7 @@ def command(
     workers: Annotated[int, typer.Option("--workers", help="Decoding worker processes (0 = in the main process).")] = 1,
     device: Device = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Process only shard i of N (0-based, e.g. 3/16) of the input list; join the shard stores with 'acseg merge'.")] = None,
+    max_aspect: Annotated[float, typer.Option("--max-aspect", help="Skip images whose long side exceeds this many times the short side (their patch count, and memory, grow with it).")] = 8.0,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
     list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbone presets and exit.")] = False,
     overwrite: Overwrite = False,
@@ -58,10 +59,10 @@ def command(
         res = run_extract(inputs, output, backbone=backbone, weights=weights, random_weights=random_weights,
                           short_side=short_side, feature=feature, layer=layer, batch_size=batch_size, workers=workers,
                           device=device, strict=strict, overwrite=overwrite, resume=resume, list_text=list_text,
-                          shard=shard, progress=bar)
+                          shard=shard, max_aspect=max_aspect, progress=bar)
     msg = f"extracted {res.n_images} images"
     if res.n_skipped:
-        msg += f", skipped {res.n_skipped} unreadable (listed above and in the store's 'skipped' attribute)"
+        msg += f", skipped {res.n_skipped} unusable (listed above and in the store's 'skipped' attribute)"
     info(msg)
     emit(res.path, as_json, kind="features", n_images=res.n_images, n_skipped=res.n_skipped,
          resumed_from=res.resumed_from)

@@ -46,6 +46,11 @@ class ClassStore(Store):
         self.grid = self._need("grid", 2, self.n_images, "iu")[:].astype(np.int64)
         if not np.isfinite(self.centroids).all():
             raise AcsegError(f"{self.path}: centroids hold NaN or Inf", "the file is damaged; re-run classify")
+        p = self.params
+        want = int(p.get("n_classes", 0)) - (1 if p.get("background_split") else 0)
+        if len(self.centroids) < 1 or len(self.centroids) != want:
+            raise AcsegError(f"{self.path}: {len(self.centroids)} centroids for {p.get('n_classes')} classes",
+                             "the file is damaged; re-run classify")
 
     def class_map(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]

@@ -96,7 +96,7 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
             random_weights: bool = False, short_side: int | None = None, feature: str = "tokens", layer: int = -1,
             batch_size: int = 8, workers: int = 1, device: str | None = None, strict: bool = False,
             overwrite: bool = False, resume: bool = False, max_pixels: int | None = None,
-            list_text: str | None = None, shard: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+            list_text: str | None = None, shard: str | None = None, max_aspect: float = 8.0, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract features of ``inputs`` (folders, files, list files) into the store ``output``.
 
     ``progress(done, total)`` is called after every batch. Returns the store's path and counts.
@@ -107,6 +107,8 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
     preset = get_preset(backbone)
     if feature not in FEATURE_KINDS:
         raise UsageError(f"unknown feature {feature!r}", f"choose one of: {', '.join(FEATURE_KINDS)}")
+    if max_aspect < 1:
+        raise UsageError(f"--max-aspect {max_aspect} is below 1", "pass a ratio >= 1, e.g. 8")
     if batch_size < 1 or workers < 0:
         raise UsageError("batch size must be >= 1 and workers >= 0", "fix --batch-size / --workers")
     short_side = short_side or preset.short_side
@@ -125,6 +127,10 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
     for it in items:
         try:
             h, w = im.peek_size(it.path)
+            if max(h, w) > max_aspect * min(h, w):
+                g = im.target_grid(h, w, short_side, preset.patch)
+                raise im.ImageError(f"aspect ratio {max(h, w) / min(h, w):.0f}:1 is beyond --max-aspect {max_aspect:g} "
+                                    f"({h}x{w} pixels would make {g[0] * g[1]:,} patches); crop it, or raise --max-aspect")
             grids.append(im.target_grid(h, w, short_side, preset.patch))
         except im.ImageError as e:
             grids.append(None)

@@ -91,8 +91,24 @@ def _exif_transposes(im: Image.Image) -> bool:
         return False
 
 
+def _regular_file(path: str) -> None:
+    """Open only regular files: a FIFO or device named .png would block or never end."""
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except OSError as e:
+        raise ImageError(f"cannot access ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError("is a folder")
+    if not stat.S_ISREG(mode):
+        raise ImageError("not a regular file (a pipe, socket or device)")
+
+
 def peek_size(path: str) -> tuple[int, int]:
     """(height, width) after EXIF orientation, reading only the header."""
+    _regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -137,6 +153,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def load_rgb(path: str) -> Image.Image:
     """Decode one image fully: EXIF orientation applied, 8-bit RGB. Raises ImageError."""
+    _regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from .errors import AcsegError, UsageError
-from .store import STR, Store, StoreWriter, check_output, decode_names
+from .store import Store, StoreWriter, check_output, decode_names
 
 log = logging.getLogger("acseg.merge")
 PLAN_NAMES = "shard_plan/names"

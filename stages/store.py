@@ -150,6 +150,7 @@ class StoreWriter:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
+        _install_unraisable_filter()
         self._lock_fd = acquire_output_lock(self.path)
 
     def _release_lock(self) -> None:
@@ -177,7 +178,10 @@ class StoreWriter:
                 f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
                                  chunks=(rows, *shape))
         for name, data in self.extra.items():
-            f.create_dataset(name, data=data)
+            if data.dtype == object:
+                f.create_dataset(name, data=np.array(encode_strs(data), dtype=object), dtype=STR)
+            else:
+                f.create_dataset(name, data=data)
         f.flush()
 
     def _root_attrs(self) -> dict:
@@ -269,7 +273,7 @@ class StoreWriter:
         except (OSError, RuntimeError) as e:
             self._broken = True
             BROKEN_WRITES.append(str(self.tmp))
-            raise AcsegError(f"writing {self.path.name} failed ({str(e).splitlines()[0][:120]})",
+            raise AcsegError(f"writing {self.path.name} failed ({_write_reason(e)})",
                              "check free disk space and permissions; the previous output, if any, is untouched") from None
 
     def _append(self, per_image, packed, attrs) -> None:
@@ -278,9 +282,11 @@ class StoreWriter:
         n = self.n_done
         b = len(next(iter(per_image.values())))
         for name in self.schema.per_image:
+            if b == 0:  # a batch whose images all failed to decode: nothing to add, the batch still counts
+                break
             d = f[name]
             d.resize(n + b, axis=0)
-            d[n:n + b] = per_image[name]
+            d[n:n + b] = encode_strs(per_image[name]) if d.dtype == STR else per_image[name]
         for g in self.schema.groups:
             off = f[g.offsets]
             start = int(off[n])
@@ -323,6 +329,42 @@ class StoreWriter:
         f.close()
         self.f = None
         os.replace(self.tmp, self.path)
+
+
+def _install_unraisable_filter() -> None:
+    """After a failed write, h5py's handles complain again while being freed ("Exception ignored in
+    ObjectID.__dealloc__", with a traceback) around our one error line: drop those reports, keep others."""
+    prev = sys.unraisablehook
+    if getattr(prev, "_acseg", False):
+        return
+
+    def hook(unraisable) -> None:
+        text = f"{unraisable.exc_value} {unraisable.err_msg or ''} {unraisable.object!r}"
+        if isinstance(unraisable.exc_value, RuntimeError) and ("write failed" in text or "__dealloc__" in text
+                                                               and BROKEN_WRITES):
+            import logging
+            logging.getLogger("acseg.store").debug("ignored while freeing a failed HDF5 file: %s", unraisable.exc_value)
+            return
+        prev(unraisable)
+    hook._acseg = True
+    sys.unraisablehook = hook
+    prev_except = sys.excepthook
+
+    def excepthook(kind, value, tb) -> None:  # Cython prints the traceback through here first
+        if isinstance(value, RuntimeError) and "write failed" in str(value):
+            return
+        prev_except(kind, value, tb)
+    sys.excepthook = excepthook
+
+
+def _write_reason(e: Exception) -> str:
+    """The OS's words from an HDF5 write error (``error message = 'File too large'``), else its first line."""
+    import re
+    text = str(e)
+    m = re.search(r"error message = '([^']+)'", text)
+    if m:
+        return m.group(1)
+    return text.splitlines()[0][:120]
 
 
 def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
@@ -389,7 +431,7 @@ class Store:
 
     def _check_offsets(self, name: str, total_of: str) -> np.ndarray:
         off = self._need(name, 1, self.n_images + 1, "iu")[:].astype(np.int64)
-        total = self.f[total_of].shape[0]
+        total = self._need(total_of).shape[0]
         if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != total:
             raise AcsegError(f"{self.path}: offsets '{name}' do not index '{total_of}'",
                              "the file is damaged; re-run the stage that made it")
@@ -433,6 +475,11 @@ class Store:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def encode_strs(values) -> list:
+    """Names as stored: UTF-8, with undecodable bytes of file names (held as surrogates) kept as they were."""
+    return [v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v for v in values]
 
 
 def decode_names(arr: Iterable) -> list[str]:
