@@ -102,25 +102,28 @@ def default_output(features: str) -> str:
     return str(p.with_name(f"{stem}.concepts.h5"))
 
 
-def summarise(tokens: np.ndarray, attn: np.ndarray, labels: np.ndarray, vectors: np.ndarray, active_ids: np.ndarray):
-    """Per concept: pixel count, L2-normalised mean of its L2-normalised tokens, concept vector, CLS-attention sum."""
-    m = len(active_ids)
-    xn = tokens / np.maximum(np.linalg.norm(tokens, axis=1, keepdims=True), 1e-8)
-    onehot = np.zeros((m, len(labels)), np.float32)
-    onehot[labels, np.arange(len(labels))] = 1
+def summarise_batch(xc: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, assign: torch.Tensor, k: int):
+    """Per image of a batch, per prototype: pixel count, L2-normalised mean of the L2-normalised tokens ``xc``,
+    CLS-attention sum; and the hard assignment renumbered densely (0..m-1 in prototype order).
+
+    Returns numpy arrays: pixels (B, k), means (B, k, d), attention sums (B, k), active (B, k) bool,
+    labels (B, N). Prototypes with no pixel are inactive (dropped by the caller).
+    """
+    xn = F.normalize(xc, dim=-1)
+    onehot = F.one_hot(assign, k).to(xn.dtype) * mask[..., None].to(xn.dtype)  # (B, N, k)
     pix = onehot.sum(1)
-    mean = onehot @ xn / np.maximum(pix[:, None], 1)
-    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-8)
-    return pix.astype(np.int32), mean.astype(np.float32), vectors[active_ids].astype(np.float32), (onehot @ attn).astype(np.float32)
+    means = F.normalize(torch.bmm(onehot.transpose(1, 2), xn), dim=-1)
+    cattn = torch.bmm(attn[:, None, :].to(xn.dtype), onehot)[:, 0]
+    active = pix > 0
+    labels = (active.long().cumsum(1) - 1).gather(1, assign)
+    return (pix.round().long().numpy(), means.numpy(), cattn.numpy(), active.numpy(), labels.numpy())
 
 
-def renumber(assign: np.ndarray, k: int):
-    """Hard assignment -> dense ids 0..m-1 (in prototype order) and the prototypes that received pixels."""
-    counts = np.bincount(assign, minlength=k)
-    active = np.flatnonzero(counts)
-    remap = np.full(k, -1, np.int64)
-    remap[active] = np.arange(len(active))
-    return remap[assign], active
+def _pad(arrays: list[np.ndarray], n: int) -> torch.Tensor:
+    out = np.zeros((len(arrays), n), np.float32)
+    for i, a in enumerate(arrays):
+        out[i, :len(a)] = a
+    return torch.from_numpy(out)
 
 
 def conceptualize(features: str, output: str | None = None, *, acg: str | None = None, method: str = "acg",
@@ -188,28 +191,23 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                 else:
                     xn = F.normalize(xd, dim=-1)
                     vec, assign = batched_kmeans(xn, md, k, seed=seed + s)
-            vec, assign = vec.float().cpu().numpy(), assign.cpu().numpy()
-            center = model.feature_center.cpu().numpy() if model is not None and model.cfg.center else 0.0
-            per = {"grid": [], "image_size": [], "names": [], "sources": [], "n_concepts": []}
-            packed = {f: [] for f in ("concept_map", "concept_pixels", "concept_mean", "concept_vector",
-                                      "concept_cls_attn", "concept_prototype")}
-            for b, i in enumerate(range(s, e)):
-                nt = len(toks[b])
-                labels, active = renumber(assign[b, :nt], k)
-                pix, mean, cvec, cattn = summarise(toks[b] - center, attn[b], labels, vec[b], active)
-                per["grid"].append(store.grid[i])
-                per["image_size"].append(store.image_size[i])
-                per["names"].append(store.names[i])
-                per["sources"].append(store.sources[i])
-                per["n_concepts"].append(len(active))
-                packed["concept_map"].append(labels.astype(np.uint8))
-                packed["concept_pixels"].append(pix)
-                packed["concept_mean"].append(mean)
-                packed["concept_vector"].append(cvec)
-                packed["concept_cls_attn"].append(cattn)
-                packed["concept_prototype"].append(active.astype(np.int16))
-                if preview:
-                    _preview(preview, store.names[i], store.sources[i], labels.reshape(store.grid[i]), store.image_size[i])
+                pix, means, cattn, active, labels = summarise_batch(
+                    xd.float().cpu(), _pad(attn, xd.shape[1]), md.cpu(), assign.cpu(), k)
+            vec = vec.float().cpu().numpy()
+            m = active.sum(1)
+            per = {"grid": store.grid[s:e], "image_size": store.image_size[s:e], "names": store.names[s:e],
+                   "sources": store.sources[s:e], "n_concepts": m}
+            ids = [np.flatnonzero(a) for a in active]
+            packed = {"concept_map": [labels[b, :len(toks[b])].astype(np.uint8) for b in range(e - s)],
+                      "concept_pixels": [pix[b, a].astype(np.int32) for b, a in enumerate(ids)],
+                      "concept_mean": [means[b, a] for b, a in enumerate(ids)],
+                      "concept_vector": [vec[b, a] for b, a in enumerate(ids)],
+                      "concept_cls_attn": [cattn[b, a] for b, a in enumerate(ids)],
+                      "concept_prototype": [a.astype(np.int16) for a in ids]}
+            if preview:
+                for b, i in enumerate(range(s, e)):
+                    _preview(preview, store.names[i], store.sources[i], packed["concept_map"][b].reshape(store.grid[i]),
+                             store.image_size[i])
             w.append(per, packed)
             if progress:
                 progress(e, n)
