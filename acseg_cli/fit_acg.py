@@ -21,7 +21,7 @@ def command(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Checkpoint to write (e.g. acg.pt).")] = None,
     prototypes: Annotated[int, typer.Option("--prototypes", "-k", help="Number of learnable prototypes k (max concepts per image).")] = _A.num_prototypes,
     depth: Annotated[int, typer.Option("--depth", help="Decoder layers.")] = _A.depth,
-    heads: Annotated[int, typer.Option("--heads", help="Attention heads (0: one per 64 feature dims).")] = _A.num_heads,
+    heads: Annotated[int, typer.Option("--heads", help="Attention heads (0: one per 128 feature dims, 3 for ViT-S).")] = _A.num_heads,
     mlp_ratio: Annotated[float, typer.Option("--mlp-ratio", help="FFN width / feature dim.")] = _A.mlp_ratio,
     dropout: Annotated[float, typer.Option("--dropout")] = _A.dropout,
     center: Annotated[bool, typer.Option("--center/--no-center", help="Subtract the mean token before the graph and the assignment.")] = _A.center,

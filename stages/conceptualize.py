@@ -17,10 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .acg import assignment
 from .errors import AcsegError, UsageError
 from .features import FeatureStore
-from .fit import TrainConfig, check_compatible, collate, fit_acg, load_checkpoint
+from .fit import TrainConfig, check_compatible, fit_acg, load_checkpoint
 from .kmeans import batched_kmeans
 from .shards import SHARD_ATTR, copy_plan
 from .store import STR, Group, Schema, Store, StoreWriter, check_output, decode_names, file_sha256
@@ -102,14 +101,13 @@ def default_output(features: str) -> str:
     return str(p.with_name(f"{stem}.concepts.h5"))
 
 
-def summarise_batch(xc: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, assign: torch.Tensor, k: int):
-    """Per image of a batch, per prototype: pixel count, L2-normalised mean of the L2-normalised tokens ``xc``,
+def summarise_batch(xn: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, assign: torch.Tensor, k: int):
+    """Per image of a batch, per prototype: pixel count, L2-normalised mean of the L2-normalised tokens ``xn``,
     CLS-attention sum; and the hard assignment renumbered densely (0..m-1 in prototype order).
 
     Returns numpy arrays: pixels (B, k), means (B, k, d), attention sums (B, k), active (B, k) bool,
     labels (B, N). Prototypes with no pixel are inactive (dropped by the caller).
     """
-    xn = F.normalize(xc, dim=-1)
     onehot = F.one_hot(assign, k).to(xn.dtype) * mask[..., None].to(xn.dtype)  # (B, N, k)
     pix = onehot.sum(1)
     means = F.normalize(torch.bmm(onehot.transpose(1, 2), xn), dim=-1)
@@ -179,26 +177,26 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
             progress(start, n)
         for s in range(start, n, batch_size):
             e = min(n, s + batch_size)
-            toks = store.read_range(s, e, "tokens")
+            x, mask, lens = store.read_batch(s, e)
             attn = store.read_range(s, e, "cls_attn")
-            x, mask = collate(toks, None, None)
             with torch.inference_mode():
                 xd, md = x.to(device), mask.to(device)
                 if method == "acg":
-                    xd = model.prepare(xd)
+                    xd = xd.sub_(model.feature_center) if model.cfg.center else xd  # x is ours: centre in place
                     vec = model(xd, md)
-                    assign = assignment(xd, vec).argmax(-1)
+                    xn = F.normalize(xd, dim=-1)
+                    assign = (xn @ F.normalize(vec, dim=-1).transpose(1, 2)).argmax(-1)  # = assignment(xd, vec)
                 else:
                     xn = F.normalize(xd, dim=-1)
                     vec, assign = batched_kmeans(xn, md, k, seed=seed + s)
                 pix, means, cattn, active, labels = summarise_batch(
-                    xd.float().cpu(), _pad(attn, xd.shape[1]), md.cpu(), assign.cpu(), k)
+                    xn.float().cpu(), _pad(attn, xd.shape[1]), md.cpu(), assign.cpu(), k)
             vec = vec.float().cpu().numpy()
             m = active.sum(1)
             per = {"grid": store.grid[s:e], "image_size": store.image_size[s:e], "names": store.names[s:e],
                    "sources": store.sources[s:e], "n_concepts": m}
             ids = [np.flatnonzero(a) for a in active]
-            packed = {"concept_map": [labels[b, :len(toks[b])].astype(np.uint8) for b in range(e - s)],
+            packed = {"concept_map": [labels[b, :lens[b]].astype(np.uint8) for b in range(e - s)],
                       "concept_pixels": [pix[b, a].astype(np.int32) for b, a in enumerate(ids)],
                       "concept_mean": [means[b, a] for b, a in enumerate(ids)],
                       "concept_vector": [vec[b, a] for b, a in enumerate(ids)],

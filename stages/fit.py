@@ -259,6 +259,7 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
     store = FeatureStore(features)
     cfg = acg or ACGConfig()
     cfg = ACGConfig(**{**asdict(cfg), "dim": store.dim})
+    cfg = ACGConfig(**{**asdict(cfg), "num_heads": cfg.heads})  # the checkpoint records the number, not "auto"
     if cfg.dim % cfg.heads:
         raise UsageError(f"feature dim {cfg.dim} is not divisible by --heads {cfg.heads}", "choose another --heads")
     prov = {**store.provenance(), "store": store.identity}
