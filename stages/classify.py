@@ -21,7 +21,7 @@ from .errors import AcsegError, UsageError
 from .images import safe_output_path
 from .kmeans import kmeans
 from .render import display_size, load_photo, overlay, palette, save_label_png, save_rgb, upsample_labels
-from .store import STR, Group, Schema, Store, StoreWriter, decode_names
+from .store import STR, Group, Schema, Store, StoreWriter, decode_names, is_write_error
 
 log = logging.getLogger("acseg.classify")
 CLASSES_FILE = "classes.h5"
@@ -283,8 +283,11 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         if preview:
             _previews(Path(preview), store, png_paths, match_gt, dataset, score_res)
         _commit_outdir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and is_write_error(e):
+            raise AcsegError(f"writing the label maps into {out.name} failed ({e.strerror or e})",
+                             "check free disk space and permissions; the previous output, if any, is untouched") from None
         raise
     finally:
         store.close()

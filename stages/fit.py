@@ -58,6 +58,10 @@ def save_checkpoint(path: str | os.PathLike, model: AdaptiveConceptGenerator, pr
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError ("unexpected pos")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the file could not be written whole"
+        raise AcsegError(f"writing {path.name} failed ({reason})",
+                         "check free disk space and permissions; the previous file, if any, is untouched") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -358,10 +362,14 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         pool.shutdown()
         core.eval()
         if rank == 0:
-            _write_log(log_path, history)
-            plot_loss(history, plot_path)
             save_checkpoint(out, core, prov, {"config": asdict(train), "final": last, "steps": train.steps,
                                               "processes": world})
+            try:
+                _write_log(log_path, history)
+                plot_loss(history, plot_path)
+            except OSError as e:
+                raise AcsegError(f"{out.name} is written, but writing its log or loss curve failed ({e.strerror or e})",
+                                 "check free disk space; the checkpoint itself is complete") from None
             if rp.exists():
                 rp.unlink()
         if dist:

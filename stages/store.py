@@ -14,6 +14,7 @@ file keeps a second writer out.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -33,6 +34,22 @@ from .errors import AcsegError
 
 SCHEMA_VERSION = 1
 BROKEN_WRITES: list[str] = []  # HDF5 files whose writes failed in this process (their handles cannot be trusted)
+_ABANDONED: list = []  # their h5py handles, kept alive so that they are never closed
+WRITE_ERRNOS = {errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+
+
+def is_write_error(exc: BaseException | None) -> bool:
+    """Whether an exception (or one it came from) is the disk refusing a write: full, quota, size limit, I/O."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            return True
+        text = str(exc)
+        if any(t in text for t in ("File too large", "No space left", "Disk quota", "write failed")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 STR = h5py.string_dtype("utf-8")
 
 
@@ -123,9 +140,14 @@ class StoreWriter:
         check_output(self.path, self.overwrite)
         self._acquire_lock()
         try:
-            if self.resume and self.tmp.exists() and self._try_resume():
-                return self
-            self._create()
+            try:
+                if self.resume and self.tmp.exists() and self._try_resume():
+                    return self
+                self._create()
+            except (OSError, RuntimeError) as e:
+                if is_write_error(e):
+                    self._write_failed(e)
+                raise
         except BaseException:
             self._release_lock()
             raise
@@ -134,18 +156,30 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._finish()
-            elif self.f is not None:
                 try:
-                    self.f.close()
-                except Exception:  # closing a file whose writes failed
-                    pass
-                self.f = None
-                if getattr(self, "_broken", False):
+                    self._finish()
+                except (OSError, RuntimeError) as e:
+                    if is_write_error(e):
+                        self._write_failed(e)
+                    raise
+            elif self.f is not None:
+                if getattr(self, "_broken", False) or is_write_error(exc):
+                    # The disk refused a write (here or in another file of this stage): closing an HDF5 file
+                    # with unwritable metadata can crash libhdf5, so the handle is left open (and the process
+                    # leaves without library teardown, see acseg_cli.app) and the partial file removed.
+                    _ABANDONED.append(self.f)
+                    if str(self.tmp) not in BROKEN_WRITES:
+                        BROKEN_WRITES.append(str(self.tmp))
                     try:
                         self.tmp.unlink()
                     except OSError:
                         pass
+                else:
+                    try:
+                        self.f.close()
+                    except Exception:
+                        pass
+                self.f = None
         finally:
             self._release_lock()
 
@@ -271,10 +305,24 @@ class StoreWriter:
         try:
             self._append(per_image, packed, attrs)
         except (OSError, RuntimeError) as e:
-            self._broken = True
+            self._write_failed(e)
+
+    def _write_failed(self, e: Exception):
+        """A write the disk refused: one clear error. The handle is abandoned (never closed: libhdf5 can crash
+        closing a file whose metadata cannot be written), the partial file removed, the final name untouched."""
+        self._broken = True
+        if str(self.tmp) not in BROKEN_WRITES:
             BROKEN_WRITES.append(str(self.tmp))
-            raise AcsegError(f"writing {self.path.name} failed ({_write_reason(e)})",
-                             "check free disk space and permissions; the previous output, if any, is untouched") from None
+        if self.f is not None:
+            _ABANDONED.append(self.f)
+            self.f = None
+        for p in (self.tmp, self.tmp.with_name(self.tmp.name + ".copy")):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        raise AcsegError(f"writing {self.path.name} failed ({_write_reason(e)})",
+                         "check free disk space and permissions; the previous output, if any, is untouched") from None
 
     def _append(self, per_image, packed, attrs) -> None:
         f = self.f
@@ -340,8 +388,8 @@ def _install_unraisable_filter() -> None:
 
     def hook(unraisable) -> None:
         text = f"{unraisable.exc_value} {unraisable.err_msg or ''} {unraisable.object!r}"
-        if isinstance(unraisable.exc_value, RuntimeError) and ("write failed" in text or "__dealloc__" in text
-                                                               and BROKEN_WRITES):
+        if isinstance(unraisable.exc_value, (RuntimeError, OSError)) and ("write failed" in text or "__dealloc__" in text
+                                                                          and BROKEN_WRITES):
             import logging
             logging.getLogger("acseg.store").debug("ignored while freeing a failed HDF5 file: %s", unraisable.exc_value)
             return
@@ -351,7 +399,7 @@ def _install_unraisable_filter() -> None:
     prev_except = sys.excepthook
 
     def excepthook(kind, value, tb) -> None:  # Cython prints the traceback through here first
-        if isinstance(value, RuntimeError) and "write failed" in str(value):
+        if isinstance(value, (RuntimeError, OSError)) and "write failed" in str(value):
             return
         prev_except(kind, value, tb)
     sys.excepthook = excepthook

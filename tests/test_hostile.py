@@ -187,9 +187,68 @@ def corpus_counts() -> dict:
     c = {"images": len(IMAGE_CASES), "image cases (folder, list, all together)": 2 * len(IMAGE_CASES) + 1,
          "store variants": sum(len(hostile.stores(k)) for k in ("features", "concepts", "classes")),
          "store x stage cases": len(STORE_CASES), "checkpoints": len(CKPT_CASES), "checkpoint cases": len(CKPT_CASES) + 4,
-         "label-folder cases": len(SCORE_CASES)}
-    c["cases"] = c["image cases (folder, list, all together)"] + c["store x stage cases"] + c["checkpoint cases"] + c["label-folder cases"]
+         "label-folder cases": len(SCORE_CASES), "full-disk cases": 3 * len(FULL_DISK)}
+    c["cases"] = (c["image cases (folder, list, all together)"] + c["store x stage cases"] + c["checkpoint cases"]
+                  + c["label-folder cases"] + c["full-disk cases"])
     return c
+
+
+
+# -- a full disk, for every stage that writes -----------------------------------------------------------------
+def _limited(args, cwd, blocks):
+    """Run a command with a file-size limit of ``blocks`` x 512 bytes (a full disk, as the writer sees it)."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (blocks * 512, blocks * 512))
+    return subprocess.run([sys.executable, "-m", "acseg_cli", *map(str, args)], cwd=cwd, env=cli_env(),
+                          preexec_fn=limit, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def disk_inputs(tmp_path_factory, valid):
+    d = tmp_path_factory.mktemp("disk")
+    make_images(d / "imgs", n=4)
+    for i in range(2):
+        r = cli(["extract", d / "imgs", "--shard", f"{i}/2", "-o", d / f"s{i}.h5", *TEST_BACKBONE, "--batch-size", "1"])
+        assert r.exit_code == 0, r.stderr
+    return d
+
+
+FULL_DISK = {
+    "extract": lambda v, d, out: ["extract", d / "imgs", "-o", out / "x.h5", *TEST_BACKBONE, "--workers", "0", "--overwrite"],
+    "fit-acg": lambda v, d, out: ["fit-acg", v["features"], "-o", out / "x.pt", "--steps", "2", "--batch-size", "2", "-q", "--overwrite"],
+    "conceptualize": lambda v, d, out: ["conceptualize", v["features"], "--acg", v["acg"], "-o", out / "x.h5", "-q", "--overwrite"],
+    "classify": lambda v, d, out: ["classify", v["concepts"], "-K", "3", "-o", out / "x", "-q", "--overwrite"],
+    "merge": lambda v, d, out: ["merge", d / "s0.h5", d / "s1.h5", "-o", out / "x.h5", "-q", "--overwrite"],
+}
+
+
+@pytest.mark.parametrize("blocks", [1, 8, 64])
+@pytest.mark.parametrize("stage", list(FULL_DISK))
+def test_a_full_disk_is_one_line_for_every_stage(valid, disk_inputs, tmp_path, stage, blocks):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = FULL_DISK[stage](valid, disk_inputs, out)
+    target = Path(str(args[args.index("-o") + 1]))
+    if target.suffix:  # a previous output that must survive
+        target.write_bytes(b"previous output")
+    p = _limited(args, tmp_path, blocks)
+    if p.returncode == 0 and blocks > 1:  # the limit was large enough for this stage's whole output
+        return
+    assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "disk space" in lines[0], p.stderr[-3000:]
+    assert p.stdout == ""
+    if target.suffix:
+        assert target.read_bytes() == b"previous output"
+    else:
+        assert not target.exists()
+    assert [x.name for x in out.iterdir() if x != target] == []  # no partial file or folder left
 
 
 if __name__ == "__main__":
