@@ -172,7 +172,7 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
         if w.resumed_from:
             start = max(first, int(w.f.attrs.get("batches_done", 0)))
             skipped = json.loads(w.f.attrs.get("skipped", "[]"))
-            log.info("resuming %s after %d images (%d batches)", out.name, w.resumed_from, start)
+            log.info("resuming %s after %d images (%d batches)", out.name, w.resumed_from, start - first)
         elif resume:
             log.info("nothing valid to resume for %s; starting afresh", out.name)
         ds = _BatchDataset(items, grids, batches, preset.patch, preset.mean, preset.std, max_pixels)
