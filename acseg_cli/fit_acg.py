@@ -25,6 +25,7 @@ def command(
     mlp_ratio: Annotated[float, typer.Option("--mlp-ratio", help="FFN width / feature dim.")] = _A.mlp_ratio,
     dropout: Annotated[float, typer.Option("--dropout")] = _A.dropout,
     center: Annotated[bool, typer.Option("--center/--no-center", help="Subtract the mean token before the graph and the assignment.")] = _A.center,
+    whiten: Annotated[bool, typer.Option("--whiten/--no-whiten", help="Also whiten the centred tokens (ZCA from the training covariance).")] = _A.whiten,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = _T.steps,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = _T.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = _T.lr,
@@ -49,7 +50,8 @@ def command(
     features = resolve_input(features)
     if not output:
         fail("no output: pass -o ACG.pt", 2)
-    acg = ACGConfig(num_prototypes=prototypes, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, center=center)
+    acg = ACGConfig(num_prototypes=prototypes, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, center=center,
+                    whiten=whiten)
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed,
                         max_tokens=max_tokens, keep_diagonal=not zero_diagonal, delta=delta, tau=tau,
                         checkpoint_every=checkpoint_every)

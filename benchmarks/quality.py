@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--fit-seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--center", action="store_true")
+    ap.add_argument("--whiten", action="store_true")
     ap.add_argument("--heads", type=int, default=0, help="ACG attention heads (0: one per 64 dims)")
     ap.add_argument("--bg-both", action="store_true", help="classify with and without the background split")
     a = ap.parse_args()
@@ -131,7 +132,7 @@ def main():
     if "c" in a.variants:
         t0 = time.time()
         ck = out / f"c{a.tag}.pt"
-        res = fit_acg(a.train, str(ck), acg=ACGConfig(num_prototypes=a.k, center=a.center, num_heads=a.heads),
+        res = fit_acg(a.train, str(ck), acg=ACGConfig(num_prototypes=a.k, center=a.center, num_heads=a.heads, whiten=a.whiten),
                       train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_tokens=a.max_tokens,
                                         delta=a.delta, seed=a.fit_seed), overwrite=True)
         fit_s = time.time() - t0
@@ -141,7 +142,7 @@ def main():
         for bg in ([False, True] if a.bg_both else [a.bg]):
             vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg) for s in seeds]
             report(f"c: ACSeg k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} delta={a.delta} bg={bg} "
-                   f"center={a.center} heads={a.heads or 'auto'} {a.tag}", vals,
+                   f"center={a.center} whiten={a.whiten} heads={a.heads or 'auto'} {a.tag}", vals,
                    {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": orc,
                     "final_modularity": round(res.final_modularity, 4), "fit_seconds": round(fit_s)})
     print()

@@ -87,10 +87,16 @@ class AdaptiveConceptGenerator(nn.Module):
         self.layers = nn.ModuleList([ACGLayer(cfg) for _ in range(cfg.depth)])
         self.head = nn.Linear(cfg.dim, cfg.dim)
         self.register_buffer("feature_center", torch.zeros(cfg.dim))
+        if cfg.whiten:  # only whitened models carry the matrix, so earlier checkpoints load unchanged
+            self.register_buffer("feature_whiten", torch.eye(cfg.dim))
 
-    def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens as the ACG, the graph and the assignment see them (centred when cfg.center)."""
-        return tokens - self.feature_center if self.cfg.center else tokens
+    def prepare(self, tokens: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Tokens as the ACG, the graph and the assignment see them: centred when cfg.center, whitened when
+        cfg.whiten. ``inplace`` may reuse ``tokens``' memory for the centring."""
+        if not (self.cfg.center or self.cfg.whiten):
+            return tokens
+        x = tokens.sub_(self.feature_center) if inplace else tokens - self.feature_center
+        return x @ self.feature_whiten if self.cfg.whiten else x
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, N, d), mask (B, N) True where valid -> concepts (B, k, d)."""

@@ -182,7 +182,7 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
             with torch.inference_mode():
                 xd, md = x.to(device), mask.to(device)
                 if method == "acg":
-                    xd = xd.sub_(model.feature_center) if model.cfg.center else xd  # x is ours: centre in place
+                    xd = model.prepare(xd, inplace=True)  # x is ours: centre in place
                     vec = model(xd, md)
                     xn = F.normalize(xd, dim=-1)
                     assign = (xn @ F.normalize(vec, dim=-1).transpose(1, 2)).argmax(-1)  # = assignment(xd, vec)

@@ -187,6 +187,24 @@ def mean_token(store: FeatureStore, chunk: int = 256, dist: "Dist | None" = None
     return (total / max(1, store.offsets[-1])).astype(np.float32)
 
 
+def whitening(store: FeatureStore, center: np.ndarray, seed: int, images: int = 256, eps: float = 1e-3) -> np.ndarray:
+    """ZCA whitening of the centred tokens from the covariance of a seeded sample of images (the same on every
+    rank): W = V diag(1 / sqrt(l + eps * l_max)) V^T, so that x @ W has (nearly) identity covariance."""
+    rng = np.random.default_rng([seed, 11])
+    idx = np.sort(rng.choice(store.n_images, size=min(store.n_images, images), replace=False))
+    cov = np.zeros((store.dim, store.dim), np.float64)
+    count = 0
+    for s in range(0, len(idx), 32):
+        x = np.concatenate(store.read_many(idx[s:s + 32])) - center
+        cov += (x.T @ x).astype(np.float64)
+        count += len(x)
+    cov /= max(1, count)
+    lam, vec = np.linalg.eigh(cov)
+    lam = np.maximum(lam, 0)
+    w = (vec / np.sqrt(lam + eps * lam.max() + 1e-12)) @ vec.T
+    return w.astype(np.float32)
+
+
 @dataclass
 class Dist:
     """This process's place under ``torchrun`` (gloo on CPU, NCCL on GPU)."""
@@ -282,8 +300,10 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
     try:
         torch.manual_seed(train.seed)
         core = AdaptiveConceptGenerator(cfg)
-        if cfg.center:
+        if cfg.center or cfg.whiten:
             core.feature_center.copy_(torch.from_numpy(mean_token(store, dist=dist)))
+        if cfg.whiten:
+            core.feature_whiten.copy_(torch.from_numpy(whitening(store, core.feature_center.numpy(), train.seed)))
         if train.proto_init == "kmeans":
             init_prototypes(core, store, train.seed)
         core = core.to(device)

@@ -118,3 +118,24 @@ def test_cli_prints_path_and_rejects_bad_checkpoints(planted, tmp_path):
     r = cli(["conceptualize", path, "--acg", evil, "-o", tmp_path / "c.h5", "-q"])
     assert r.exit_code == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_whitened_model_sees_identity_covariance_and_round_trips(planted, tmp_path):
+    """--whiten: the checkpoint carries mean and ZCA matrix; prepared training tokens have (nearly) identity
+    covariance; the model loads and conceptualizes; a model without it has no such buffer (old checkpoints load)."""
+    from stages.acg import ACGConfig
+    from stages.conceptualize import ConceptStore, conceptualize
+    path = planted[0]
+    res = fit_acg(path, tmp_path / "w.pt", acg=ACGConfig(depth=1, whiten=True), train=TrainConfig(steps=3, batch_size=4))
+    m = load_checkpoint(res.path).model
+    assert "feature_whiten" in m.state_dict()
+    with FeatureStore(path) as st:
+        x = torch.from_numpy(np.concatenate(st.read_range(0, st.n_images)))
+    z = m.prepare(x).double()
+    cov = (z - z.mean(0)).T @ (z - z.mean(0)) / len(z)
+    assert torch.allclose(cov, torch.eye(cov.shape[0], dtype=cov.dtype), atol=0.05)
+    c = conceptualize(path, str(tmp_path / "c.h5"), acg=res.path)
+    with ConceptStore(c.path) as cs:
+        assert np.allclose(np.linalg.norm(cs.means(), axis=1), 1, atol=1e-4)
+    plain = fit_acg(path, tmp_path / "p.pt", acg=ACGConfig(depth=1), train=TrainConfig(steps=2, batch_size=4))
+    assert "feature_whiten" not in load_checkpoint(plain.path).model.state_dict()
