@@ -175,3 +175,46 @@ def test_fit_acg_under_torchrun_with_two_gloo_processes(split, tmp_path):
     assert ck.train["processes"] == 2
     r = cli(["conceptualize", full, "--acg", tmp_path / "two" / "acg.pt", "-o", tmp_path / "c.h5", "-q"])
     assert r.exit_code == 0, r.output
+
+
+def _kill_all_with(marker: str) -> None:
+    """SIGKILL every process whose command line mentions ``marker``."""
+    import os
+    import signal
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def test_a_killed_torchrun_fit_resumes_to_the_same_weights(split, tmp_path):
+    import time
+
+    import torch
+    d, full, _ = split
+    common = [full, "--steps", "60", "--batch-size", "8", "--max-tokens", "20", "--lr", "1e-3", "--warmup", "5",
+              "--checkpoint-every", "10", "-q"]
+    ref = _fit([*common, "-o", tmp_path / "ref.pt"], tmp_path, 2)
+    assert ref.returncode == 0, ref.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "acseg_cli",
+                "fit-acg", *map(str, common), "-o", str(tmp_path / "k.pt")]
+    p = subprocess.Popen(launcher, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / ".k.pt.resume"
+    t0 = time.monotonic()
+    while not state.exists() and p.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.02)
+    _kill_all_with(str(tmp_path / "k.pt"))  # the launcher and both ranks (torchrun starts them in their own sessions)
+    p.wait()
+    if not state.exists():
+        pytest.skip("the run ended before a resume state could be killed")
+    assert not (tmp_path / "k.pt").exists()
+    r = _fit([*common, "-o", tmp_path / "k.pt", "--resume"], tmp_path, 2)
+    assert r.returncode == 0, r.stderr
+    a = torch.load(tmp_path / "ref.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "k.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
