@@ -50,6 +50,8 @@ def is_write_error(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
 STR = h5py.string_dtype("utf-8")
 
 
@@ -163,23 +165,14 @@ class StoreWriter:
                         self._write_failed(e)
                     raise
             elif self.f is not None:
-                if getattr(self, "_broken", False) or is_write_error(exc):
-                    # The disk refused a write (here or in another file of this stage): closing an HDF5 file
-                    # with unwritable metadata can crash libhdf5, so the handle is left open (and the process
-                    # leaves without library teardown, see acseg_cli.app) and the partial file removed.
-                    _ABANDONED.append(self.f)
-                    if str(self.tmp) not in BROKEN_WRITES:
-                        BROKEN_WRITES.append(str(self.tmp))
-                    try:
-                        self.tmp.unlink()
-                    except OSError:
-                        pass
+                if is_write_error(exc):  # the disk refused a write here or in another file of this stage
+                    self._abandon()
                 else:
                     try:
                         self.f.close()
                     except Exception:
                         pass
-                self.f = None
+                    self.f = None
         finally:
             self._release_lock()
 
@@ -307,10 +300,10 @@ class StoreWriter:
         except (OSError, RuntimeError) as e:
             self._write_failed(e)
 
-    def _write_failed(self, e: Exception):
-        """A write the disk refused: one clear error. The handle is abandoned (never closed: libhdf5 can crash
-        closing a file whose metadata cannot be written), the partial file removed, the final name untouched."""
-        self._broken = True
+    def _abandon(self) -> None:
+        """Give up a file the disk refused to write: its handle is kept open, never closed (closing an HDF5
+        file whose metadata cannot be written can crash libhdf5; the process then leaves without library
+        teardown, see acseg_cli.app), and the partial file is removed. The final name is untouched."""
         if str(self.tmp) not in BROKEN_WRITES:
             BROKEN_WRITES.append(str(self.tmp))
         if self.f is not None:
@@ -321,6 +314,10 @@ class StoreWriter:
                 p.unlink()
             except OSError:
                 pass
+
+    def _write_failed(self, e: Exception):
+        """A write the disk refused: one clear error."""
+        self._abandon()
         raise AcsegError(f"writing {self.path.name} failed ({_write_reason(e)})",
                          "check free disk space and permissions; the previous output, if any, is untouched") from None
 
