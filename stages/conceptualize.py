@@ -117,13 +117,6 @@ def summarise_batch(xn: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, as
     return (pix.round().long().numpy(), means.numpy(), cattn.numpy(), active.numpy(), labels.numpy())
 
 
-def _pad(arrays: list[np.ndarray], n: int) -> torch.Tensor:
-    out = np.zeros((len(arrays), n), np.float32)
-    for i, a in enumerate(arrays):
-        out[i, :len(a)] = a
-    return torch.from_numpy(out)
-
-
 def conceptualize(features: str, output: str | None = None, *, acg: str | None = None, method: str = "acg",
                   k: int = 5, seed: int = 0, batch_size: int = 64, device: str | None = None, overwrite: bool = False,
                   resume: bool = False, fit_train: TrainConfig | None = None, preview: str | None = None,
@@ -178,7 +171,7 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
         for s in range(start, n, batch_size):
             e = min(n, s + batch_size)
             x, mask, lens = store.read_batch(s, e)
-            attn = store.read_range(s, e, "cls_attn")
+            attn = store.read_batch(s, e, "cls_attn")[0]
             with torch.inference_mode():
                 xd, md = x.to(device), mask.to(device)
                 if method == "acg":
@@ -190,7 +183,7 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                     xn = F.normalize(xd, dim=-1)
                     vec, assign = batched_kmeans(xn, md, k, seed=seed + s)
                 pix, means, cattn, active, labels = summarise_batch(
-                    xn.float().cpu(), _pad(attn, xd.shape[1]), md.cpu(), assign.cpu(), k)
+                    xn.cpu(), attn, md.cpu(), assign.cpu(), k)
             vec = vec.float().cpu().numpy()
             m = active.sum(1)
             per = {"grid": store.grid[s:e], "image_size": store.image_size[s:e], "names": store.names[s:e],

@@ -86,21 +86,20 @@ class FeatureStore(Store):
         block = self._finite(_f32(self.f[field][a:b]), f"{field} of images {start}..{stop - 1}")
         return [block[self.offsets[i] - a:self.offsets[i + 1] - a] for i in range(start, stop)]
 
-    def read_batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Images start..stop-1 as a (B, N, d) float32 tensor, its (B, N) validity mask and the token counts.
-        Images of one grid size (the usual case) come straight from one contiguous read, without a copy."""
+    def read_batch(self, start: int, stop: int, field: str = "tokens") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Images start..stop-1 of ``field`` as one (B, N, ...) float32 tensor padded with zeros, its (B, N)
+        validity mask and the token counts. Images of one grid size (the usual case) come straight from one
+        contiguous read, without a copy."""
         a, b = self.offsets[start], self.offsets[stop]
-        block = self._finite(_f32(self.f["tokens"][a:b]), f"tokens of images {start}..{stop - 1}")
+        block = torch.from_numpy(self._finite(_f32(self.f[field][a:b]), f"{field} of images {start}..{stop - 1}"))
         lens = np.diff(self.offsets[start:stop + 1]).tolist()
         n = max(lens)
         if all(x == n for x in lens):
-            x = torch.from_numpy(block).view(len(lens), n, self.dim)
-            return x, torch.ones(len(lens), n, dtype=torch.bool), lens
-        x = torch.zeros(len(lens), n, self.dim)
+            return block.view(len(lens), n, *block.shape[1:]), torch.ones(len(lens), n, dtype=torch.bool), lens
+        x = block.new_zeros(len(lens), n, *block.shape[1:])
         mask = torch.zeros(len(lens), n, dtype=torch.bool)
-        src = torch.from_numpy(block)
         for i, (o, m) in enumerate(zip(self.offsets[start:stop] - a, lens)):
-            x[i, :m] = src[o:o + m]
+            x[i, :m] = block[o:o + m]
             mask[i, :m] = True
         return x, mask, lens
 
