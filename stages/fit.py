@@ -157,11 +157,6 @@ def collate_subsample(t: np.ndarray, max_tokens: int, rng: np.random.Generator) 
     return t[np.sort(rng.choice(len(t), max_tokens, replace=False))] if len(t) > max_tokens else t
 
 
-def q_grad_sum(loss: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The sum of the per-image modularities, differentiable (``loss`` is minus their mean)."""
-    return -loss * len(q)
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -228,12 +223,12 @@ class Dist:
 
 def setup_distributed(device: str | None) -> tuple[Dist | None, str]:
     """Join torchrun's process group when started under it (WORLD_SIZE > 1); returns (dist, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return None, device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None, device
     import torch.distributed as td
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    use_cuda = device.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
@@ -351,8 +346,8 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
             concepts = model(x, mask)
             s = assignment(x, concepts)
             loss, q = modularity_loss(x, s, mask, keep_diagonal=train.keep_diagonal, delta=train.delta, tau=train.tau)
-            if dist:  # this rank's images' share of the global mean; DDP averages gradients over the W ranks
-                loss = -q_grad_sum(loss, q) * world / n_global
+            if dist:  # this rank's images' share of the global mean (DDP averages gradients over the W ranks)
+                loss = loss * (len(q) * world / n_global)
             if not torch.isfinite(loss):
                 raise AcsegError(f"the loss became {loss.item()} at step {step}", "lower --lr or check the features")
             opt.zero_grad(set_to_none=True)
