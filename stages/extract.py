@@ -160,10 +160,9 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
     params = {"short_side": short_side, "feature": feature, "layer": layer % bb.depth, "batch_size": batch_size,
               "resize": "bicubic, short side to short_side, sides rounded to multiples of the patch",
               "inputs_sha256": _inputs_digest(items), "n_inputs": len(items)}
-    if shard_attr:
-        params["shard"] = f"{shard_spec[0]}/{shard_spec[1]}"
     attrs = {"params": params, "backbone": bb.describe(), "parent": {}}
     if shard_attr:
+        params["shard"] = f"{shard_spec[0]}/{shard_spec[1]}"
         attrs["shard"] = shard_attr
     schema = features_schema(bb.dim)
     total = sum(len(batches[j]) for j in range(first, stop))
