@@ -103,6 +103,13 @@ def make_image(folder: Path, case: str) -> Path:
 
 
 # -- stores: each maker gets a valid store to start from and writes a broken one --------------------------
+def _truncated(valid: Path, dst: Path) -> Path:
+    """The first half of a valid file (a copy cut short, as by a killed transfer)."""
+    data = Path(valid).read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
 def _copy(src, dst):
     shutil.copy(src, dst)
     return dst
@@ -143,11 +150,6 @@ def stores(kind: str) -> dict:
             f.attrs["creator"] = "some other tool"
         return dst
 
-    def truncated(valid, dst):
-        data = Path(valid).read_bytes()
-        dst.write_bytes(data[: len(data) // 2])
-        return dst
-
     def folder(valid, dst):
         dst.mkdir()
         return dst
@@ -176,7 +178,7 @@ def stores(kind: str) -> dict:
         "zero bytes": lambda valid, dst: (dst.write_bytes(b""), dst)[1],
         "text file": lambda valid, dst: (dst.write_text("not hdf5\n"), dst)[1],
         "a folder": folder,
-        "truncated HDF5": truncated,
+        "truncated HDF5": _truncated,
         "another tool's HDF5": other_tool,
         f"wrong kind ({other_kind})": _edit(lambda f: f.attrs.__setitem__("kind", other_kind)),
         "newer schema": _edit(lambda f: f.attrs.__setitem__("schema_version", 99)),
@@ -208,11 +210,6 @@ class _Boom:
 def checkpoints() -> dict:
     """name -> maker(valid checkpoint, dst). ``PWNED`` beside dst must never appear."""
     import torch
-
-    def truncated(valid, dst):
-        data = Path(valid).read_bytes()
-        dst.write_bytes(data[: len(data) // 2])
-        return dst
 
     def pickle_code(valid, dst):
         dst.write_bytes(pickle.dumps({"format": "acseg-acg-1", "state_dict": _Boom(dst.parent / "PWNED")}))
@@ -246,7 +243,7 @@ def checkpoints() -> dict:
         "missing file": lambda valid, dst: dst,
         "zero bytes": lambda valid, dst: (dst.write_bytes(b""), dst)[1],
         "text file": lambda valid, dst: (dst.write_text("not a checkpoint"), dst)[1],
-        "truncated": truncated,
+        "truncated": _truncated,
         "plain pickle that runs code": pickle_code,
         "torch file that runs code": torch_pickle_code,
         "a bare tensor": lambda valid, dst: (torch.save(torch.zeros(3), dst), dst)[1],
