@@ -22,6 +22,7 @@ def command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the k-means baseline.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 64,
     fit_steps: Annotated[int, typer.Option("--fit-steps", help="Training steps when an ACG is fitted here (no --acg).")] = TrainConfig.steps,
+    precision: Annotated[str, typer.Option("--precision", help="ACG arithmetic: 'fp32', 'bf16', or 'auto' = bf16 where the hardware multiplies it natively (CUDA, AVX512-BF16/AMX CPUs), else fp32. Tokens are centred and assigned in fp32 either way.")] = "auto",
     preview: Annotated[Optional[str], typer.Option("--preview", help="Write each photo with its concepts overlaid into this folder.")] = None,
     device: Device = None,
     overwrite: Overwrite = False,
@@ -37,8 +38,8 @@ def command(
 
     with Progress("fit-acg", unit="steps") as fit_bar, Progress("conceptualize") as bar:
         res = conceptualize(features, output, acg=acg, method=method, k=k, seed=seed, batch_size=batch_size,
-                            device=device, overwrite=overwrite, resume=resume, preview=preview, progress=bar, fit_train=TrainConfig(steps=fit_steps),
-                            fit_progress=fit_bar)
+                            device=device, precision=precision, overwrite=overwrite, resume=resume, preview=preview,
+                            progress=bar, fit_train=TrainConfig(steps=fit_steps), fit_progress=fit_bar)
     info(f"{res.n_images} images, {res.mean_concepts:.2f} concepts per image on average"
          + (f"; ACG fitted and saved as {res.acg_path}" if res.fitted else ""))
     emit(res.path, as_json, kind="concepts", n_images=res.n_images, mean_concepts=res.mean_concepts, acg=res.acg_path)

@@ -108,6 +108,8 @@ def main():
     ap.add_argument("--whiten", action="store_true")
     ap.add_argument("--heads", type=int, default=0, help="ACG attention heads (0: one per 64 dims)")
     ap.add_argument("--bg-both", action="store_true", help="classify with and without the background split")
+    ap.add_argument("--acg", help="(c) with this fitted checkpoint instead of fitting one")
+    ap.add_argument("--precision", default="auto", help="conceptualize --precision for (c)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,20 +133,27 @@ def main():
                {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
     if "c" in a.variants:
         t0 = time.time()
-        ck = out / f"c{a.tag}.pt"
-        res = fit_acg(a.train, str(ck), acg=ACGConfig(num_prototypes=a.k, center=a.center, num_heads=a.heads, whiten=a.whiten),
-                      train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_tokens=a.max_tokens,
-                                        delta=a.delta, seed=a.fit_seed), overwrite=True)
+        if a.acg:
+            ck, modularity = Path(a.acg), None
+        else:
+            ck = out / f"c{a.tag}.pt"
+            res = fit_acg(a.train, str(ck), acg=ACGConfig(num_prototypes=a.k, center=a.center, num_heads=a.heads,
+                                                          whiten=a.whiten),
+                          train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_tokens=a.max_tokens,
+                                            delta=a.delta, seed=a.fit_seed), overwrite=True)
+            modularity = round(res.final_modularity, 4)
         fit_s = time.time() - t0
-        trc = conceptualize(a.train, str(out / f"c{a.tag}_train.h5"), acg=str(ck), overwrite=True).path
-        tec = conceptualize(a.test, str(out / f"c{a.tag}_test.h5"), acg=str(ck), overwrite=True)
+        trc = conceptualize(a.train, str(out / f"c{a.tag}_train.h5"), acg=str(ck), overwrite=True,
+                            precision=a.precision).path
+        tec = conceptualize(a.test, str(out / f"c{a.tag}_test.h5"), acg=str(ck), overwrite=True, precision=a.precision)
         orc = round(100 * oracle(tec.path), 1)
         for bg in ([False, True] if a.bg_both else [a.bg]):
             vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg) for s in seeds]
             report(f"c: ACSeg k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} delta={a.delta} bg={bg} "
-                   f"center={a.center} whiten={a.whiten} heads={a.heads or 'auto'} {a.tag}", vals,
+                   f"center={a.center} whiten={a.whiten} heads={a.heads or 'auto'} precision={a.precision} "
+                   f"{a.tag}{' acg=' + ck.name if a.acg else ''}", vals,
                    {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": orc,
-                    "final_modularity": round(res.final_modularity, 4), "fit_seconds": round(fit_s)})
+                    "final_modularity": modularity, "fit_seconds": round(fit_s)})
     print()
     print("| variant | mIoU | pixel acc | concepts/img | oracle |")
     print("|---|---|---|---|---|")

@@ -10,11 +10,40 @@ O(k·H·N·d) instead of O(N·d²) per layer, and is exact.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ACGConfig
+from .errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: CUDA with bf16 support, or an x86 CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(device) != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def inference_dtype(precision: str, device: str) -> torch.dtype:
+    """The dtype the ACG runs in at inference: 'auto' is bf16 where the hardware has it, else fp32."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}", f"choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 class PrototypeCrossAttention(nn.Module):
@@ -98,9 +127,18 @@ class AdaptiveConceptGenerator(nn.Module):
         x = tokens.sub_(self.feature_center) if inplace else tokens - self.feature_center
         return x @ self.feature_whiten if self.cfg.whiten else x
 
+    def cast_(self, dtype: torch.dtype) -> "AdaptiveConceptGenerator":
+        """Run the generator in ``dtype`` (forward casts the tokens to it); ``prepare`` keeps its float32
+        centring and whitening, so tokens are rounded only after they are centred."""
+        self.layers.to(dtype)
+        self.head.to(dtype)
+        self.prototypes.data = self.prototypes.data.to(dtype)
+        return self
+
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, N, d), mask (B, N) True where valid -> concepts (B, k, d)."""
+        """tokens (B, N, d), mask (B, N) True where valid -> concepts (B, k, d) in the generator's dtype."""
         B = tokens.shape[0]
+        tokens = tokens.to(self.prototypes.dtype)
         if mask is not None and bool(mask.all()):
             mask = None  # nothing padded: skip the masking work
         q = self.prototypes.unsqueeze(0).expand(B, -1, -1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .acg import DTYPE_NAMES, inference_dtype
 from .errors import AcsegError, UsageError
-from .features import FeatureStore
+from .features import FeatureStore, scratch
 from .fit import TrainConfig, check_compatible, fit_acg, load_checkpoint
 from .kmeans import batched_kmeans
 from .shards import SHARD_ATTR, copy_plan
@@ -101,24 +103,27 @@ def default_output(features: str) -> str:
     return str(p.with_name(f"{stem}.concepts.h5"))
 
 
-def summarise_batch(xn: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, assign: torch.Tensor, k: int):
-    """Per image of a batch, per prototype: pixel count, L2-normalised mean of the L2-normalised tokens ``xn``,
-    CLS-attention sum; and the hard assignment renumbered densely (0..m-1 in prototype order).
+def summarise_batch(x: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, assign: torch.Tensor, k: int):
+    """Per image of a batch, per prototype: pixel count, L2-normalised mean of the L2-normalised tokens
+    (``x`` need not be normalised: each token is weighted by 1/|x_i| inside the product, which saves a pass
+    over the batch), CLS-attention sum; and the hard assignment renumbered densely (0..m-1 in prototype order).
 
     Returns numpy arrays: pixels (B, k), means (B, k, d), attention sums (B, k), active (B, k) bool,
     labels (B, N). Prototypes with no pixel are inactive (dropped by the caller).
     """
-    onehot = F.one_hot(assign, k).to(xn.dtype) * mask[..., None].to(xn.dtype)  # (B, N, k)
+    onehot = F.one_hot(assign, k).to(x.dtype) * mask[..., None].to(x.dtype)  # (B, N, k)
     pix = onehot.sum(1)
-    means = F.normalize(torch.bmm(onehot.transpose(1, 2), xn), dim=-1)
-    cattn = torch.bmm(attn[:, None, :].to(xn.dtype), onehot)[:, 0]
+    inv = torch.linalg.vector_norm(x, dim=-1).clamp_min_(1e-12).reciprocal_()  # as F.normalize's eps
+    means = F.normalize(torch.bmm((onehot * inv[..., None]).transpose(1, 2), x), dim=-1)
+    cattn = torch.bmm(attn[:, None, :].to(x.dtype), onehot)[:, 0]
     active = pix > 0
     labels = (active.long().cumsum(1) - 1).gather(1, assign)
     return (pix.round().long().numpy(), means.numpy(), cattn.numpy(), active.numpy(), labels.numpy())
 
 
 def conceptualize(features: str, output: str | None = None, *, acg: str | None = None, method: str = "acg",
-                  k: int = 5, seed: int = 0, batch_size: int = 64, device: str | None = None, overwrite: bool = False,
+                  k: int = 5, seed: int = 0, batch_size: int = 64, device: str | None = None,
+                  precision: str = "auto", overwrite: bool = False,
                   resume: bool = False, fit_train: TrainConfig | None = None, preview: str | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   fit_progress: Callable[[int, int, str], None] | None = None) -> ConceptualizeResult:
@@ -130,6 +135,7 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
     check_output(out, overwrite)
     store = FeatureStore(features)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = inference_dtype(precision, device)
     fitted = False
     model = None
     acg_info = None
@@ -150,14 +156,19 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                             Path(features).name, acg)
                 fit_acg(features, acg, train=fit_train, device=device, overwrite=True, progress=fit_progress)
                 fitted = True
-        loaded = load_checkpoint(acg)
-        check_compatible(loaded.provenance, store.provenance(), Path(acg).name, Path(features).name)
-        model = loaded.model.to(device).eval()
-        k = model.cfg.num_prototypes
-        acg_info = {"path": str(Path(acg).absolute()), "sha256": file_sha256(acg), "config": json.loads(model.cfg.to_json())}
+        with ThreadPoolExecutor(1) as pool:  # hash the checkpoint while it is loaded (both release the GIL)
+            sha = pool.submit(file_sha256, acg)
+            loaded = load_checkpoint(acg, mmap=True)
+            check_compatible(loaded.provenance, store.provenance(), Path(acg).name, Path(features).name)
+            model = loaded.model.to(device).eval()
+            model.cast_(dtype)  # the tokens are prepared (centred, whitened) and assigned in float32
+            k = model.cfg.num_prototypes
+            acg_info = {"path": str(Path(acg).absolute()), "sha256": sha.result(),
+                        "config": json.loads(model.cfg.to_json())}
     if not 1 <= k <= 255:
         raise UsageError(f"k = {k} concepts is outside 1..255", "choose another -k")
-    params = {"method": method, "k": k, "seed": seed, "acg": acg_info, "concept_feature": "mean of L2-normalised tokens"}
+    params = {"method": method, "k": k, "seed": seed, "acg": acg_info, "concept_feature": "mean of L2-normalised tokens",
+              "precision": DTYPE_NAMES[dtype] if method == "acg" else "fp32"}
     attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
              "features_provenance": store.provenance()}
     if SHARD_ATTR in store.f.attrs:  # a shard's concepts stay a shard, so 'acseg merge' can join them
@@ -168,22 +179,26 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
         start = w.resumed_from
         if progress:
             progress(start, n)
+        reuse: dict = {}  # batch memory kept from one batch to the next (fresh 100 MB a batch costs page faults)
         for s in range(start, n, batch_size):
             e = min(n, s + batch_size)
-            x, mask, lens = store.read_batch(s, e)
-            attn = store.read_batch(s, e, "cls_attn")[0]
+            x, mask, lens = store.read_batch(s, e, reuse=reuse)
+            attn = store.read_batch(s, e, "cls_attn", reuse=reuse)[0]
             with torch.inference_mode():
                 xd, md = x.to(device), mask.to(device)
                 if method == "acg":
                     xd = model.prepare(xd, inplace=True)  # x is ours: centre in place
-                    vec = model(xd, md)
-                    xn = F.normalize(xd, dim=-1)
-                    assign = (xn @ F.normalize(vec, dim=-1).transpose(1, 2)).argmax(-1)  # = assignment(xd, vec)
+                    if dtype != torch.float32 and xd.device.type == "cpu":
+                        xd_low = scratch(reuse, "low", xd.shape, dtype).copy_(xd)
+                    else:
+                        xd_low = xd.to(dtype)
+                    vec = model(xd_low, md).float()
+                    # argmax_c cos(x_i, c_c) = argmax_c x_i . c_c/|c_c|: |x_i| is the same for every c
+                    assign = torch.bmm(xd, F.normalize(vec, dim=-1).transpose(1, 2)).argmax(-1)
                 else:
-                    xn = F.normalize(xd, dim=-1)
-                    vec, assign = batched_kmeans(xn, md, k, seed=seed + s)
+                    vec, assign = batched_kmeans(F.normalize(xd, dim=-1), md, k, seed=seed + s)
                 pix, means, cattn, active, labels = summarise_batch(
-                    xn.cpu(), attn, md.cpu(), assign.cpu(), k)
+                    xd.cpu(), attn, md.cpu(), assign.cpu(), k)
             vec = vec.float().cpu().numpy()
             m = active.sum(1)
             per = {"grid": store.grid[s:e], "image_size": store.image_size[s:e], "names": store.names[s:e],

@@ -67,12 +67,13 @@ def save_checkpoint(path: str | os.PathLike, model: AdaptiveConceptGenerator, pr
             tmp.unlink()
 
 
-def _load_raw(path: str | os.PathLike) -> dict:
+def _load_raw(path: str | os.PathLike, mmap: bool = False) -> dict:
     p = Path(path)
     if not p.is_file():
         raise AcsegError(f"checkpoint {path} does not exist", "check the path, or run 'acseg fit-acg' first")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)  # refuses anything that would run code
+        # weights_only refuses anything that would run code; mmap maps the tensors instead of copying them
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         kind = "is not a loadable acseg checkpoint" if "pickle" in type(e).__name__.lower() or "Unpickl" in str(e) \
             else "cannot be read"
@@ -91,8 +92,9 @@ class LoadedACG:
     raw: dict
 
 
-def load_checkpoint(path: str | os.PathLike) -> LoadedACG:
-    obj = _load_raw(path)
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> LoadedACG:
+    """``mmap``: map the weights from the file (for inference; copy-on-write, so the file is never changed)."""
+    obj = _load_raw(path, mmap)
     try:
         cfg = ACGConfig.from_dict(json.loads(obj["config"]))
         prov = json.loads(obj["provenance"])

@@ -7,6 +7,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import TEST_BACKBONE, cli, cli_env
 from planted import planted_images, write_planted_store
 from PIL import Image
@@ -43,6 +44,31 @@ def test_concept_counts_adapt_and_maps_are_dense(planted, tmp_path):
         assert json.loads(st.f.attrs["parent"])["content_sha256"]
         norms = np.linalg.norm(st.means(), axis=1)
         assert np.allclose(norms, 1, atol=1e-4)
+
+
+def test_bf16_concepts_agree_with_fp32(planted, tmp_path):
+    """The ACG in bfloat16 (acseg's default where the hardware has it) gives the float32 concepts."""
+    path, acg = planted[0], planted[3]
+    a = conceptualize(path, str(tmp_path / "a.h5"), acg=acg, precision="fp32")
+    b = conceptualize(path, str(tmp_path / "b.h5"), acg=acg, precision="bf16")
+    with ConceptStore(a.path) as sa, ConceptStore(b.path) as sb:
+        assert sa.params["precision"] == "fp32" and sb.params["precision"] == "bf16"
+        ma, mb = sa.f["concept_map"][:], sb.f["concept_map"][:]
+        assert (ma == mb).mean() >= 0.995
+        assert np.mean(sa.n_concepts == sb.n_concepts) >= 0.95
+        va, vb = sa.f["concept_vector"][:], sb.f["concept_vector"][:]
+        if va.shape == vb.shape:
+            cos = (va * vb).sum(1) / np.linalg.norm(va, axis=1) / np.linalg.norm(vb, axis=1)
+            assert np.median(cos) > 0.999
+
+
+def test_precision_is_checked_and_auto_follows_the_hardware(planted, tmp_path):
+    from stages.acg import inference_dtype, native_bf16
+    assert inference_dtype("auto", "cpu") == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    assert inference_dtype("fp32", "cpu") == torch.float32
+    r = cli(["conceptualize", planted[0], "--acg", planted[3], "-o", str(tmp_path / "c.h5"), "--precision", "fp8"])
+    assert r.exit_code == 2 and "unknown precision 'fp8'" in r.stderr and "fp32" in r.stderr
+    assert not (tmp_path / "c.h5").exists()
 
 
 def test_kmeans_method_writes_the_same_schema(planted, tmp_path):
