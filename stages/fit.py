@@ -97,6 +97,8 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> LoadedACG:
     obj = _load_raw(path, mmap)
     try:
         cfg = ACGConfig.from_dict(json.loads(obj["config"]))
+        if cfg.num_heads == 0:  # written before checkpoints recorded the number, when "auto" meant one per 64 dims
+            cfg.num_heads = max(1, cfg.dim // 64) if cfg.dim % 64 == 0 else 1
         prov = json.loads(obj["provenance"])
         train = json.loads(obj.get("train", "{}"))
         with torch.device("meta"):  # no random initialisation of weights about to be replaced

@@ -48,6 +48,24 @@ def test_planted_groups_are_recovered(planted, trained):
     assert right / len(labels) >= 0.9
 
 
+def test_checkpoints_from_before_heads_were_recorded_keep_their_heads(trained, tmp_path):
+    """num_heads = 0 ("auto") was written before checkpoints recorded the number; auto then meant one head per
+    64 dims. Loading must rebuild that model, not today's auto (one per 128), whose weights have the same shapes."""
+    from stages.acg import create_acg
+    obj = torch.load(trained.path, weights_only=True)
+    assert json.loads(obj["config"])["num_heads"] > 0  # new checkpoints record the number
+    torch.manual_seed(0)
+    two = create_acg(dim=128, num_prototypes=3, depth=1, num_heads=2).eval()  # old auto for 128 dims: 2 heads
+    cfg = json.loads(two.cfg.to_json())
+    cfg["num_heads"] = 0
+    torch.save(dict(obj, config=json.dumps(cfg), state_dict=two.state_dict()), tmp_path / "old.pt")
+    m = load_checkpoint(tmp_path / "old.pt").model
+    assert m.cfg.heads == 2
+    x = torch.randn(2, 10, 128)
+    with torch.no_grad():
+        assert torch.allclose(m(x), two(x), atol=1e-5)
+
+
 def test_training_log_plot_and_checkpoint_provenance(planted, trained):
     path = planted[0]
     lines = [json.loads(s) for s in open(trained.log_path)]
