@@ -149,9 +149,9 @@ def main():
         orc = round(100 * oracle(tec.path), 1)
         for bg in ([False, True] if a.bg_both else [a.bg]):
             vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg) for s in seeds]
-            report(f"c: ACSeg k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} delta={a.delta} bg={bg} "
-                   f"center={a.center} whiten={a.whiten} heads={a.heads or 'auto'} precision={a.precision} "
-                   f"{a.tag}{' acg=' + ck.name if a.acg else ''}", vals,
+            fitted = (f"acg={ck.name}" if a.acg else f"k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} "
+                      f"delta={a.delta} center={a.center} whiten={a.whiten} heads={a.heads or 'auto'}")
+            report(f"c: ACSeg {fitted} bg={bg} precision={a.precision} {a.tag}", vals,
                    {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": orc,
                     "final_modularity": modularity, "fit_seconds": round(fit_s)})
     print()
