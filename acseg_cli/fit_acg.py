@@ -25,7 +25,7 @@ def command(
     mlp_ratio: Annotated[float, typer.Option("--mlp-ratio", help="FFN width / feature dim.")] = _A.mlp_ratio,
     dropout: Annotated[float, typer.Option("--dropout")] = _A.dropout,
     center: Annotated[bool, typer.Option("--center/--no-center", help="Subtract the mean token before the graph and the assignment.")] = _A.center,
-    whiten: Annotated[bool, typer.Option("--whiten/--no-whiten", help="Also whiten the centred tokens (ZCA from the training covariance).")] = _A.whiten,
+    whiten: Annotated[bool, typer.Option("--whiten/--no-whiten", help="Also whiten the centred tokens (regularised ZCA from the training covariance; --no-whiten: centring only).")] = _A.whiten,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = _T.steps,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = _T.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = _T.lr,

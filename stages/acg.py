@@ -59,16 +59,24 @@ class PrototypeCrossAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None = None,
+                mem_map: torch.Tensor | None = None) -> torch.Tensor:
+        """``mem_map`` (d, d): attend to ``mem @ mem_map`` without forming it, by moving the map to the k·H
+        query rows and the k·H context rows (exact)."""
         B, K, D = query.shape
         H, hd = self.num_heads, self.head_dim
         q = self.q(query).view(B, K, H, hd)
         # queries moved into token space: (B, k*H, d); the key bias is constant over keys and drops out
         qk = torch.einsum("bkhe,hed->bkhd", q, self.k.weight.view(H, hd, D)).reshape(B, K * H, D) * hd ** -0.5
+        if mem_map is not None:
+            qk = qk @ mem_map.T  # q . (x M) = (q M^T) . x
         scores = torch.bmm(qk, mem.transpose(1, 2))  # (B, k*H, N): the only product with N rows besides ctx
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        ctx = torch.bmm(scores.softmax(dim=-1), mem).view(B, K, H, D)  # attention-weighted tokens per head
+        ctx = torch.bmm(scores.softmax(dim=-1), mem)  # attention-weighted tokens per head, (B, k*H, d)
+        if mem_map is not None:
+            ctx = ctx @ mem_map  # sum_i p_i (x_i M) = (sum_i p_i x_i) M
+        ctx = ctx.view(B, K, H, D)
         out = torch.einsum("bkhd,hed->bkhe", ctx, self.v.weight.view(H, hd, D)) + self.v.bias.view(H, hd)
         return self.proj(out.reshape(B, K, D))
 
@@ -100,8 +108,8 @@ class ACGLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, q, mem, mask):
-        q = self.norm1(q + self.drop(self.cross(q, mem, mask)))
+    def forward(self, q, mem, mask, mem_map=None):
+        q = self.norm1(q + self.drop(self.cross(q, mem, mask, mem_map)))
         q = self.norm2(q + self.drop(self.self_attn(q, q, q, need_weights=False)[0]))
         return self.norm3(q + self.drop(self.ffn(q)))
 
@@ -119,13 +127,13 @@ class AdaptiveConceptGenerator(nn.Module):
         if cfg.whiten:  # only whitened models carry the matrix, so earlier checkpoints load unchanged
             self.register_buffer("feature_whiten", torch.eye(cfg.dim))
 
-    def prepare(self, tokens: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def prepare(self, tokens: torch.Tensor, inplace: bool = False, whiten: bool = True) -> torch.Tensor:
         """Tokens as the ACG, the graph and the assignment see them: centred when cfg.center, whitened when
-        cfg.whiten. ``inplace`` may reuse ``tokens``' memory for the centring."""
+        cfg.whiten (and ``whiten``). ``inplace`` may reuse ``tokens``' memory for the centring."""
         if not (self.cfg.center or self.cfg.whiten):
             return tokens
         x = tokens.sub_(self.feature_center) if inplace else tokens - self.feature_center
-        return x @ self.feature_whiten if self.cfg.whiten else x
+        return x @ self.feature_whiten if self.cfg.whiten and whiten else x
 
     def cast_(self, dtype: torch.dtype) -> "AdaptiveConceptGenerator":
         """Run the generator in ``dtype`` (forward casts the tokens to it); ``prepare`` keeps its float32
@@ -135,15 +143,18 @@ class AdaptiveConceptGenerator(nn.Module):
         self.prototypes.data = self.prototypes.data.to(dtype)
         return self
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, N, d), mask (B, N) True where valid -> concepts (B, k, d) in the generator's dtype."""
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, centred_only: bool = False) -> torch.Tensor:
+        """tokens (B, N, d) as ``prepare`` returns them, mask (B, N) True where valid -> concepts (B, k, d) in
+        the generator's dtype. ``centred_only``: the tokens are centred but not whitened; a whitened model then
+        applies its whitening inside the attention (exact, and k·H·d² instead of N·d² per image)."""
         B = tokens.shape[0]
         tokens = tokens.to(self.prototypes.dtype)
         if mask is not None and bool(mask.all()):
             mask = None  # nothing padded: skip the masking work
+        mem_map = self.feature_whiten.to(tokens.dtype) if centred_only and self.cfg.whiten else None
         q = self.prototypes.unsqueeze(0).expand(B, -1, -1)
         for layer in self.layers:
-            q = layer(q, tokens, mask)
+            q = layer(q, tokens, mask, mem_map)
         return self.head(q)
 
 

@@ -103,10 +103,12 @@ def default_output(features: str) -> str:
     return str(p.with_name(f"{stem}.concepts.h5"))
 
 
-def summarise_batch(x: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, assign: torch.Tensor, k: int):
+def summarise_batch(x: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, assign: torch.Tensor, k: int,
+                    mean_map: torch.Tensor | None = None):
     """Per image of a batch, per prototype: pixel count, L2-normalised mean of the L2-normalised tokens
     (``x`` need not be normalised: each token is weighted by 1/|x_i| inside the product, which saves a pass
     over the batch), CLS-attention sum; and the hard assignment renumbered densely (0..m-1 in prototype order).
+    ``mean_map`` (d, d): each mean is mapped by it (a whitened model's whitening) before its normalisation.
 
     Returns numpy arrays: pixels (B, k), means (B, k, d), attention sums (B, k), active (B, k) bool,
     labels (B, N). Prototypes with no pixel are inactive (dropped by the caller).
@@ -114,7 +116,8 @@ def summarise_batch(x: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, ass
     onehot = F.one_hot(assign, k).to(x.dtype) * mask[..., None].to(x.dtype)  # (B, N, k)
     pix = onehot.sum(1)
     inv = torch.linalg.vector_norm(x, dim=-1).clamp_min_(1e-12).reciprocal_()  # as F.normalize's eps
-    means = F.normalize(torch.bmm((onehot * inv[..., None]).transpose(1, 2), x), dim=-1)
+    sums = torch.bmm((onehot * inv[..., None]).transpose(1, 2), x)
+    means = F.normalize(sums if mean_map is None else sums @ mean_map, dim=-1)
     cattn = torch.bmm(attn[:, None, :].to(x.dtype), onehot)[:, 0]
     active = pix > 0
     labels = (active.long().cumsum(1) - 1).gather(1, assign)
@@ -137,7 +140,7 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = inference_dtype(precision, device)
     fitted = False
-    model = None
+    model = wmap = None
     acg_info = None
     if method == "acg":
         if acg is None:
@@ -163,11 +166,14 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
             model = loaded.model.to(device).eval()
             model.cast_(dtype)  # the tokens are prepared (centred, whitened) and assigned in float32
             k = model.cfg.num_prototypes
+            wmap = model.feature_whiten if model.cfg.whiten else None
             acg_info = {"path": str(Path(acg).absolute()), "sha256": sha.result(),
                         "config": json.loads(model.cfg.to_json())}
     if not 1 <= k <= 255:
         raise UsageError(f"k = {k} concepts is outside 1..255", "choose another -k")
-    params = {"method": method, "k": k, "seed": seed, "acg": acg_info, "concept_feature": "mean of L2-normalised tokens",
+    feature = ("mean of L2-normalised tokens" if wmap is None
+               else "whitened mean of the L2-normalised centred tokens, L2-normalised")
+    params = {"method": method, "k": k, "seed": seed, "acg": acg_info, "concept_feature": feature,
               "precision": DTYPE_NAMES[dtype] if method == "acg" else "fp32"}
     attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
              "features_provenance": store.provenance()}
@@ -187,18 +193,22 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
             with torch.inference_mode():
                 xd, md = x.to(device), mask.to(device)
                 if method == "acg":
-                    xd = model.prepare(xd, inplace=True)  # x is ours: centre in place
+                    # centred in place (x is ours); a whitened model whitens inside its attention instead of
+                    # multiplying every token by its d x d matrix
+                    xd = model.prepare(xd, inplace=True, whiten=False)
                     if dtype != torch.float32 and xd.device.type == "cpu":
                         xd_low = scratch(reuse, "low", xd.shape, dtype).copy_(xd)
                     else:
                         xd_low = xd.to(dtype)
-                    vec = model(xd_low, md).float()
-                    # argmax_c cos(x_i, c_c) = argmax_c x_i . c_c/|c_c|: |x_i| is the same for every c
-                    assign = torch.bmm(xd, F.normalize(vec, dim=-1).transpose(1, 2)).argmax(-1)
+                    vec = model(xd_low, md, centred_only=True).float()
+                    # argmax_c cos(z_i, c_c) = argmax_c z_i . c_c/|c_c| (|z_i| is the same for every c), and with
+                    # z_i = x_i W: z_i . c = x_i . (c W^T)
+                    cn = F.normalize(vec, dim=-1)
+                    assign = torch.bmm(xd, (cn if wmap is None else cn @ wmap.T).transpose(1, 2)).argmax(-1)
                 else:
                     vec, assign = batched_kmeans(F.normalize(xd, dim=-1), md, k, seed=seed + s)
                 pix, means, cattn, active, labels = summarise_batch(
-                    xd.cpu(), attn, md.cpu(), assign.cpu(), k)
+                    xd.cpu(), attn, md.cpu(), assign.cpu(), k, None if wmap is None else wmap.cpu())
             vec = vec.float().cpu().numpy()
             m = active.sum(1)
             per = {"grid": store.grid[s:e], "image_size": store.image_size[s:e], "names": store.names[s:e],

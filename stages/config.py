@@ -15,7 +15,7 @@ class ACGConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     center: bool = True  # subtract the training set's mean token before the graph, the ACG and the assignment
-    whiten: bool = False  # also whiten the centred tokens (ZCA, training-set covariance; implies centring)
+    whiten: bool = True  # also whiten the centred tokens (regularised ZCA, training-set covariance; implies centring)
 
     @property
     def heads(self) -> int:

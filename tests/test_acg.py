@@ -107,6 +107,24 @@ def test_cross_attention_reformulation_is_exact():
     assert torch.allclose(att(q, mem, mask), att.forward_naive(q, mem, mask), atol=1e-10)
 
 
+def test_whitening_inside_the_attention_is_exact():
+    """A whitened model given centred tokens (centred_only) equals the same model given whitened tokens."""
+    torch.manual_seed(5)
+    acg = create_acg(dim=24, num_prototypes=4, depth=2, num_heads=2, whiten=True).double().eval()
+    a = torch.randn(24, 24, dtype=torch.double)
+    with torch.no_grad():
+        acg.feature_center.copy_(torch.randn(24))
+        acg.feature_whiten.copy_(a @ a.T / 24 + torch.eye(24, dtype=torch.double))  # any d x d map
+    x = torch.randn(3, 40, 24, dtype=torch.double)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[2, 25:] = False
+    with torch.no_grad():
+        want = acg(acg.prepare(x), mask)
+        got = acg(acg.prepare(x, whiten=False), mask, centred_only=True)
+    assert torch.allclose(got, want, atol=1e-10)
+    assert not torch.allclose(acg(acg.prepare(x, whiten=False), mask), want, atol=1e-3)  # the map matters
+
+
 def test_gradients_reach_only_the_acg_and_prototype_permutation_permutes_concepts():
     torch.manual_seed(4)
     acg = create_acg(dim=16, num_prototypes=4, depth=2, num_heads=2).eval()

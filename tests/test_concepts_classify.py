@@ -12,10 +12,11 @@ from conftest import TEST_BACKBONE, cli, cli_env
 from planted import planted_images, write_planted_store
 from PIL import Image
 
-from stages.acg import ACGConfig
+from stages.acg import ACGConfig, assignment
 from stages.classify import ClassStore, classify, split_background
 from stages.conceptualize import ConceptStore, conceptualize
-from stages.fit import TrainConfig, fit_acg
+from stages.features import FeatureStore
+from stages.fit import TrainConfig, fit_acg, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +62,19 @@ def test_whitened_acg_keeps_planted_counts_and_classes(planted, tmp_path):
     path, labels, classes, _, d = planted
     acg = fit_acg(path, tmp_path / "w.pt", acg=ACGConfig(depth=2, whiten=True),
                   train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=10)).path
-    res = conceptualize(path, str(tmp_path / "c.h5"), acg=acg)
-    with ConceptStore(res.path) as st:
+    res = conceptualize(path, str(tmp_path / "c.h5"), acg=acg, precision="fp32")
+    model = load_checkpoint(acg).model
+    with ConceptStore(res.path) as st, FeatureStore(path) as fs:
         assert np.mean([st.n_concepts[i] == len(classes[i]) for i in range(st.n_images)]) >= 0.9
+        # conceptualize whitens inside the attention and the assignment; the explicit route gives the same maps
+        agree = []
+        for i in range(st.n_images):
+            z = model.prepare(torch.from_numpy(fs.tokens(i)))[None]
+            with torch.no_grad():
+                a = assignment(z, model(z))[0].argmax(-1).numpy()
+            ids = st.f["concept_prototype"][st.concept_offsets[i]:st.concept_offsets[i + 1]]
+            agree.append(np.mean(ids[st.concept_map(i).ravel()] == a))
+        assert np.mean(agree) >= 0.999
     gt = planted_gt(tmp_path / "gt", labels, classes)
     classify(res.path, str(tmp_path / "out"), n_classes=5, background_split=False, seed=0)
     r = cli(["score", tmp_path / "out", gt, "-q"])
