@@ -57,6 +57,12 @@ def info(msg: str) -> None:
 
 
 def fail(msg: str, code: int = 1):
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:  # under torchrun: every rank runs the same command
+        rank = os.environ.get("RANK", "0")
+        if code == 2 and rank != "0":
+            raise typer.Exit(code)  # a usage error is the same on every rank: rank 0 says it
+        msg = f"(rank {rank} of {world}) {msg}"
     sys.stderr.write(f"Error: {msg}\n")
     sys.stderr.flush()
     raise typer.Exit(code)

@@ -218,3 +218,16 @@ def test_a_killed_torchrun_fit_resumes_to_the_same_weights(split, tmp_path):
     a = torch.load(tmp_path / "ref.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "k.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_under_torchrun_a_usage_error_is_said_once_and_others_name_their_rank(tmp_path, monkeypatch):
+    from conftest import cli
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for rank in ("0", "3"):
+        monkeypatch.setenv("RANK", rank)
+        r = cli(["conceptualize", tmp_path / "none.h5", "--method", "bogus"])
+        assert r.exit_code == 2
+        assert (r.stderr == "") == (rank != "0")  # the same on every rank: rank 0 alone says it
+        r = cli(["fit-acg", tmp_path / "none.h5", "-o", tmp_path / "a.pt"])
+        assert r.exit_code == 1 and r.stderr.startswith(f"Error: (rank {rank} of 4) ")
+        assert len(r.stderr.strip().splitlines()) == 1
