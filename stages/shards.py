@@ -205,6 +205,16 @@ def _merge(stores: list[Store], out: Path, overwrite: bool, chunk: int) -> Merge
     return _merge_concepts(stores, order, infos, out, overwrite, chunk, plan_names, plan_batch)
 
 
+def _read_split(ds, offsets, idx: list[int]) -> list[np.ndarray]:
+    """The packed rows of images ``idx`` as one array per image: one read when they are consecutive (a batch
+    or a chunk, the usual case), one read per image otherwise."""
+    if idx and idx == list(range(idx[0], idx[-1] + 1)):
+        a = offsets[idx[0]]
+        block = ds[a:offsets[idx[-1] + 1]]
+        return [block[offsets[i] - a:offsets[i + 1] - a] for i in idx]
+    return [ds[offsets[i]:offsets[i + 1]] for i in idx]
+
+
 def _base_attrs(s: Store, parent) -> dict:
     a = {"params": {k: v for k, v in s.params.items() if k != "shard"}, "backbone": s.backbone, "parent": parent}
     for k in ("features_provenance",):
@@ -231,8 +241,8 @@ def _merge_features(stores, order, infos, out, overwrite, plan_names, plan_batch
                 idx = per_batch.get(b, [])
                 per = {"grid": [s.grid[i] for i in idx], "image_size": [s.image_size[i] for i in idx],
                        "names": [s.names[i] for i in idx], "sources": [s.sources[i] for i in idx]}
-                toks = [s.f["tokens"][s.offsets[i]:s.offsets[i + 1]] for i in idx]
-                attn = [s.f["cls_attn"][s.offsets[i]:s.offsets[i + 1]] for i in idx]
+                toks = _read_split(s.f["tokens"], s.offsets, idx)
+                attn = _read_split(s.f["cls_attn"], s.offsets, idx)
                 w.append(per, {"tokens": toks, "cls_attn": attn},
                          attrs={"batches_done": b + 1, "skipped": skipped, "n_skipped": len(skipped)})
         n = w.n_done
@@ -262,7 +272,7 @@ def _merge_concepts(stores, order, infos, out, overwrite, chunk, plan_names, pla
                 for g in groups:
                     off = offs[g.offsets]
                     for name in g.fields:
-                        packed[name] = [f[name][off[i]:off[i + 1]] for i in range(a, b)]
+                        packed[name] = _read_split(f[name], off, list(range(a, b)))
                 w.append(per, packed)
         n = w.n_done
     log.info("merged %d shards: %d images", len(stores), n)
