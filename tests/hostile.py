@@ -110,6 +110,15 @@ def _truncated(valid: Path, dst: Path) -> Path:
     return dst
 
 
+def _not_this_kind(text: str) -> dict:
+    """The cases every reader meets first: no file, an empty one, a text file."""
+    return {
+        "missing file": lambda valid, dst: dst,
+        "zero bytes": lambda valid, dst: (dst.write_bytes(b""), dst)[1],
+        "text file": lambda valid, dst: (dst.write_text(text), dst)[1],
+    }
+
+
 def _copy(src, dst):
     shutil.copy(src, dst)
     return dst
@@ -174,9 +183,7 @@ def stores(kind: str) -> dict:
 
     other_kind = "concepts" if kind == "features" else "features"
     return {
-        "missing file": lambda valid, dst: dst,
-        "zero bytes": lambda valid, dst: (dst.write_bytes(b""), dst)[1],
-        "text file": lambda valid, dst: (dst.write_text("not hdf5\n"), dst)[1],
+        **_not_this_kind("not hdf5\n"),
         "a folder": folder,
         "truncated HDF5": _truncated,
         "another tool's HDF5": other_tool,
@@ -240,9 +247,7 @@ def checkpoints() -> dict:
         obj["provenance"] = json.dumps(prov)
 
     return {
-        "missing file": lambda valid, dst: dst,
-        "zero bytes": lambda valid, dst: (dst.write_bytes(b""), dst)[1],
-        "text file": lambda valid, dst: (dst.write_text("not a checkpoint"), dst)[1],
+        **_not_this_kind("not a checkpoint"),
         "truncated": _truncated,
         "plain pickle that runs code": pickle_code,
         "torch file that runs code": torch_pickle_code,
