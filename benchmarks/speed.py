@@ -177,22 +177,22 @@ def bench_fit(a):
 
 
 def forward_rates(a, toks, repeats=5):
-    """The ACG forward alone (batches of equal-grid images already in memory, centred), fp32 and bf16."""
+    """The ACG alone as conceptualize runs it (``infer``: centring, the rounded copy, the forward with the
+    whitening folded in), on batches of equal-grid images already in memory; fp32, then bf16."""
     import torch
 
     from stages.fit import load_checkpoint
     out = {}
+    model = load_checkpoint(a.acg).model.eval()
+    x = torch.from_numpy(np.stack([t for t in toks if len(t) == len(toks[0])]))
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        model = load_checkpoint(a.acg).model.eval()
-        x = model.prepare(torch.from_numpy(np.stack([t for t in toks if len(t) == len(toks[0])])))
         model.cast_(dtype)
-        x = x.to(dtype)
         best = 0.0
         with torch.inference_mode():
             for _ in range(repeats):
                 t = time.perf_counter()
                 for s in range(0, len(x), a.batch_size):
-                    model(x[s:s + a.batch_size])
+                    model.infer(x[s:s + a.batch_size])
                 best = max(best, len(x) / (time.perf_counter() - t))
         out[name] = round(best, 1)
     return out

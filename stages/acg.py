@@ -143,6 +143,32 @@ class AdaptiveConceptGenerator(nn.Module):
         self.prototypes.data = self.prototypes.data.to(dtype)
         return self
 
+    def infer(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, inplace: bool = False,
+              low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference in one call, as conceptualize runs it: ``tokens`` (B, N, d) float32 as stored ->
+        ``(x, concepts, directions)``: x the centred float32 tokens (``tokens``' memory when ``inplace``),
+        the concepts (B, k, d) in float32 (float64 for a float64 model), and directions (B, k, d) with
+        argmax_c cos(prepare(tokens)_i, concepts_c) = argmax_c x_i . directions_c.
+
+        Whitened models never whiten the N tokens: the whitening is folded into the attention and into the
+        directions (exact). The generator runs in its dtype (``cast_``); ``low`` is an optional buffer of that
+        dtype and the tokens' shape to hold the rounded copy (reused between batches by the caller)."""
+        x = self.prepare(tokens, inplace=inplace, whiten=False)
+        dtype = self.prototypes.dtype
+        if dtype == x.dtype:
+            xl = x
+        elif low is not None:
+            xl = low.copy_(x)
+        else:
+            xl = x.to(dtype)
+        concepts = self(xl, mask, centred_only=True)
+        concepts = concepts if concepts.dtype == torch.float64 else concepts.float()
+        # cos(z_i, c) has the same argmax as z_i . c/|c|; with z_i = x_i W, z_i . c = x_i . (c W^T)
+        directions = F.normalize(concepts, dim=-1)
+        if self.cfg.whiten:
+            directions = directions @ self.feature_whiten.T
+        return x, concepts, directions
+
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, centred_only: bool = False) -> torch.Tensor:
         """tokens (B, N, d) as ``prepare`` returns them, mask (B, N) True where valid -> concepts (B, k, d) in
         the generator's dtype. ``centred_only``: the tokens are centred but not whitened; a whitened model then

@@ -195,16 +195,10 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                 if method == "acg":
                     # centred in place (x is ours); a whitened model whitens inside its attention instead of
                     # multiplying every token by its d x d matrix
-                    xd = model.prepare(xd, inplace=True, whiten=False)
-                    if dtype != torch.float32 and xd.device.type == "cpu":
-                        xd_low = scratch(reuse, "low", xd.shape, dtype).copy_(xd)
-                    else:
-                        xd_low = xd.to(dtype)
-                    vec = model(xd_low, md, centred_only=True).float()
-                    # argmax_c cos(z_i, c_c) = argmax_c z_i . c_c/|c_c| (|z_i| is the same for every c), and with
-                    # z_i = x_i W: z_i . c = x_i . (c W^T)
-                    cn = F.normalize(vec, dim=-1)
-                    assign = torch.bmm(xd, (cn if wmap is None else cn @ wmap.T).transpose(1, 2)).argmax(-1)
+                    low = (scratch(reuse, "low", xd.shape, dtype)
+                           if dtype != torch.float32 and xd.device.type == "cpu" else None)
+                    xd, vec, directions = model.infer(xd, md, inplace=True, low=low)
+                    assign = torch.bmm(xd, directions.transpose(1, 2)).argmax(-1)
                 else:
                     vec, assign = batched_kmeans(F.normalize(xd, dim=-1), md, k, seed=seed + s)
                 pix, means, cattn, active, labels = summarise_batch(

@@ -125,6 +125,32 @@ def test_whitening_inside_the_attention_is_exact():
     assert not torch.allclose(acg(acg.prepare(x, whiten=False), mask), want, atol=1e-3)  # the map matters
 
 
+@pytest.mark.parametrize("whiten", [True, False])
+def test_infer_matches_prepare_forward_and_cosine_assignment(whiten):
+    """``infer`` (conceptualize's one call) gives the concepts and the argmax of cos(prepared token, concept)
+    of the explicit path, and leaves the centred tokens in the caller's buffer when asked."""
+    torch.manual_seed(6)
+    acg = create_acg(dim=24, num_prototypes=4, depth=2, num_heads=2, whiten=whiten).double().eval()
+    a = torch.randn(24, 24, dtype=torch.double)
+    with torch.no_grad():
+        acg.feature_center.copy_(torch.randn(24))
+        if whiten:
+            acg.feature_whiten.copy_(a @ a.T / 24 + torch.eye(24, dtype=torch.double))
+    x = torch.randn(3, 40, 24, dtype=torch.double)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[1, 33:] = False
+    with torch.no_grad():
+        z = acg.prepare(x)
+        want = acg(z, mask)
+        want_assign = assignment(z, want).argmax(-1)
+        buf = x.clone()
+        xc, got, directions = acg.infer(buf, mask, inplace=True)
+    assert xc.data_ptr() == buf.data_ptr()
+    assert torch.allclose(xc, x - acg.feature_center)
+    assert torch.allclose(got, want, atol=1e-10)
+    assert torch.equal(torch.bmm(xc, directions.transpose(1, 2)).argmax(-1), want_assign)
+
+
 def test_gradients_reach_only_the_acg_and_prototype_permutation_permutes_concepts():
     torch.manual_seed(4)
     acg = create_acg(dim=16, num_prototypes=4, depth=2, num_heads=2).eval()
