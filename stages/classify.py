@@ -201,6 +201,8 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
     write label maps into ``outdir``."""
     if upsample not in ("bilinear", "nearest"):
         raise UsageError(f"unknown --upsample {upsample!r}", "choose bilinear or nearest")
+    if weighting not in WEIGHTINGS:
+        raise UsageError(f"unknown --weighting {weighting!r}", f"choose one of: {', '.join(WEIGHTINGS)}")
     if match_gt and not dataset:
         raise UsageError("--match-gt needs --dataset", "name the ground truth's preset, e.g. --dataset camvid11")
     paths = [concepts] if isinstance(concepts, (str, os.PathLike)) else list(concepts)
@@ -243,8 +245,6 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         if fg.sum() < k_fg:
             raise AcsegError(f"only {int(fg.sum())} foreground concepts for {k_fg} classes",
                              "lower --n-classes, use more images, or pass --no-background-split")
-        if weighting not in WEIGHTINGS:
-            raise UsageError(f"unknown --weighting {weighting!r}", f"choose one of: {', '.join(WEIGHTINGS)}")
         w = {"none": None, "pixels": store.pixels[fg], "sqrt-pixels": np.sqrt(store.pixels[fg])}[weighting]
         cents, _, _ = kmeans(feats[fg], k_fg, n_init=n_init, seed=seed, weights=w)
     elif cents.shape[1] != feats.shape[1]:

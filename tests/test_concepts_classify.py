@@ -141,6 +141,16 @@ def test_classify_recovers_planted_classes(planted, tmp_path):
         assert np.array_equal(np.asarray(Image.open(out / n)), np.asarray(Image.open(out2 / n)))
     with ClassStore(res.classes_file) as cs:
         assert cs.centroids.shape == (5, 32)
+    # pixel-weighted classes (the CLI option) recover them too, and the classes file says how they were fitted
+    r = cli(["classify", c, "-o", tmp_path / "outw", "-K", "5", "--no-background-split", "--weighting", "pixels", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(cli(["score", tmp_path / "outw", gt, "-q"]).stdout)["miou"] >= 0.9
+    with h5py.File(tmp_path / "outw" / "classes.h5") as f:
+        assert json.loads(f.attrs["params"])["weighting"] == "pixels"
+    # a bad weighting is refused before anything is written, and an existing output survives
+    r = cli(["classify", c, "-o", tmp_path / "outw", "-K", "5", "--weighting", "area", "--overwrite"])
+    assert r.exit_code == 2 and "--weighting" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "outw" / "classes.h5").exists()
     # match to ground truth writes ground-truth ids
     out3 = tmp_path / "out3"
     res3 = classify(c, str(out3), n_classes=5, background_split=False, match_gt=str(gt), dataset="voc")
@@ -148,6 +158,16 @@ def test_classify_recovers_planted_classes(planted, tmp_path):
     a = np.asarray(Image.open(out3 / names[0]))
     g = np.asarray(Image.open(gt / names[0]))
     assert (a == g).mean() >= 0.9
+
+
+def test_weighted_kmeans_weights_the_centroids():
+    """Each point counts with its weight: a heavy point pulls its cluster's centroid (classify --weighting)."""
+    from stages.kmeans import kmeans
+    x = np.array([[0.0], [1.0], [10.0]], np.float32)
+    plain, _, _ = kmeans(x, 2, n_init=3, seed=0)
+    heavy, _, _ = kmeans(x, 2, n_init=3, seed=0, weights=np.array([1.0, 99.0, 1.0]))
+    assert np.allclose(np.sort(plain[:, 0]), [0.5, 10.0])
+    assert np.allclose(np.sort(heavy[:, 0]), [0.99, 10.0])
 
 
 def test_background_split():
