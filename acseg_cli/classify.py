@@ -20,7 +20,7 @@ def command(
     no_background_split: Annotated[bool, typer.Option("--no-background-split", help="Do not split off background by CLS attention.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
     n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts.")] = 10,
-    weighting: Annotated[str, typer.Option("--weighting", help="Weight of each concept in the k-means: 'none', 'pixels' (its pixel count) or 'sqrt-pixels'.")] = "none",
+    weighting: Annotated[str, typer.Option("--weighting", help="Weight of each concept in the k-means: 'pixels' (its pixel count, so the classes fit the pixels the score counts), 'sqrt-pixels' or 'none' (every concept alike).")] = "pixels",
     upsample: Annotated[str, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")] = "bilinear",
     centroids: Annotated[Optional[str], typer.Option("--centroids", help="Apply the classes fitted earlier (a classes.h5) instead of clustering.")] = None,
     match_gt: Annotated[Optional[str], typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching).")] = None,

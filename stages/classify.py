@@ -194,7 +194,7 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
 
 
 def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = None, background_split: bool = True,
-             seed: int = 0, n_init: int = 10, upsample: str = "bilinear", weighting: str = "none", centroids: str | None = None,
+             seed: int = 0, n_init: int = 10, upsample: str = "bilinear", weighting: str = "pixels", centroids: str | None = None,
              match_gt: str | None = None, dataset: str | None = None, preview: str | None = None,
              overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ClassifyResult:
     """Cluster the concepts of ``concepts`` (one store, or several parts of one dataset) into classes and

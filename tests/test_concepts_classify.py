@@ -141,12 +141,14 @@ def test_classify_recovers_planted_classes(planted, tmp_path):
         assert np.array_equal(np.asarray(Image.open(out / n)), np.asarray(Image.open(out2 / n)))
     with ClassStore(res.classes_file) as cs:
         assert cs.centroids.shape == (5, 32)
-    # pixel-weighted classes (the CLI option) recover them too, and the classes file says how they were fitted
-    r = cli(["classify", c, "-o", tmp_path / "outw", "-K", "5", "--no-background-split", "--weighting", "pixels", "-q"])
+    # unweighted classes (the CLI option; pixel-weighted is the default) recover them too, and the classes
+    # file says how they were fitted
+    r = cli(["classify", c, "-o", tmp_path / "outw", "-K", "5", "--no-background-split", "--weighting", "none", "-q"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(cli(["score", tmp_path / "outw", gt, "-q"]).stdout)["miou"] >= 0.9
-    with h5py.File(tmp_path / "outw" / "classes.h5") as f:
-        assert json.loads(f.attrs["params"])["weighting"] == "pixels"
+    for folder, weighting in ((out, "pixels"), (tmp_path / "outw", "none")):
+        with h5py.File(folder / "classes.h5") as f:
+            assert json.loads(f.attrs["params"])["weighting"] == weighting
     # a bad weighting is refused before anything is written, and an existing output survives
     r = cli(["classify", c, "-o", tmp_path / "outw", "-K", "5", "--weighting", "area", "--overwrite"])
     assert r.exit_code == 2 and "--weighting" in r.stderr and len(r.stderr.strip().splitlines()) == 1
