@@ -6,6 +6,7 @@ Variants (all in one run, same features, several seeds):
   (c) ACSeg: fit-acg + conceptualize + classify, with acseg's defaults and the variants named on the command line
 
 Usage: python benchmarks/quality.py --train TRAIN.h5 --test TEST.h5 [--seeds 5] [--variants a,b,c]
+       [--weighting pixels|none|sqrt-pixels] [--halves]   (--halves: also the even/odd test images apart)
 Features come from `acseg extract` (offline ViT-S/14, 448 short side). Prints a table and JSON lines.
 """
 
@@ -34,9 +35,28 @@ from stages.score import score  # noqa: E402
 GT = ROOT.parent / "shared" / "data" / "camvid_segnet" / "testannot"
 
 
-def miou(pred_dir: Path) -> tuple[float, float]:
+HALVES: dict[str, Path] = {}  # --halves: "even"/"odd" -> a folder of links to every other test label map
+
+
+def make_halves(root: Path) -> None:
+    """The test label maps sorted by name, split into the even- and odd-numbered ones (links), so a setting
+    can be chosen on one half and checked on the other."""
+    files = sorted(GT.glob("*.png"))
+    for i, half in enumerate(("even", "odd")):
+        d = root / f"gt_{half}"
+        d.mkdir(parents=True, exist_ok=True)
+        for f in files[i::2]:
+            if not (d / f.name).exists():
+                (d / f.name).symlink_to(f)
+        HALVES[half] = d
+
+
+def miou(pred_dir: Path) -> tuple:
+    """(mIoU, pixel accuracy) on all test images, then mIoU on each half when --halves is on."""
     r = score(str(pred_dir), str(GT), dataset="camvid11", allow_missing=False, workers=2)
-    return r["miou"], r["pixel_accuracy"]
+    halves = tuple(score(str(pred_dir), str(d), dataset="camvid11", allow_missing=True, workers=2,
+                         include_confusion=False)["miou"] for d in HALVES.values())
+    return (r["miou"], r["pixel_accuracy"], *halves)
 
 
 def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: int = 60000):
@@ -58,9 +78,10 @@ def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: 
     return miou(d)
 
 
-def concepts_and_classify(train_c: str, test_c: str, out: Path, tag: str, seed: int, K: int, bg: bool):
+def concepts_and_classify(train_c: str, test_c: str, out: Path, tag: str, seed: int, K: int, bg: bool,
+                          weighting: str = "pixels"):
     fit_dir = out / f"{tag}_train_s{seed}"
-    classify(train_c, str(fit_dir), n_classes=K, background_split=bg, seed=seed, overwrite=True)
+    classify(train_c, str(fit_dir), n_classes=K, background_split=bg, seed=seed, overwrite=True, weighting=weighting)
     d = out / f"{tag}_s{seed}"
     classify(test_c, str(d), centroids=str(fit_dir / "classes.h5"), overwrite=True)
     return miou(d)
@@ -110,15 +131,23 @@ def main():
     ap.add_argument("--bg-both", action="store_true", help="classify with and without the background split")
     ap.add_argument("--acg", help="(c) with this fitted checkpoint instead of fitting one")
     ap.add_argument("--precision", default="auto", help="conceptualize --precision for (c)")
+    ap.add_argument("--weighting", default="pixels", help="classify --weighting for (b) and (c)")
+    ap.add_argument("--halves", action="store_true",
+                    help="also score the even- and odd-numbered test images apart (choose on one, check on the other)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.halves:
+        make_halves(out)
     rows = []
 
     def report(name, vals, extra=None):
         m = np.array([v[0] for v in vals]) * 100
         row = {"variant": name, "miou_mean": round(float(m.mean()), 2), "miou_std": round(float(m.std()), 2),
                "seeds": len(vals), "pixel_acc": round(float(np.mean([v[1] for v in vals]) * 100), 2), **(extra or {})}
+        for j, half in enumerate(HALVES):
+            h = np.array([v[2 + j] for v in vals]) * 100
+            row[f"miou_{half}"] = f"{h.mean():.2f} +- {h.std():.2f}"
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -128,8 +157,8 @@ def main():
     if "b" in a.variants:
         trc = conceptualize(a.train, str(out / "b_train.h5"), method="kmeans", k=a.k, overwrite=True).path
         tec = conceptualize(a.test, str(out / "b_test.h5"), method="kmeans", k=a.k, overwrite=True)
-        vals = [concepts_and_classify(trc, tec.path, out, "b", s, 11, a.bg) for s in seeds]
-        report(f"b: per-image k-means k={a.k} + classify", vals,
+        vals = [concepts_and_classify(trc, tec.path, out, "b", s, 11, a.bg, a.weighting) for s in seeds]
+        report(f"b: per-image k-means k={a.k} + classify weighting={a.weighting}", vals,
                {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
     if "c" in a.variants:
         t0 = time.time()
@@ -148,10 +177,10 @@ def main():
         tec = conceptualize(a.test, str(out / f"c{a.tag}_test.h5"), acg=str(ck), overwrite=True, precision=a.precision)
         orc = round(100 * oracle(tec.path), 1)
         for bg in ([False, True] if a.bg_both else [a.bg]):
-            vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg) for s in seeds]
+            vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg, a.weighting) for s in seeds]
             fitted = (f"acg={ck.name}" if a.acg else f"k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} "
                       f"delta={a.delta} center={a.center} whiten={a.whiten} heads={a.heads or 'auto'}")
-            report(f"c: ACSeg {fitted} bg={bg} precision={a.precision} {a.tag}", vals,
+            report(f"c: ACSeg {fitted} bg={bg} precision={a.precision} weighting={a.weighting} {a.tag}", vals,
                    {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": orc,
                     "final_modularity": modularity, "fit_seconds": round(fit_s)})
     print()
