@@ -245,7 +245,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         if fg.sum() < k_fg:
             raise AcsegError(f"only {int(fg.sum())} foreground concepts for {k_fg} classes",
                              "lower --n-classes, use more images, or pass --no-background-split")
-        w = {"none": None, "pixels": store.pixels[fg], "sqrt-pixels": np.sqrt(store.pixels[fg])}[weighting]
+        w = None if weighting == "none" else store.pixels[fg] if weighting == "pixels" else np.sqrt(store.pixels[fg])
         cents, _, _ = kmeans(feats[fg], k_fg, n_init=n_init, seed=seed, weights=w)
     elif cents.shape[1] != feats.shape[1]:
         raise AcsegError(f"centroids have dimension {cents.shape[1]} but the concepts {feats.shape[1]}",

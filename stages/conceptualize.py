@@ -68,6 +68,13 @@ class ConceptStore(Store):
         self.cls_attn = self._need("concept_cls_attn", 1, C, "f")[:].astype(np.float64)
         if np.any(self.grid.prod(1) != np.diff(self.offsets)) or np.any(np.diff(self.concept_offsets) != self.n_concepts):
             raise AcsegError(f"{self.path}: per-image counts do not match the packed data", "the file is damaged; re-run conceptualize")
+        # every concept holds at least one patch, and an image's concepts hold all of its patches (classify
+        # weights the concepts by these counts)
+        total = np.concatenate([[0], np.cumsum(self.pixels)])
+        if (C and self.pixels.min() < 1) or np.any(total[self.concept_offsets[1:]] - total[self.concept_offsets[:-1]]
+                                                   != self.grid.prod(1)):
+            raise AcsegError(f"{self.path}: concept pixel counts do not add up to the images' patches",
+                             "the file is damaged; re-run conceptualize")
 
     def means(self) -> np.ndarray:
         a = self.f["concept_mean"][:].astype(np.float32)

@@ -200,6 +200,9 @@ def stores(kind: str) -> dict:
         "n_images lies": _edit(lambda f: f.attrs.__setitem__("n_images", int(f.attrs["n_images"]) + 3)),
         "attribute not JSON": _edit(lambda f: f.attrs.__setitem__("params", "{not json")),
         "empty store": empty_store,
+        **({"concept pixel counts of zero": _edit(lambda f: f["concept_pixels"].__setitem__(slice(None), 0)),
+            "a negative concept pixel count": _edit(lambda f: f["concept_pixels"].__setitem__(0, -5))}
+           if kind == "concepts" else {}),  # classify weights the concepts by these counts
     }
 
 
