@@ -149,6 +149,9 @@ def test_classify_recovers_planted_classes(planted, tmp_path):
     for folder, weighting in ((out, "pixels"), (tmp_path / "outw", "none")):
         with h5py.File(folder / "classes.h5") as f:
             assert json.loads(f.attrs["params"])["weighting"] == weighting
+    # ... and the weights reach the k-means: same seed, same classes, other centroids
+    with ClassStore(out / "classes.h5") as a, ClassStore(tmp_path / "outw" / "classes.h5") as b:
+        assert a.centroids.shape == b.centroids.shape and not np.allclose(a.centroids, b.centroids, atol=1e-4)
     # a bad weighting is refused before anything is written, and an existing output survives
     r = cli(["classify", c, "-o", tmp_path / "outw", "-K", "5", "--weighting", "area", "--overwrite"])
     assert r.exit_code == 2 and "--weighting" in r.stderr and len(r.stderr.strip().splitlines()) == 1
