@@ -75,3 +75,23 @@ def test_hub_backbone_without_network_says_what_to_do(monkeypatch):
         pass
     with pytest.raises(AcsegError, match="cannot download weights for dino-vits16.*--weights FILE.*focus-vits14"):
         create_backbone("dino-vits16")
+
+
+@pytest.mark.parametrize("layer", [0, 2, -1])
+def test_layer_tokens_are_that_blocks_output_through_the_final_norm(layer):
+    """`extract --layer L` (README recommends 8 for the offline backbone): block L's output through the final
+    LayerNorm, CLS removed, as timm's own forward_intermediates gives it; the CLS attention stays the last
+    block's whatever the layer."""
+    torch.manual_seed(0)
+    bb = create_backbone("test-vit", random_weights=True)
+    x = torch.randn(2, 3, 64, 64)  # the model's own 4 x 4 grid: no position resampling on either side
+    with torch.no_grad():
+        feats, attn, grid = bb(x, feature="tokens", layer=layer)
+        _, attn_last, _ = bb(x, feature="tokens", layer=-1)
+        ref = bb.vit.forward_intermediates(x, indices=[layer % bb.depth], norm=True, output_fmt="NLC",
+                                           intermediates_only=True)[0]
+    assert grid == (4, 4) and feats.shape == (2, 16, bb.dim)
+    torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn, attn_last)
+    if layer % bb.depth != bb.depth - 1:
+        assert not torch.allclose(feats, bb(x, feature="tokens", layer=-1)[0], atol=1e-3)
