@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--center", action="store_true")
     ap.add_argument("--whiten", action="store_true")
-    ap.add_argument("--heads", type=int, default=0, help="ACG attention heads (0: one per 64 dims)")
+    ap.add_argument("--heads", type=int, default=0, help="ACG attention heads (0: acseg's default, one per 128 dims)")
     ap.add_argument("--bg-both", action="store_true", help="classify with and without the background split")
     ap.add_argument("--acg", help="(c) with this fitted checkpoint instead of fitting one")
     ap.add_argument("--precision", default="auto", help="conceptualize --precision for (c)")
