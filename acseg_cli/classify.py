@@ -26,6 +26,8 @@ def command(
     match_gt: Annotated[Optional[str], typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching).")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Preset of the ground truth for --match-gt.")] = None,
     preview: Annotated[Optional[str], typer.Option("--preview", help="Write photo / prediction (/ ground truth) pictures here.")] = None,
+    crf: Annotated[bool, typer.Option("--crf", help="Refine each label map with a dense CRF on its photo (needs the optional package pydensecrf2 and the original photos; replaces --upsample).")] = False,
+    crf_iterations: Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations of --crf.")] = 10,
     overwrite: Overwrite = False,
     as_json: JsonOut = False,
     verbose: Verbose = 0,
@@ -37,11 +39,15 @@ def command(
     if not output:
         fail("no output: pass -o OUTDIR", 2)
     from stages.classify import classify
+    from stages.crf import CRFParams
+
+    if crf_iterations < 0:
+        fail("--crf-iterations must be >= 0; pass 0 (the bilinear map unchanged) or more", 2)
 
     with Progress("classify") as bar:
         res = classify(concepts, output, n_classes=n_classes, background_split=not no_background_split, seed=seed,
                        n_init=n_init, weighting=weighting, upsample=upsample, centroids=centroids, match_gt=match_gt, dataset=dataset,
-                       preview=preview, overwrite=overwrite, progress=bar)
+                       preview=preview, crf=crf, crf_params=CRFParams(iterations=crf_iterations), overwrite=overwrite, progress=bar)
     msg = f"{res.n_images} label maps with {res.n_classes} classes in {res.path}"
     if res.score:
         msg += f"; matched to ground truth: mIoU {100 * res.score['miou']:.1f}"

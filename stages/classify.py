@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .conceptualize import ConceptStore
+from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import safe_output_path
 from .kmeans import kmeans
@@ -196,6 +197,7 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
 def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = None, background_split: bool = True,
              seed: int = 0, n_init: int = 10, upsample: str = "bilinear", weighting: str = "pixels", centroids: str | None = None,
              match_gt: str | None = None, dataset: str | None = None, preview: str | None = None,
+             crf: bool = False, crf_params: CRFParams | None = None,
              overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ClassifyResult:
     """Cluster the concepts of ``concepts`` (one store, or several parts of one dataset) into classes and
     write label maps into ``outdir``."""
@@ -203,6 +205,8 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         raise UsageError(f"unknown --upsample {upsample!r}", "choose bilinear or nearest")
     if weighting not in WEIGHTINGS:
         raise UsageError(f"unknown --weighting {weighting!r}", f"choose one of: {', '.join(WEIGHTINGS)}")
+    if crf:
+        require_crf()
     if match_gt and not dataset:
         raise UsageError("--match-gt needs --dataset", "name the ground truth's preset, e.g. --dataset camvid11")
     paths = [concepts] if isinstance(concepts, (str, os.PathLike)) else list(concepts)
@@ -211,6 +215,13 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
     feats = store.means()
     co = store.concept_offsets
     n = store.n_images
+    if crf:
+        crf_params = crf_params or CRFParams()
+        missing = [s for s in store.sources if not Path(s).is_file()]
+        if missing:
+            store.close()
+            raise AcsegError(f"--crf needs the original photos, and {len(missing)} of {n} are not readable (first: {missing[0]})",
+                             "restore them at the paths the features were extracted from, or drop --crf")
 
     # 1. background split per image
     bg = np.zeros(len(feats), bool)
@@ -261,7 +272,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         png_paths = []
         params = {"n_classes": n_classes, "background_split": background_split, "seed": seed, "n_init": n_init,
                   "upsample": upsample, "weighting": weighting, "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
-                  "concept_feature": "concept_mean"}
+                  "concept_feature": "concept_mean", "crf": crf_params.to_dict() if crf else None}
         attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
                  "features_provenance": store.provenance}
         with StoreWriter(tmp / CLASSES_FILE, classes_schema(), attrs) as w:
@@ -269,7 +280,14 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
                 cmap = store.concept_map(i)
                 pmap = concept_class[co[i] + cmap]
                 path = safe_output_path(tmp, store.names[i], ".png")
-                labels = upsample_labels(pmap, tuple(store.image_size[i]), upsample)
+                if crf:
+                    photo = load_photo(store.sources[i], tuple(store.image_size[i]))
+                    if photo is None:
+                        raise AcsegError(f"--crf cannot read the photo {store.sources[i]}",
+                                         "restore it at the path the features were extracted from, or drop --crf")
+                    labels = refine(photo, pmap, crf_params)
+                else:
+                    labels = upsample_labels(pmap, tuple(store.image_size[i]), upsample)
                 save_label_png(path, labels)
                 png_paths.append(path)
                 w.append({"grid": [store.grid[i]], "image_size": [store.image_size[i]], "names": [store.names[i]],
