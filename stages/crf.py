@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from .errors import AcsegError
+from .render import onehot_maps
 
 INSTALL_HINT = ("install the optional dense-CRF package: pip install 'pydensecrf2==1.1' (it builds from source: "
                 "needs a C++ compiler and Python headers)")
@@ -48,15 +48,6 @@ def require_crf():
     return dcrf
 
 
-def _soft_maps(patch_map: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids present, (m, H, W) bilinear one-hot maps) of a patch-level label map."""
-    ids, inv = np.unique(patch_map, return_inverse=True)
-    onehot = F.one_hot(torch.from_numpy(inv.reshape(patch_map.shape).astype(np.int64)), len(ids))
-    onehot = onehot.permute(2, 0, 1).float()[None]
-    soft = F.interpolate(onehot, size=size, mode="bilinear", align_corners=False)[0]
-    return ids, soft.numpy()
-
-
 def refine(photo: np.ndarray, patch_map: np.ndarray, params: CRFParams | None = None) -> np.ndarray:
     """photo (H, W, 3) uint8 at the output size, patch_map (h, w) ids -> (H, W) ids refined by the CRF."""
     dcrf = require_crf()
@@ -64,12 +55,14 @@ def refine(photo: np.ndarray, patch_map: np.ndarray, params: CRFParams | None = 
     H, W = photo.shape[:2]
     s = min(1.0, p.short_side / min(H, W))
     h, w = (H, W) if s == 1.0 else (max(1, round(H * s)), max(1, round(W * s)))
-    ids, soft = _soft_maps(patch_map, (h, w))
+    ids, _, onehot = onehot_maps(patch_map)
     m = len(ids)
     if m == 1:
         return np.full((H, W), ids[0], dtype=patch_map.dtype)
+    # the soft maps whose argmax is classify's default output
+    soft = F.interpolate(onehot, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
     img = photo if (h, w) == (H, W) else np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
-    img = np.ascontiguousarray(img, dtype=np.uint8).copy()  # pydensecrf wants a writable C-contiguous buffer
+    img = np.array(img, dtype=np.uint8, order="C")  # a writable C-contiguous copy, as pydensecrf wants
     prob = p.label_confidence * soft + (1.0 - p.label_confidence) / m
     unary = np.ascontiguousarray(-np.log(prob).reshape(m, -1), dtype=np.float32)
     d = dcrf.DenseCRF2D(w, h, m)

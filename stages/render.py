@@ -27,18 +27,24 @@ def palette(n: int) -> np.ndarray:
     return out
 
 
+def onehot_maps(patch_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """(h, w) ids -> (the ids present, sorted; each patch's index into them, (h, w); their (1, m, h, w) float
+    one-hot maps, ready to interpolate)."""
+    ids, inv = np.unique(patch_map, return_inverse=True)
+    inv = inv.reshape(patch_map.shape)
+    return ids, inv, F.one_hot(torch.from_numpy(inv.astype(np.int64)), len(ids)).permute(2, 0, 1).float()[None]
+
+
 def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
     """(h, w) ids -> (H, W) ids. 'bilinear' interpolates one-hot maps and takes the argmax (smooth
     boundaries); 'nearest' repeats patches (blocky)."""
     H, W = int(size[0]), int(size[1])
-    ids, inv = np.unique(patch_map, return_inverse=True)
-    inv = inv.reshape(patch_map.shape)
+    ids, inv, onehot = onehot_maps(patch_map)
     if mode == "nearest" or len(ids) == 1:
         t = torch.from_numpy(inv.astype(np.float32))[None, None]
         out = F.interpolate(t, size=(H, W), mode="nearest")[0, 0].numpy().astype(np.int64)
         return ids[out]
     m = len(ids)
-    onehot = F.one_hot(torch.from_numpy(inv.astype(np.int64)), m).permute(2, 0, 1).float()[None]
     if m * H * W * 4 <= (256 << 20):
         return ids[F.interpolate(onehot, size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).numpy()]
     # Large images: interpolate along columns once, then rows in chunks (same arithmetic as PyTorch's).
