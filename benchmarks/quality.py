@@ -37,7 +37,6 @@ GT = ROOT.parent / "shared" / "data" / "camvid_segnet" / "testannot"
 
 
 HALVES: dict[str, Path] = {}  # --halves: "even"/"odd" -> a folder of links to every other test label map
-CRF = {"on": False}  # --crf: every variant's test label maps refined by the dense CRF (classify --crf)
 
 
 def make_halves(root: Path) -> None:
@@ -61,7 +60,7 @@ def miou(pred_dir: Path) -> tuple:
     return (r["miou"], r["pixel_accuracy"], *halves)
 
 
-def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: int = 60000):
+def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: int = 60000, crf: bool = False):
     """Dataset-level k-means on L2-normalised tokens: fit on a train sample, label every test token."""
     rng = np.random.default_rng(seed)
     with FeatureStore(train) as tr:
@@ -69,7 +68,7 @@ def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: 
     toks = toks[rng.choice(len(toks), min(sample, len(toks)), replace=False)]
     toks /= np.linalg.norm(toks, axis=1, keepdims=True)
     cents, _, _ = kmeans(toks, K, n_init=3, seed=seed)
-    d = out / f"a{'_crf' if CRF['on'] else ''}_s{seed}"
+    d = out / f"a{'_crf' if crf else ''}_s{seed}"
     d.mkdir(parents=True, exist_ok=True)
     with FeatureStore(test) as te:
         for i in range(te.n_images):
@@ -77,17 +76,17 @@ def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: 
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             lab = ((x[:, None, :] - cents[None]) ** 2).sum(-1).argmin(1).reshape(te.grid[i])
             size = tuple(te.image_size[i])
-            labels = refine(load_photo(te.sources[i], size), lab) if CRF["on"] else upsample_labels(lab, size)
+            labels = refine(load_photo(te.sources[i], size), lab) if crf else upsample_labels(lab, size)
             save_label_png(d / Path(te.names[i]).with_suffix(".png"), labels)
     return miou(d)
 
 
 def concepts_and_classify(train_c: str, test_c: str, out: Path, tag: str, seed: int, K: int, bg: bool,
-                          weighting: str = "pixels"):
+                          weighting: str = "pixels", crf: bool = False):
     fit_dir = out / f"{tag}_train_s{seed}"
     classify(train_c, str(fit_dir), n_classes=K, background_split=bg, seed=seed, overwrite=True, weighting=weighting)
-    d = out / f"{tag}{'_crf' if CRF['on'] else ''}_s{seed}"
-    classify(test_c, str(d), centroids=str(fit_dir / "classes.h5"), overwrite=True, crf=CRF["on"])
+    d = out / f"{tag}{'_crf' if crf else ''}_s{seed}"
+    classify(test_c, str(d), centroids=str(fit_dir / "classes.h5"), overwrite=True, crf=crf)
     return miou(d)
 
 
@@ -140,7 +139,6 @@ def main():
                     help="also score the even- and odd-numbered test images apart (choose on one, check on the other)")
     ap.add_argument("--crf", action="store_true", help="refine every variant's test label maps with the dense CRF")
     a = ap.parse_args()
-    CRF["on"] = a.crf
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.halves:
@@ -159,11 +157,11 @@ def main():
 
     seeds = range(a.seeds)
     if "a" in a.variants:
-        report("a: dataset k-means on tokens K=11" + (" crf" if a.crf else ""), [variant_a(a.train, a.test, out, s) for s in seeds])
+        report("a: dataset k-means on tokens K=11" + (" crf" if a.crf else ""), [variant_a(a.train, a.test, out, s, crf=a.crf) for s in seeds])
     if "b" in a.variants:
         trc = conceptualize(a.train, str(out / "b_train.h5"), method="kmeans", k=a.k, overwrite=True).path
         tec = conceptualize(a.test, str(out / "b_test.h5"), method="kmeans", k=a.k, overwrite=True)
-        vals = [concepts_and_classify(trc, tec.path, out, "b", s, 11, a.bg, a.weighting) for s in seeds]
+        vals = [concepts_and_classify(trc, tec.path, out, "b", s, 11, a.bg, a.weighting, a.crf) for s in seeds]
         report(f"b: per-image k-means k={a.k} + classify weighting={a.weighting}{' crf' if a.crf else ''}", vals,
                {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
     if "c" in a.variants:
@@ -183,7 +181,7 @@ def main():
         tec = conceptualize(a.test, str(out / f"c{a.tag}_test.h5"), acg=str(ck), overwrite=True, precision=a.precision)
         orc = round(100 * oracle(tec.path), 1)
         for bg in ([False, True] if a.bg_both else [a.bg]):
-            vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg, a.weighting) for s in seeds]
+            vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg, a.weighting, a.crf) for s in seeds]
             fitted = (f"acg={ck.name}" if a.acg else f"k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} "
                       f"delta={a.delta} center={a.center} whiten={a.whiten} heads={a.heads or 'auto'}")
             report(f"c: ACSeg {fitted} bg={bg} precision={a.precision} weighting={a.weighting}{' crf' if a.crf else ''} {a.tag}", vals,
