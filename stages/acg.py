@@ -5,7 +5,9 @@ In the manner of timm: a config dataclass, the module, and ``create_acg``.
 Cross-attention from k prototypes to N pixel tokens is computed without projecting the tokens: for head
 h, ``q_h (X W_k,h + b_k,h)^T = (q_h W_k,h) X^T + const`` (the key bias is constant over keys and drops out
 of the softmax) and ``softmax(.) (X W_v,h + b_v,h) = (softmax(.) X) W_v,h + b_v,h``. That costs
-O(k·H·N·d) instead of O(N·d²) per layer, and is exact.
+O(k·H·N·d) instead of O(N·d²) per layer, and is exact. At inference the remaining prototype-side maps
+(query projection, key and value weights, whitening, output projection) are merged into two d x H·d
+matrices per layer (``PrototypeCrossAttention.fold``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .config import ACGConfig
 from .errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+FOLD_CHUNK = 4  # images per pair of token products in the folded cross-attention (benchmarks/RESULTS.md)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -80,6 +83,46 @@ class PrototypeCrossAttention(nn.Module):
         out = torch.einsum("bkhd,hed->bkhe", ctx, self.v.weight.view(H, hd, D)) + self.v.bias.view(H, hd)
         return self.proj(out.reshape(B, K, D))
 
+    def fold(self, mem_map: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        """The layer's inference weights with every prototype-side product merged (computed in float32, or
+        float64 for a float64 ``dtype``, then rounded once to ``dtype``): ``(A, a, C, c)`` such that
+        ``forward_folded(query, mem, mask, (A, a, C, c)) = forward(query, mem, mask, mem_map)``.
+        Per head h, the queries in token space are
+        ``p A_h + a_h`` with ``A_h = W_q,h^T W_k,h M^T / sqrt(hd)`` (query projection, key weights, whitening
+        and scale in one d x d matrix), and the output is ``sum_h ctx_h C_h + c`` with
+        ``C_h = M W_v,h^T W_o,h^T`` (whitening, value weights and output projection). Two products with the
+        k·H rows per layer instead of six, and no whitening product at all."""
+        D, H, hd = self.dim, self.num_heads, self.head_dim
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        f = lambda t: t.detach().to(wide)
+        wq, bq = f(self.q.weight).view(H, hd, D), f(self.q.bias).view(H, hd)
+        wk = f(self.k.weight).view(H, hd, D) * hd ** -0.5
+        wv = f(self.v.weight).view(H, hd, D)
+        wo = f(self.proj.weight).view(D, H, hd)
+        if mem_map is not None:
+            mt = f(mem_map).T
+            wk, wv = wk @ mt, wv @ mt  # (q W_k,h) M^T and (ctx_h M) W_v,h^T = ctx_h (W_v,h M^T)^T
+        a_mat = torch.einsum("hed,hef->dhf", wq, wk).reshape(D, H * D)
+        a_vec = torch.einsum("he,hef->hf", bq, wk).reshape(H * D)
+        c_mat = torch.einsum("hed,fhe->hdf", wv, wo).reshape(H * D, D)
+        c_vec = f(self.v.bias) @ f(self.proj.weight).T + f(self.proj.bias)
+        return tuple(t.to(dtype).contiguous() for t in (a_mat, a_vec, c_mat, c_vec))
+
+    def forward_folded(self, query: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None, fold) -> torch.Tensor:
+        """``forward`` with the weights ``fold`` returns (inference only: no gradient reaches the layer)."""
+        B, K, D = query.shape
+        a_mat, a_vec, c_mat, c_vec = fold
+        qk = torch.addmm(a_vec, query.reshape(B * K, D), a_mat).view(B, K * self.num_heads, D)
+        ctx = torch.empty_like(qk)  # (B, k*H, d), row k*H + h
+        chunk = B if mem.is_cuda else FOLD_CHUNK  # on a CPU, both products of a few images while they are in cache
+        for s in range(0, B, chunk):
+            e = min(B, s + chunk)
+            scores = torch.bmm(qk[s:e], mem[s:e].transpose(1, 2))
+            if mask is not None:
+                scores = scores.masked_fill_(~mask[s:e, None, :], float("-inf"))
+            torch.bmm(scores.softmax(dim=-1), mem[s:e], out=ctx[s:e])
+        return torch.addmm(c_vec, ctx.view(B * K, self.num_heads * D), c_mat).view(B, K, D)
+
     def forward_naive(self, query, mem, mask=None):
         """Textbook multi-head attention with projected keys and values (the reference in tests)."""
         B, K, D = query.shape
@@ -108,8 +151,9 @@ class ACGLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, q, mem, mask, mem_map=None):
-        q = self.norm1(q + self.drop(self.cross(q, mem, mask, mem_map)))
+    def forward(self, q, mem, mask, mem_map=None, fold=None):
+        cross = self.cross(q, mem, mask, mem_map) if fold is None else self.cross.forward_folded(q, mem, mask, fold)
+        q = self.norm1(q + self.drop(cross))
         q = self.norm2(q + self.drop(self.self_attn(q, q, q, need_weights=False)[0]))
         return self.norm3(q + self.drop(self.ffn(q)))
 
@@ -143,6 +187,25 @@ class AdaptiveConceptGenerator(nn.Module):
         self.prototypes.data = self.prototypes.data.to(dtype)
         return self
 
+    def _fold_key(self, dtype: torch.dtype) -> tuple:
+        # in-place updates (optimizer steps, load_state_dict) bump a tensor's _version, .to() makes new tensors;
+        # tensors made under inference_mode keep no version (and cannot change outside it)
+        ts = [*self.layers.parameters(), *([self.feature_whiten] if self.cfg.whiten else [])]
+        return (dtype, *((t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts))
+
+    def _compute_folds(self, dtype: torch.dtype) -> list:
+        mem_map = self.feature_whiten if self.cfg.whiten else None
+        return [layer.cross.fold(mem_map, dtype) for layer in self.layers]
+
+    def folds(self, dtype: torch.dtype) -> list:
+        """Per layer, the cross-attention's folded inference weights in ``dtype`` (``PrototypeCrossAttention.fold``)
+        with the whitening inside: computed once and kept until a weight changes."""
+        key = self._fold_key(dtype)
+        cached = getattr(self, "_folds", None)
+        if cached is None or cached[0] != key:
+            cached = self._folds = (key, self._compute_folds(dtype))
+        return cached[1]
+
     def infer(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, inplace: bool = False,
               low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inference in one call, as conceptualize runs it: ``tokens`` (B, N, d) float32 as stored ->
@@ -161,7 +224,7 @@ class AdaptiveConceptGenerator(nn.Module):
             xl = low.copy_(x)
         else:
             xl = x.to(dtype)
-        concepts = self(xl, mask, centred_only=True)
+        concepts = self(xl, mask, centred_only=True, folded=True)
         concepts = concepts if concepts.dtype == torch.float64 else concepts.float()
         # cos(z_i, c) has the same argmax as z_i . c/|c|; with z_i = x_i W, z_i . c = x_i . (c W^T)
         directions = F.normalize(concepts, dim=-1)
@@ -169,18 +232,23 @@ class AdaptiveConceptGenerator(nn.Module):
             directions = directions @ self.feature_whiten.T
         return x, concepts, directions
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, centred_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, centred_only: bool = False,
+                folded: bool = False) -> torch.Tensor:
         """tokens (B, N, d) as ``prepare`` returns them, mask (B, N) True where valid -> concepts (B, k, d) in
         the generator's dtype. ``centred_only``: the tokens are centred but not whitened; a whitened model then
-        applies its whitening inside the attention (exact, and k·H·d² instead of N·d² per image)."""
+        applies its whitening inside the attention (exact, and k·H·d² instead of N·d² per image).
+        ``folded`` (inference only, with ``centred_only``): the cross-attention runs on its folded weights."""
         B = tokens.shape[0]
         tokens = tokens.to(self.prototypes.dtype)
         if mask is not None and bool(mask.all()):
             mask = None  # nothing padded: skip the masking work
+        if folded and not centred_only and self.cfg.whiten:
+            raise ValueError("folded weights carry the whitening: give centred tokens (centred_only=True)")
         mem_map = self.feature_whiten.to(tokens.dtype) if centred_only and self.cfg.whiten else None
+        folds = self.folds(tokens.dtype) if folded else [None] * len(self.layers)
         q = self.prototypes.unsqueeze(0).expand(B, -1, -1)
-        for layer in self.layers:
-            q = layer(q, tokens, mask, mem_map)
+        for layer, fold in zip(self.layers, folds):
+            q = layer(q, tokens, mask, mem_map, fold)
         return self.head(q)
 
 

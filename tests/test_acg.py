@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.acg import (ACGConfig, PrototypeCrossAttention, assignment, create_acg, hard_assignment,
+from stages.acg import (FOLD_CHUNK, ACGConfig, PrototypeCrossAttention, assignment, create_acg, hard_assignment,
                         modularity_loss, modularity_matrix, soft_modularity)
 
 
@@ -149,6 +149,61 @@ def test_infer_matches_prepare_forward_and_cosine_assignment(whiten):
     assert torch.allclose(xc, x - acg.feature_center)
     assert torch.allclose(got, want, atol=1e-10)
     assert torch.equal(torch.bmm(xc, directions.transpose(1, 2)).argmax(-1), want_assign)
+
+
+def test_folded_inference_follows_the_weights_and_chunks():
+    """``infer`` runs on folded weights (query, key, whitening, value and output maps merged), the token
+    products a few images at a time: it equals the plain forward over several chunks with padding in a later
+    one, and after any change to the weights or the whitening (the folds are cached, not stale)."""
+    torch.manual_seed(8)
+    acg = create_acg(dim=24, num_prototypes=4, depth=2, num_heads=2, whiten=True).double().eval()
+    a = torch.randn(24, 24, dtype=torch.double)
+    with torch.no_grad():
+        acg.feature_center.copy_(torch.randn(24))
+        acg.feature_whiten.copy_(a @ a.T / 24 + torch.eye(24, dtype=torch.double))
+    n = 2 * FOLD_CHUNK + 1
+    x = torch.randn(n, 40, 24, dtype=torch.double)
+    mask = torch.ones(n, 40, dtype=torch.bool)
+    mask[FOLD_CHUNK + 1, 17:] = False
+    mask[n - 1, 30:] = False
+
+    def check():
+        with torch.no_grad():
+            want = acg(acg.prepare(x), mask)
+            got = acg.infer(x.clone(), mask)[1]
+        assert torch.allclose(got, want, atol=1e-10)
+        return got
+
+    first = check()
+    with torch.no_grad():
+        acg.layers[0].cross.q.weight.add_(0.3)
+    second = check()
+    with torch.no_grad():
+        acg.feature_whiten.mul_(1.7)
+    third = check()
+    acg.load_state_dict(create_acg(dim=24, num_prototypes=4, depth=2, num_heads=2, whiten=True).double().state_dict())
+    check()
+    assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(second, third, atol=1e-3)
+
+
+def test_folded_bf16_inference_is_as_accurate_as_the_plain_forward():
+    """In bfloat16 the folded weights (rounded once, after merging) lose nothing against the plain bf16
+    forward: both stay as close to the float64 concepts."""
+    torch.manual_seed(9)
+    ref = create_acg(dim=64, num_prototypes=5, depth=3, num_heads=2, whiten=True).double().eval()
+    with torch.no_grad():
+        ref.feature_center.copy_(torch.randn(64))
+        ref.feature_whiten.copy_(torch.eye(64, dtype=torch.double) * 2 + 0.05 * torch.randn(64, 64, dtype=torch.double))
+    low = create_acg(dim=64, num_prototypes=5, depth=3, num_heads=2, whiten=True).eval()
+    low.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    low.cast_(torch.bfloat16)
+    x = torch.randn(6, 50, 64, dtype=torch.double)
+    with torch.no_grad():
+        want = ref.infer(x.clone())[1]
+        folded = low.infer(x.float())[1].double()
+        plain = low(low.prepare(x.float(), whiten=False).bfloat16(), centred_only=True).double()
+    err_folded, err_plain = (folded - want).abs().max(), (plain - want).abs().max()
+    assert err_folded < 1.5 * err_plain and err_plain < 0.1
 
 
 def test_gradients_reach_only_the_acg_and_prototype_permutation_permutes_concepts():
