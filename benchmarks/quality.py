@@ -2,6 +2,8 @@
 
 Variants (all in one run, same features, several seeds):
   (a) dataset-level k-means on the patch tokens, K = 11
+  (aw) the same on the tokens as the --acg checkpoint prepares them (centred, whitened): is ACSeg's lead the
+       whitening's?
   (b) per-image k-means concepts (k = 5) + classify
   (c) ACSeg: fit-acg + conceptualize + classify, with acseg's defaults and the variants named on the command line
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,7 +31,7 @@ from stages.classify import classify  # noqa: E402
 from stages.conceptualize import conceptualize  # noqa: E402
 from stages.crf import refine  # noqa: E402
 from stages.features import FeatureStore  # noqa: E402
-from stages.fit import TrainConfig, fit_acg  # noqa: E402
+from stages.fit import TrainConfig, fit_acg, load_checkpoint  # noqa: E402
 from stages.kmeans import kmeans  # noqa: E402
 from stages.render import load_photo, save_label_png, upsample_labels  # noqa: E402
 from stages.score import score  # noqa: E402
@@ -60,19 +63,22 @@ def miou(pred_dir: Path) -> tuple:
     return (r["miou"], r["pixel_accuracy"], *halves)
 
 
-def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: int = 60000, crf: bool = False):
-    """Dataset-level k-means on L2-normalised tokens: fit on a train sample, label every test token."""
+def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: int = 60000, crf: bool = False,
+              prepare=None, tag: str = "a"):
+    """Dataset-level k-means on L2-normalised tokens: fit on a train sample, label every test token.
+    ``prepare`` (an ACG's ``prepare``): the tokens as that model sees them (centred, whitened) first."""
     rng = np.random.default_rng(seed)
+    prep = (lambda t: t) if prepare is None else (lambda t: prepare(torch.from_numpy(t)).numpy())
     with FeatureStore(train) as tr:
         toks = np.concatenate(tr.read_range(0, tr.n_images))
-    toks = toks[rng.choice(len(toks), min(sample, len(toks)), replace=False)]
+    toks = prep(toks[rng.choice(len(toks), min(sample, len(toks)), replace=False)])
     toks /= np.linalg.norm(toks, axis=1, keepdims=True)
     cents, _, _ = kmeans(toks, K, n_init=3, seed=seed)
-    d = out / f"a{'_crf' if crf else ''}_s{seed}"
+    d = out / f"{tag}{'_crf' if crf else ''}_s{seed}"
     d.mkdir(parents=True, exist_ok=True)
     with FeatureStore(test) as te:
         for i in range(te.n_images):
-            x = te.tokens(i)
+            x = prep(te.tokens(i))
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             lab = ((x[:, None, :] - cents[None]) ** 2).sum(-1).argmin(1).reshape(te.grid[i])
             size = tuple(te.image_size[i])
@@ -156,8 +162,16 @@ def main():
         print(json.dumps(row), flush=True)
 
     seeds = range(a.seeds)
-    if "a" in a.variants:
+    if "a" in a.variants.split(","):
         report("a: dataset k-means on tokens K=11" + (" crf" if a.crf else ""), [variant_a(a.train, a.test, out, s, crf=a.crf) for s in seeds])
+    if "aw" in a.variants.split(","):
+        if not a.acg:
+            sys.exit("variant aw needs --acg: the checkpoint whose centring and whitening it applies")
+        model = load_checkpoint(a.acg).model.eval()
+        with torch.no_grad():
+            vals = [variant_a(a.train, a.test, out, s, crf=a.crf, prepare=model.prepare, tag="aw") for s in seeds]
+        report(f"aw: dataset k-means on tokens K=11, prepared as {Path(a.acg).name} prepares them"
+               + (" crf" if a.crf else ""), vals)
     if "b" in a.variants:
         trc = conceptualize(a.train, str(out / "b_train.h5"), method="kmeans", k=a.k, overwrite=True).path
         tec = conceptualize(a.test, str(out / "b_test.h5"), method="kmeans", k=a.k, overwrite=True)
