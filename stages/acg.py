@@ -109,7 +109,7 @@ class PrototypeCrossAttention(nn.Module):
         return tuple(t.to(dtype).contiguous() for t in (a_mat, a_vec, c_mat, c_vec))
 
     def forward_folded(self, query: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None, fold) -> torch.Tensor:
-        """``forward`` with the weights ``fold`` returns (inference only: no gradient reaches the layer)."""
+        """``forward``, computed with the weights from ``fold`` (inference only: no gradient reaches the layer)."""
         B, K, D = query.shape
         a_mat, a_vec, c_mat, c_vec = fold
         qk = torch.addmm(a_vec, query.reshape(B * K, D), a_mat).view(B, K * self.num_heads, D)
@@ -244,7 +244,7 @@ class AdaptiveConceptGenerator(nn.Module):
             mask = None  # nothing padded: skip the masking work
         if folded and not centred_only and self.cfg.whiten:
             raise ValueError("folded weights carry the whitening: give centred tokens (centred_only=True)")
-        mem_map = self.feature_whiten.to(tokens.dtype) if centred_only and self.cfg.whiten else None
+        mem_map = self.feature_whiten.to(tokens.dtype) if centred_only and self.cfg.whiten and not folded else None
         folds = self.folds(tokens.dtype) if folded else [None] * len(self.layers)
         q = self.prototypes.unsqueeze(0).expand(B, -1, -1)
         for layer, fold in zip(self.layers, folds):
