@@ -5,6 +5,7 @@ Variants (all in one run, same features, several seeds):
   (aw) the same on the tokens as the --acg checkpoint prepares them (centred, whitened): is ACSeg's lead the
        whitening's?
   (b) per-image k-means concepts (k = 5) + classify
+  (bw) the same on the tokens as the --acg checkpoint prepares them
   (c) ACSeg: fit-acg + conceptualize + classify, with acseg's defaults and the variants named on the command line
 
 Usage: python benchmarks/quality.py --train TRAIN.h5 --test TEST.h5 [--seeds 5] [--variants a,b,c]
@@ -18,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,24 @@ def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: 
             labels = refine(load_photo(te.sources[i], size), lab) if crf else upsample_labels(lab, size)
             save_label_png(d / Path(te.names[i]).with_suffix(".png"), labels)
     return miou(d)
+
+
+@contextmanager
+def prepared_reads(prepare):
+    """Every token batch that a FeatureStore reads comes out through ``prepare`` (an ACG's centring and
+    whitening): per-image k-means on the features the ACG sees, without writing a second store."""
+    orig = FeatureStore.read_batch
+
+    def read_batch(self, start, stop, field="tokens", reuse=None):
+        x, mask, lens = orig(self, start, stop, field, reuse)
+        return (prepare(x) if field == "tokens" else x), mask, lens
+
+    FeatureStore.read_batch = read_batch
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        FeatureStore.read_batch = orig
 
 
 def concepts_and_classify(train_c: str, test_c: str, out: Path, tag: str, seed: int, K: int, bg: bool,
@@ -172,13 +192,24 @@ def main():
             vals = [variant_a(a.train, a.test, out, s, crf=a.crf, prepare=model.prepare, tag="aw") for s in seeds]
         report(f"aw: dataset k-means on tokens K=11, prepared as {Path(a.acg).name} prepares them"
                + (" crf" if a.crf else ""), vals)
-    if "b" in a.variants:
+    if "bw" in a.variants.split(","):
+        if not a.acg:
+            sys.exit("variant bw needs --acg: the checkpoint whose centring and whitening it applies")
+        model = load_checkpoint(a.acg).model.eval()
+        with prepared_reads(model.prepare):
+            trc = conceptualize(a.train, str(out / "bw_train.h5"), method="kmeans", k=a.k, overwrite=True).path
+            tec = conceptualize(a.test, str(out / "bw_test.h5"), method="kmeans", k=a.k, overwrite=True)
+        vals = [concepts_and_classify(trc, tec.path, out, "bw", s, 11, a.bg, a.weighting, a.crf) for s in seeds]
+        report(f"bw: per-image k-means k={a.k} on tokens prepared as {Path(a.acg).name} prepares them + classify "
+               f"weighting={a.weighting}{' crf' if a.crf else ''}", vals,
+               {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
+    if "b" in a.variants.split(","):
         trc = conceptualize(a.train, str(out / "b_train.h5"), method="kmeans", k=a.k, overwrite=True).path
         tec = conceptualize(a.test, str(out / "b_test.h5"), method="kmeans", k=a.k, overwrite=True)
         vals = [concepts_and_classify(trc, tec.path, out, "b", s, 11, a.bg, a.weighting, a.crf) for s in seeds]
         report(f"b: per-image k-means k={a.k} + classify weighting={a.weighting}{' crf' if a.crf else ''}", vals,
                {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
-    if "c" in a.variants:
+    if "c" in a.variants.split(","):
         t0 = time.time()
         if a.acg:
             ck, modularity = Path(a.acg), None
