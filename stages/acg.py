@@ -84,8 +84,8 @@ class PrototypeCrossAttention(nn.Module):
         return self.proj(out.reshape(B, K, D))
 
     def fold(self, mem_map: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
-        """The layer's inference weights with every prototype-side product merged (computed in float32, or
-        float64 for a float64 ``dtype``, then rounded once to ``dtype``): ``(A, a, C, c)`` such that
+        """The layer's inference weights with every prototype-side product merged (computed in ``dtype`` for
+        float64 and bfloat16, whose products accumulate in float32, else in float32): ``(A, a, C, c)`` such that
         ``forward_folded(query, mem, mask, (A, a, C, c)) = forward(query, mem, mask, mem_map)``.
         Per head h, the queries in token space are
         ``p A_h + a_h`` with ``A_h = W_q,h^T W_k,h M^T / sqrt(hd)`` (query projection, key weights, whitening
@@ -93,7 +93,7 @@ class PrototypeCrossAttention(nn.Module):
         ``C_h = M W_v,h^T W_o,h^T`` (whitening, value weights and output projection). Two products with the
         k·H rows per layer instead of six, and no whitening product at all."""
         D, H, hd = self.dim, self.num_heads, self.head_dim
-        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        wide = dtype if dtype in (torch.float64, torch.bfloat16) else torch.float32
         f = lambda t: t.detach().to(wide)
         wq, bq = f(self.q.weight).view(H, hd, D), f(self.q.bias).view(H, hd)
         wk = f(self.k.weight).view(H, hd, D) * hd ** -0.5
