@@ -86,9 +86,8 @@ class PrototypeCrossAttention(nn.Module):
     def fold(self, mem_map: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         """The layer's inference weights with every prototype-side product merged (computed in ``dtype`` for
         float64 and bfloat16, whose products accumulate in float32, else in float32): ``(A, a, C, c)`` such that
-        ``forward_folded(query, mem, mask, (A, a, C, c)) = forward(query, mem, mask, mem_map)``.
-        Per head h, the queries in token space are
-        ``p A_h + a_h`` with ``A_h = W_q,h^T W_k,h M^T / sqrt(hd)`` (query projection, key weights, whitening
+        ``forward_folded(query, mem, mask, (A, a, C, c)) = forward(query, mem, mask, mem_map)``. Per head h,
+        the queries in token space are ``p A_h + a_h`` with ``A_h = W_q,h^T W_k,h M^T / sqrt(hd)`` (query projection, key weights, whitening
         and scale in one d x d matrix), and the output is ``sum_h ctx_h C_h + c`` with
         ``C_h = M W_v,h^T W_o,h^T`` (whitening, value weights and output projection). Two products with the
         k·H rows per layer instead of six, and no whitening product at all."""
@@ -190,7 +189,8 @@ class AdaptiveConceptGenerator(nn.Module):
     def _fold_key(self, dtype: torch.dtype) -> tuple:
         # in-place updates (optimizer steps, load_state_dict) bump a tensor's _version, .to() makes new tensors;
         # tensors made under inference_mode keep no version (and cannot change outside it)
-        ts = [*self.layers.parameters(), *([self.feature_whiten] if self.cfg.whiten else [])]
+        ts = [p for layer in self.layers for p in layer.cross.parameters()]  # what the folds are made of
+        ts += [self.feature_whiten] if self.cfg.whiten else []
         return (dtype, *((t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts))
 
     def _compute_folds(self, dtype: torch.dtype) -> list:
