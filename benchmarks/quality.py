@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -182,34 +182,28 @@ def main():
         print(json.dumps(row), flush=True)
 
     seeds = range(a.seeds)
-    if "a" in a.variants.split(","):
-        report("a: dataset k-means on tokens K=11" + (" crf" if a.crf else ""), [variant_a(a.train, a.test, out, s, crf=a.crf) for s in seeds])
-    if "aw" in a.variants.split(","):
+    variants = set(a.variants.split(","))
+    crf_tag = " crf" if a.crf else ""
+    prepare = None
+    if variants & {"aw", "bw"}:  # the baselines on the tokens as the --acg checkpoint sees them
         if not a.acg:
-            sys.exit("variant aw needs --acg: the checkpoint whose centring and whitening it applies")
-        model = load_checkpoint(a.acg).model.eval()
+            sys.exit("variants aw and bw need --acg: the checkpoint whose centring and whitening they apply")
+        prepare = load_checkpoint(a.acg).model.eval().prepare
+    if "a" in variants:
+        report("a: dataset k-means on tokens K=11" + crf_tag, [variant_a(a.train, a.test, out, s, crf=a.crf) for s in seeds])
+    if "aw" in variants:
         with torch.no_grad():
-            vals = [variant_a(a.train, a.test, out, s, crf=a.crf, prepare=model.prepare, tag="aw") for s in seeds]
-        report(f"aw: dataset k-means on tokens K=11, prepared as {Path(a.acg).name} prepares them"
-               + (" crf" if a.crf else ""), vals)
-    if "bw" in a.variants.split(","):
-        if not a.acg:
-            sys.exit("variant bw needs --acg: the checkpoint whose centring and whitening it applies")
-        model = load_checkpoint(a.acg).model.eval()
-        with prepared_reads(model.prepare):
-            trc = conceptualize(a.train, str(out / "bw_train.h5"), method="kmeans", k=a.k, overwrite=True).path
-            tec = conceptualize(a.test, str(out / "bw_test.h5"), method="kmeans", k=a.k, overwrite=True)
-        vals = [concepts_and_classify(trc, tec.path, out, "bw", s, 11, a.bg, a.weighting, a.crf) for s in seeds]
-        report(f"bw: per-image k-means k={a.k} on tokens prepared as {Path(a.acg).name} prepares them + classify "
-               f"weighting={a.weighting}{' crf' if a.crf else ''}", vals,
+            vals = [variant_a(a.train, a.test, out, s, crf=a.crf, prepare=prepare, tag="aw") for s in seeds]
+        report(f"aw: dataset k-means on tokens K=11, prepared as {Path(a.acg).name} prepares them{crf_tag}", vals)
+    for tag in [v for v in ("b", "bw") if v in variants]:
+        with prepared_reads(prepare) if tag == "bw" else nullcontext():
+            trc = conceptualize(a.train, str(out / f"{tag}_train.h5"), method="kmeans", k=a.k, overwrite=True).path
+            tec = conceptualize(a.test, str(out / f"{tag}_test.h5"), method="kmeans", k=a.k, overwrite=True)
+        vals = [concepts_and_classify(trc, tec.path, out, tag, s, 11, a.bg, a.weighting, a.crf) for s in seeds]
+        tokens = f" on tokens prepared as {Path(a.acg).name} prepares them" if tag == "bw" else ""
+        report(f"{tag}: per-image k-means k={a.k}{tokens} + classify weighting={a.weighting}{crf_tag}", vals,
                {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
-    if "b" in a.variants.split(","):
-        trc = conceptualize(a.train, str(out / "b_train.h5"), method="kmeans", k=a.k, overwrite=True).path
-        tec = conceptualize(a.test, str(out / "b_test.h5"), method="kmeans", k=a.k, overwrite=True)
-        vals = [concepts_and_classify(trc, tec.path, out, "b", s, 11, a.bg, a.weighting, a.crf) for s in seeds]
-        report(f"b: per-image k-means k={a.k} + classify weighting={a.weighting}{' crf' if a.crf else ''}", vals,
-               {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
-    if "c" in a.variants.split(","):
+    if "c" in variants:
         t0 = time.time()
         if a.acg:
             ck, modularity = Path(a.acg), None
@@ -229,7 +223,7 @@ def main():
             vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg, a.weighting, a.crf) for s in seeds]
             fitted = (f"acg={ck.name}" if a.acg else f"k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} "
                       f"delta={a.delta} center={a.center} whiten={a.whiten} heads={a.heads or 'auto'}")
-            report(f"c: ACSeg {fitted} bg={bg} precision={a.precision} weighting={a.weighting}{' crf' if a.crf else ''} {a.tag}", vals,
+            report(f"c: ACSeg {fitted} bg={bg} precision={a.precision} weighting={a.weighting}{crf_tag} {a.tag}", vals,
                    {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": orc,
                     "final_modularity": modularity, "fit_seconds": round(fit_s)})
     print()
