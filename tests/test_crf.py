@@ -1,5 +1,6 @@
 """classify --crf: dense-CRF refinement (optional package pydensecrf2; the tests that run it skip without it)."""
 
+import json
 import sys
 
 import h5py
@@ -71,7 +72,6 @@ def test_classify_crf_writes_refined_maps_at_the_photo_size(images, tmp_path):
         differ += int((np.asarray(Image.open(p)) != np.asarray(Image.open(tmp_path / "plain" / p.name))).sum())
     assert differ > 0  # the CRF did something
     with h5py.File(tmp_path / "crf" / "classes.h5") as f:
-        import json
         assert json.loads(f.attrs["params"])["crf"]["iterations"] == 5
 
 
