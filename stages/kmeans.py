@@ -10,16 +10,26 @@ import numpy as np
 import torch
 
 
-def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    # (..., n, d), (..., k, d) -> (..., n, k)
-    return ((x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(-2, -1) + (c * c).sum(-1).unsqueeze(-2)).clamp_min_(0)
+def _sqnorm(x: torch.Tensor) -> torch.Tensor:
+    """(..., n, d) -> (..., n, 1): the points' squared norms, computed once per k-means rather than at every
+    distance evaluation (a pass over all tokens and a temporary of their size each time)."""
+    return (x * x).sum(-1, keepdim=True)
 
 
-def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | None = None) -> torch.Tensor:
-    """k-means++ seeding of one point set (n, d) -> (k, d), optionally with sample weights."""
+def _sqdist(x: torch.Tensor, c: torch.Tensor, xx: torch.Tensor | None = None) -> torch.Tensor:
+    # (..., n, d), (..., k, d) -> (..., n, k); xx = _sqnorm(x) when the caller has it
+    xx = _sqnorm(x) if xx is None else xx
+    # 2 (x c^T), not (2 x) c^T: the same numbers (a power of two scales exactly), without a copy of x
+    return (xx - (x @ c.transpose(-2, -1)).mul_(2) + (c * c).sum(-1).unsqueeze(-2)).clamp_min_(0)
+
+
+def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | None = None,
+              xx: torch.Tensor | None = None) -> torch.Tensor:
+    """k-means++ seeding of one point set (n, d) -> (k, d), optionally with sample weights (xx: _sqnorm(x))."""
     n = x.shape[0]
+    xx = _sqnorm(x) if xx is None else xx
     idx = [int(torch.randint(n, (1,), generator=gen)) if w is None else int(torch.multinomial(w / w.sum(), 1, generator=gen))]
-    d2 = _sqdist(x, x[idx]).squeeze(-1)
+    d2 = _sqdist(x, x[idx], xx).squeeze(-1)
     for _ in range(1, k):
         pw = d2 if w is None else d2 * w
         total = pw.sum()
@@ -28,7 +38,7 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | N
         else:
             j = int(torch.multinomial(pw / total, 1, generator=gen))
         idx.append(j)
-        d2 = torch.minimum(d2, _sqdist(x, x[j:j + 1]).squeeze(-1))
+        d2 = torch.minimum(d2, _sqdist(x, x[j:j + 1], xx).squeeze(-1))
     return x[idx].clone()
 
 
@@ -40,15 +50,17 @@ def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int 
     w = torch.ones(n) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
     k = min(k, n)
     gen = torch.Generator().manual_seed(seed)
+    xx = _sqnorm(x)
+    xw = x * w[:, None]  # the weighted points, once (the same numbers as per iteration)
     best = None
     for _ in range(max(1, n_init)):
-        c = kmeans_pp(x, k, gen, None if weights is None else w)
+        c = kmeans_pp(x, k, gen, None if weights is None else w, xx)
         prev = None
         for _ in range(iters):
-            d = _sqdist(x, c)
+            d = _sqdist(x, c, xx)
             lab = d.argmin(1)
             inertia = float((d.gather(1, lab[:, None]).squeeze(1) * w).sum())
-            sums = torch.zeros_like(c).index_add_(0, lab, x * w[:, None])
+            sums = torch.zeros_like(c).index_add_(0, lab, xw)
             cnt = torch.zeros(k).index_add_(0, lab, w)
             empty = cnt == 0
             c = torch.where(empty[:, None], c, sums / cnt.clamp_min(1)[:, None])
@@ -59,7 +71,7 @@ def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int 
             if prev is not None and abs(prev - inertia) <= tol * max(1.0, abs(prev)):
                 break
             prev = inertia
-        d = _sqdist(x, c)
+        d = _sqdist(x, c, xx)
         lab = d.argmin(1)
         inertia = float((d.gather(1, lab[:, None]).squeeze(1) * w).sum())
         if best is None or inertia < best[2]:
@@ -74,17 +86,18 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 
     """
     B = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
+    xx = _sqnorm(x)
     cents = []
     for b in range(B):
         xb = x[b][mask[b]]
-        c = kmeans_pp(xb, min(k, xb.shape[0]), gen)
+        c = kmeans_pp(xb, min(k, xb.shape[0]), gen, xx=xx[b][mask[b]])
         if c.shape[0] < k:
             c = torch.cat([c, c[:1].expand(k - c.shape[0], -1)], 0)
         cents.append(c)
     c = torch.stack(cents)
     m = mask.float()[..., None]
     for _ in range(iters):
-        lab = _sqdist(x, c).argmin(-1)
+        lab = _sqdist(x, c, xx).argmin(-1)
         oh = torch.nn.functional.one_hot(lab, k).float() * m
         cnt = oh.sum(1)
         new = (oh.transpose(1, 2) @ x) / cnt.clamp_min(1)[..., None]
@@ -93,5 +106,5 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 
             c = new
             break
         c = new
-    lab = _sqdist(x, c).argmin(-1)
+    lab = _sqdist(x, c, xx).argmin(-1)
     return c, lab

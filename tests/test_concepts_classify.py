@@ -175,6 +175,32 @@ def test_weighted_kmeans_weights_the_centroids():
     assert np.allclose(np.sort(heavy[:, 0]), [0.99, 10.0])
 
 
+def test_kmeans_distances_with_precomputed_norms():
+    """The squared distances k-means uses, with the points' norms computed once, are the pairwise ones."""
+    from stages.kmeans import _sqdist, _sqnorm
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(3, 50, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    ref = torch.cdist(x, c) ** 2
+    assert torch.allclose(_sqdist(x, c), ref, atol=1e-4)
+    assert torch.allclose(_sqdist(x, c, _sqnorm(x)), ref, atol=1e-4)
+
+
+def test_batched_kmeans_recovers_planted_clusters_per_image():
+    """Each image is clustered on its own valid tokens: padding takes no part, clusters are recovered."""
+    from stages.kmeans import batched_kmeans
+    g = torch.Generator().manual_seed(1)
+    centres = torch.eye(6)[:3] * 5
+    lab = torch.randint(3, (2, 60), generator=g)
+    x = centres[lab] + 0.05 * torch.randn(2, 60, 6, generator=g)
+    mask = torch.ones(2, 60, dtype=torch.bool)
+    mask[1, 40:] = False
+    x[1, 40:] = 100.0  # padding far away: it must not pull a centroid
+    c, got = batched_kmeans(x, mask, 3, seed=0)
+    for b, n in ((0, 60), (1, 40)):
+        pairs = set(zip(lab[b, :n].tolist(), got[b, :n].tolist()))
+        assert len(pairs) == 3  # a one-to-one map between planted and found clusters
+        assert torch.cdist(c[b], centres).min(1).values.max() < 0.1
+
 def test_background_split():
     assert split_background(np.array([0.1, 0.9, 0.8, 0.15])).tolist() == [True, False, False, True]
     assert split_background(np.array([0.5])).tolist() == [False]
