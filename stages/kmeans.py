@@ -82,7 +82,8 @@ def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int 
 def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0):
     """Independent k-means per image on padded (B, N, d) tokens; returns (centroids (B,k,d), labels (B,N)).
 
-    One restart, k-means++ seeding per image; padded tokens take no part.
+    One restart, k-means++ seeding per image; padded tokens take no part; each image iterates until its own
+    centroids settle (torch.allclose with atol 1e-6), at most ``iters`` times.
     """
     B = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -98,9 +99,9 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 
     # Lloyd iterations; an image stops when its own centroids stop moving (on CamVid after 3 to 25
     # iterations, 11 on average). Settled images are dropped from the batch in bulk, once a quarter of
     # it has settled, so the gathers stay few; until then they ride along and are not written again.
-    live = torch.arange(B)
+    live = torch.arange(B, device=x.device)
     xl, xxl, ml, cl = x, xx, mask.float()[..., None], c.clone()
-    settled = torch.zeros(B, dtype=torch.bool)
+    settled = torch.zeros(B, dtype=torch.bool, device=x.device)
     for _ in range(iters):
         lab = _sqdist(xl, cl, xxl).argmin(-1)
         oh = torch.nn.functional.one_hot(lab, k).float() * ml
