@@ -25,10 +25,12 @@ def _sqdist(x: torch.Tensor, c: torch.Tensor, xx: torch.Tensor | None = None) ->
 
 def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | None = None,
               xx: torch.Tensor | None = None) -> torch.Tensor:
-    """k-means++ seeding of one point set (n, d) -> (k, d), optionally with sample weights (xx: _sqnorm(x))."""
+    """k-means++ seeding of one point set (n, d) -> (k, d), optionally with sample weights (xx: _sqnorm(x)).
+    ``gen`` is a CPU generator: the draws are made on the CPU wherever ``x`` lives (same numbers)."""
     n = x.shape[0]
     xx = _sqnorm(x) if xx is None else xx
-    idx = [int(torch.randint(n, (1,), generator=gen)) if w is None else int(torch.multinomial(w / w.sum(), 1, generator=gen))]
+    idx = [int(torch.randint(n, (1,), generator=gen)) if w is None
+           else int(torch.multinomial((w / w.sum()).cpu(), 1, generator=gen))]
     d2 = _sqdist(x, x[idx], xx).squeeze(-1)
     for _ in range(1, k):
         pw = d2 if w is None else d2 * w
@@ -36,7 +38,7 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | N
         if total <= 0:
             j = int(torch.randint(n, (1,), generator=gen))
         else:
-            j = int(torch.multinomial(pw / total, 1, generator=gen))
+            j = int(torch.multinomial((pw / total).cpu(), 1, generator=gen))
         idx.append(j)
         d2 = torch.minimum(d2, _sqdist(x, x[j:j + 1], xx).squeeze(-1))
     return x[idx].clone()
