@@ -87,8 +87,9 @@ class PrototypeCrossAttention(nn.Module):
         """The layer's inference weights with every prototype-side product merged (computed in ``dtype`` for
         float64 and bfloat16, whose products accumulate in float32, else in float32): ``(A, a, C, c)`` such that
         ``forward_folded(query, mem, mask, (A, a, C, c)) = forward(query, mem, mask, mem_map)``. Per head h,
-        the queries in token space are ``p A_h + a_h`` with ``A_h = W_q,h^T W_k,h M^T / sqrt(hd)`` (query projection, key weights, whitening
-        and scale in one d x d matrix), and the output is ``sum_h ctx_h C_h + c`` with
+        the queries in token space are ``p A_h + a_h`` with ``A_h = W_q,h^T W_k,h M^T / sqrt(hd)`` (query
+        projection, key weights, whitening and scale in one d x d matrix), and the output is
+        ``sum_h ctx_h C_h + c`` with
         ``C_h = M W_v,h^T W_o,h^T`` (whitening, value weights and output projection). Two products with the
         k·H rows per layer instead of six, and no whitening product at all."""
         D, H, hd = self.dim, self.num_heads, self.head_dim
