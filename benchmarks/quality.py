@@ -41,6 +41,13 @@ from stages.score import score  # noqa: E402
 GT = ROOT.parent / "shared" / "data" / "camvid_segnet" / "testannot"
 
 
+def set_gt(path: Path) -> None:
+    global GT
+    if not path.is_dir():
+        sys.exit(f"no label maps at {path}: pass --gt CAMVID/testannot")
+    GT = path.resolve()
+
+
 HALVES: dict[str, Path] = {}  # --halves: "even"/"odd" -> a folder of links to every other test label map
 
 
@@ -164,7 +171,9 @@ def main():
     ap.add_argument("--halves", action="store_true",
                     help="also score the even- and odd-numbered test images apart (choose on one, check on the other)")
     ap.add_argument("--crf", action="store_true", help="refine every variant's test label maps with the dense CRF")
+    ap.add_argument("--gt", default=str(GT), help="the CamVid test label maps (default: ../shared's)")
     a = ap.parse_args()
+    set_gt(Path(a.gt))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.halves:

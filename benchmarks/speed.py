@@ -207,12 +207,16 @@ def bench_conceptualize(a):
     # the ACG's per-image work in memory, as the stage does it (a reused float32 batch centred in place, the
     # reused bf16 copy, the forward, the assignment), against scikit-learn in memory: like for like
     from stages.fit import load_checkpoint
-    model = load_checkpoint(a.acg).model.eval().cast_(inference_dtype("auto", "cpu"))
-    xs = torch.from_numpy(np.stack([t for t in toks if len(t) == len(toks[0])]))
-    buf = torch.empty((a.batch_size,) + xs.shape[1:])
-    low = torch.empty(buf.shape, dtype=model.prototypes.dtype) if model.prototypes.dtype != torch.float32 else None
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")  # where the stage runs by default
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    model = load_checkpoint(a.acg).model.eval().to(dev).cast_(inference_dtype("auto", dev))
+    xs = torch.from_numpy(np.stack([t for t in toks if len(t) == len(toks[0])])).to(dev)
+    buf = torch.empty((a.batch_size,) + xs.shape[1:], device=dev)
+    low = (torch.empty(buf.shape, dtype=model.prototypes.dtype, device=dev)
+           if model.prototypes.dtype != torch.float32 and dev == "cpu" else None)
 
     def acg_memory_rate():
+        sync()
         t = time.perf_counter()
         with torch.inference_mode():
             for s in range(0, len(xs), a.batch_size):
@@ -220,17 +224,18 @@ def bench_conceptualize(a):
                 xb = buf[:n].copy_(xs[s:s + n])
                 xc, _, directions = model.infer(xb, inplace=True, low=None if low is None else low[:n])
                 torch.bmm(xc, directions.transpose(1, 2)).argmax(-1)
+        sync()
         return len(xs) / (time.perf_counter() - t)
 
     rates = {"acg": [], "acg_fp32": [], "sklearn": [], "sklearn_stage": [], "acseg_kmeans_stage": [],
              "acg_memory": []}
     with tempfile.TemporaryDirectory() as d:
-        conceptualize(a.features, str(Path(d) / "warm.h5"), acg=a.acg)  # warm caches, page in the store
+        conceptualize(a.features, str(Path(d) / "warm.h5"), acg=a.acg, device=dev)  # warm caches, page in the store
 
         def acg_rate(prec):
             t = time.perf_counter()
             r = conceptualize(a.features, str(Path(d) / f"c_{prec}.h5"), acg=a.acg, batch_size=a.batch_size,
-                              precision=prec, overwrite=True)
+                              precision=prec, overwrite=True, device=dev)
             return r.n_images / (time.perf_counter() - t)
 
         def kmeans_stage_rate(per_image=None):
@@ -240,7 +245,7 @@ def bench_conceptualize(a):
             cmod.batched_kmeans = per_image or saved
             try:
                 t = time.perf_counter()
-                r = conceptualize(a.features, str(Path(d) / "k.h5"), method="kmeans", k=5, overwrite=True)
+                r = conceptualize(a.features, str(Path(d) / "k.h5"), method="kmeans", k=5, overwrite=True, device=dev)
                 return r.n_images / (time.perf_counter() - t)
             finally:
                 cmod.batched_kmeans = saved
@@ -256,7 +261,7 @@ def bench_conceptualize(a):
     med = {k: float(np.median(v)) for k, v in rates.items()}
     best = {k: max(v) for k, v in rates.items()}
     out(stage="conceptualize", n_images=len(toks), tokens_per_image=ntok, threads=torch.get_num_threads(),
-        auto_precision=DTYPE_NAMES[inference_dtype("auto", "cpu")], runs={k: [round(x) for x in v] for k, v in rates.items()},
+        device=dev if dev == "cpu" else torch.cuda.get_device_name(), auto_precision=DTYPE_NAMES[inference_dtype("auto", dev)], runs={k: [round(x) for x in v] for k, v in rates.items()},
         median_img_per_s={k: round(v, 1) for k, v in med.items()}, best_img_per_s={k: round(v, 1) for k, v in best.items()},
         ratio_acg_vs_sklearn_kmeans_median=round(med["acg"] / med["sklearn"], 2),
         ratio_acg_stage_vs_sklearn_stage_median=round(med["acg"] / med["sklearn_stage"], 2),
@@ -283,6 +288,7 @@ def main():
     ap.add_argument("--features")
     ap.add_argument("--acg")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", help="conceptualize: where the ACG runs (default: cuda when available, else cpu)")
     a = ap.parse_args()
     if a.what == "fit" and a.batch_size == 8:
         a.batch_size = 32
