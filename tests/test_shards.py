@@ -156,7 +156,7 @@ def test_fit_acg_under_torchrun_with_two_gloo_processes(split, tmp_path):
     """Two processes, each reading its half of every global batch, follow the one-process loss curve."""
     d, full, _ = split
     common = [full, "--steps", "30", "--batch-size", "8", "--max-tokens", "20", "--lr", "1e-3", "--warmup", "5",
-              "--checkpoint-every", "10"]
+              "--checkpoint-every", "10", "--device", "cpu"]
     (tmp_path / "one").mkdir()
     one = _fit([*common, "-o", tmp_path / "one" / "acg.pt"], tmp_path, 1)
     assert one.returncode == 0, one.stderr
@@ -198,7 +198,7 @@ def test_a_killed_torchrun_fit_resumes_to_the_same_weights(split, tmp_path):
     import torch
     d, full, _ = split
     common = [full, "--steps", "60", "--batch-size", "8", "--max-tokens", "20", "--lr", "1e-3", "--warmup", "5",
-              "--checkpoint-every", "10", "-q"]
+              "--checkpoint-every", "10", "-q", "--device", "cpu"]
     ref = _fit([*common, "-o", tmp_path / "ref.pt"], tmp_path, 2)
     assert ref.returncode == 0, ref.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "acseg_cli",
@@ -231,3 +231,17 @@ def test_under_torchrun_a_usage_error_is_said_once_and_others_name_their_rank(tm
         r = cli(["fit-acg", tmp_path / "none.h5", "-o", tmp_path / "a.pt"])
         assert r.exit_code == 1 and r.stderr.startswith(f"Error: (rank {rank} of 4) ")
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_torchrun_with_more_processes_than_gpus_says_what_to_do(monkeypatch):
+    """Seen on a one-GPU machine: rank 1 asked for cuda:1 and died with 'invalid device ordinal'."""
+    import torch
+
+    from stages.fit import setup_distributed
+    for k, v in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError) as e:
+        setup_distributed("cuda")
+    assert "2 processes" in str(e.value) and "1 GPU" in str(e.value)
+    assert "--nproc-per-node 1" in e.value.todo and "--device cpu" in e.value.todo
