@@ -69,7 +69,7 @@ def test_tokens_match_a_direct_forward(images, tmp_path):
     from stages.backbones import create_backbone
     from stages.images import resize_normalise
     out = tmp_path / "f.h5"
-    run_extract(images, out)
+    run_extract(images, out, "--device", "cpu")  # the same arithmetic as the forward below (CUDA: bf16 autocast)
     bb = create_backbone("test-vit", random_weights=True)
     with FeatureStore(out) as st:
         i = 0
