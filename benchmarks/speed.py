@@ -198,6 +198,7 @@ def bench_conceptualize(a):
     def sklearn_per_image(x, mask, k, *, seed=0, **_):
         """``batched_kmeans``'s contract, each image by scikit-learn's KMeans(k, n_init=1) on its valid tokens."""
         cents, labs = torch.zeros(x.shape[0], k, x.shape[2]), torch.zeros(x.shape[:2], dtype=torch.long)
+        x, mask = x.cpu(), mask.cpu()  # scikit-learn runs on the CPU wherever the stage runs
         for b in range(x.shape[0]):
             xb = x[b][mask[b]].numpy()
             km = KMeans(k, n_init=1, random_state=seed + b).fit(xb)
