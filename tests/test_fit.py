@@ -162,3 +162,18 @@ def test_whitened_model_sees_identity_covariance_and_round_trips(planted, tmp_pa
         assert np.allclose(np.linalg.norm(cs.means(), axis=1), 1, atol=1e-4)
     plain = fit_acg(path, tmp_path / "p.pt", acg=ACGConfig(depth=1, whiten=False), train=TrainConfig(steps=2, batch_size=4))
     assert "feature_whiten" not in load_checkpoint(plain.path).model.state_dict()
+
+
+def test_loading_a_checkpoint_is_cheap_and_leaves_the_random_state(trained):
+    """Building the model on the meta device imported torch._dynamo and sympy (1.2-1.5 s in every
+    conceptualize process); loading must not, nor move the global random state."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+    code = ("import sys, torch; from stages.fit import load_checkpoint; s = torch.get_rng_state(); "
+            f"m = load_checkpoint({str(trained.path)!r}, mmap=True).model; "
+            "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules), torch.equal(s, torch.get_rng_state()))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["[]", "True"]
