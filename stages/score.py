@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy.optimize import linear_sum_assignment
 
 from .datasets import IGNORE, INVALID, get_dataset, plain_lut
 from .errors import AcsegError, UsageError
@@ -33,6 +32,8 @@ def match_hungarian(conf: np.ndarray) -> dict[int, int]:
     Only ids that hold pixels take part, and rows are put in a canonical order (by their counts) before
     solving, so that renaming the prediction ids cannot change which of several optimal matchings is found.
     """
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs every command 0.3 s to import
+
     used = np.flatnonzero(conf.sum(1) > 0)
     if len(used) == 0:
         return {}
