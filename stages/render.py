@@ -35,6 +35,13 @@ def onehot_maps(patch_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Te
     return ids, inv, F.one_hot(torch.from_numpy(inv.astype(np.int64)), len(ids)).permute(2, 0, 1).float()[None]
 
 
+def argmax_channels(t: torch.Tensor) -> torch.Tensor:
+    """``t.argmax(0)`` for a (m, H, W) tensor, the first maximum on ties as there. Taken over the last axis of a
+    channels-last copy: PyTorch's CPU argmax over the first axis took 20-30 ms for 9 maps of 360 x 480 here,
+    the copy and this 2-3 ms."""
+    return t.permute(1, 2, 0).contiguous().argmax(-1)
+
+
 def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
     """(h, w) ids -> (H, W) ids. 'bilinear' interpolates one-hot maps and takes the argmax (smooth
     boundaries); 'nearest' repeats patches (blocky)."""
@@ -46,7 +53,7 @@ def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "b
         return ids[out]
     m = len(ids)
     if m * H * W * 4 <= (256 << 20):
-        return ids[F.interpolate(onehot, size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).numpy()]
+        return ids[argmax_channels(F.interpolate(onehot, size=(H, W), mode="bilinear", align_corners=False)[0]).numpy()]
     # Large images: interpolate along columns once, then rows in chunks (same arithmetic as PyTorch's).
     h = patch_map.shape[0]
     cols = F.interpolate(onehot, size=(h, W), mode="bilinear", align_corners=False)[0]  # (m, h, W)
@@ -57,7 +64,7 @@ def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "b
         y0 = ys.floor().long()
         y1 = (y0 + 1).clamp(max=h - 1)
         wy = (ys - y0.float())[:, None]
-        out[r0:r0 + len(ys)] = (cols[:, y0] * (1 - wy) + cols[:, y1] * wy).argmax(0).numpy()
+        out[r0:r0 + len(ys)] = argmax_channels(cols[:, y0] * (1 - wy) + cols[:, y1] * wy).numpy()
     return ids[out]
 
 
