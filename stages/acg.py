@@ -164,12 +164,18 @@ class AdaptiveConceptGenerator(nn.Module):
     def __init__(self, cfg: ACGConfig):
         super().__init__()
         self.cfg = cfg
-        self.prototypes = nn.Parameter(torch.randn(cfg.num_prototypes, cfg.dim))
+        # load_checkpoint builds the model on the meta device, where only shapes matter; torch.randn and
+        # torch.eye there run Python decompositions that import torch._dynamo and sympy (1.2-1.5 s per process)
+        on_meta = torch.empty(0).device.type == "meta"
+        shape = (cfg.num_prototypes, cfg.dim)
+        self.prototypes = nn.Parameter(torch.empty(shape) if on_meta else torch.randn(shape))
         self.layers = nn.ModuleList([ACGLayer(cfg) for _ in range(cfg.depth)])
         self.head = nn.Linear(cfg.dim, cfg.dim)
         self.register_buffer("feature_center", torch.zeros(cfg.dim))
         if cfg.whiten:  # only whitened models carry the matrix, so earlier checkpoints load unchanged
-            self.register_buffer("feature_whiten", torch.eye(cfg.dim))
+            eye = torch.zeros(cfg.dim, cfg.dim)
+            eye.diagonal().fill_(1.0)
+            self.register_buffer("feature_whiten", eye)
 
     def prepare(self, tokens: torch.Tensor, inplace: bool = False, whiten: bool = True) -> torch.Tensor:
         """Tokens as the ACG, the graph and the assignment see them: centred when cfg.center, whitened when

@@ -165,8 +165,8 @@ def test_whitened_model_sees_identity_covariance_and_round_trips(planted, tmp_pa
 
 
 def test_loading_a_checkpoint_is_cheap_and_leaves_the_random_state(trained):
-    """Building the model on the meta device imported torch._dynamo and sympy (1.2-1.5 s in every
-    conceptualize process); loading must not, nor move the global random state."""
+    """Building the model on the meta device once imported torch._dynamo and sympy (torch.randn and torch.eye
+    there; 1.2-1.5 s in every conceptualize process); loading must not, nor move the global random state."""
     import subprocess
     import sys
 
