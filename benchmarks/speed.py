@@ -246,7 +246,8 @@ def bench_conceptualize(a):
             cmod.batched_kmeans = per_image or saved
             try:
                 t = time.perf_counter()
-                r = conceptualize(a.features, str(Path(d) / "k.h5"), method="kmeans", k=5, overwrite=True, device=dev)
+                r = conceptualize(a.features, str(Path(d) / "k.h5"), method="kmeans", k=5, overwrite=True,
+                                  device=dev)
                 return r.n_images / (time.perf_counter() - t)
             finally:
                 cmod.batched_kmeans = saved
@@ -262,7 +263,8 @@ def bench_conceptualize(a):
     med = {k: float(np.median(v)) for k, v in rates.items()}
     best = {k: max(v) for k, v in rates.items()}
     out(stage="conceptualize", n_images=len(toks), tokens_per_image=ntok, threads=torch.get_num_threads(),
-        device=dev if dev == "cpu" else torch.cuda.get_device_name(), auto_precision=DTYPE_NAMES[inference_dtype("auto", dev)], runs={k: [round(x) for x in v] for k, v in rates.items()},
+        device=dev if dev == "cpu" else torch.cuda.get_device_name(),
+        auto_precision=DTYPE_NAMES[inference_dtype("auto", dev)], runs={k: [round(x) for x in v] for k, v in rates.items()},
         median_img_per_s={k: round(v, 1) for k, v in med.items()}, best_img_per_s={k: round(v, 1) for k, v in best.items()},
         ratio_acg_vs_sklearn_kmeans_median=round(med["acg"] / med["sklearn"], 2),
         ratio_acg_stage_vs_sklearn_stage_median=round(med["acg"] / med["sklearn_stage"], 2),
