@@ -237,12 +237,12 @@ def setup_distributed(device: str | None) -> tuple[Dist | None, str]:
     import torch.distributed as td
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda")
-    per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count() if use_cuda else 0
-    if use_cuda and per_node > gpus:  # every rank sees the same numbers, so all stop here alike
-        raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU"
-                         f"{'' if gpus == 1 else 's'} (one process per GPU)",
-                         f"pass --nproc-per-node {gpus}, or --device cpu to train on the CPU with gloo")
     if use_cuda:
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count()
+        if per_node > gpus:  # every rank sees the same numbers, so all stop here alike
+            raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU"
+                             f"{'' if gpus == 1 else 's'} (one process per GPU)",
+                             f"pass --nproc-per-node {gpus}, or --device cpu to train on the CPU with gloo")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     else:

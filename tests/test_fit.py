@@ -83,9 +83,9 @@ def test_training_log_plot_and_checkpoint_provenance(planted, trained):
 def test_deterministic_on_cpu_and_resume_matches(planted, tmp_path):
     path = planted[0]
     cfg = dict(steps=12, batch_size=8, lr=1e-3, warmup=2, checkpoint_every=5)
-    a = fit_acg(path, tmp_path / "a.pt", train=TrainConfig(**cfg), device="cpu")  # CUDA kernels need not be
-    b = fit_acg(path, tmp_path / "b.pt", train=TrainConfig(**cfg), device="cpu")  # deterministic
-
+    # on the CPU: CUDA kernels need not be deterministic
+    a = fit_acg(path, tmp_path / "a.pt", train=TrainConfig(**cfg), device="cpu")
+    b = fit_acg(path, tmp_path / "b.pt", train=TrainConfig(**cfg), device="cpu")
     sa, sb = load_checkpoint(a.path).model.state_dict(), load_checkpoint(b.path).model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # interrupt after step 10 (a resume state at step 10 is left), then resume
