@@ -255,14 +255,18 @@ class Backbone(torch.nn.Module):
         layer_idx = layer % n_blocks
         feats = None
         for i, blk in enumerate(vit.blocks):
-            if i == n_blocks - 1:
+            last = i == n_blocks - 1
+            if last:
                 q, k = self._qk(blk, x)
                 scale = q.shape[-1] ** -0.5
                 a = torch.softmax((q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale, dim=-1)  # (B,H,1,N)
                 cls_attn = a[:, :, 0, self.num_prefix:].mean(dim=1)
             if i == layer_idx and feature == "keys":
-                _, k = self._qk(blk, x)
+                if not last:
+                    _, k = self._qk(blk, x)
                 feats = k.permute(0, 2, 1, 3).reshape(B, k.shape[2], -1)[:, self.num_prefix:]
+                if last:  # the last block's keys are all that is needed of it: skip its attention and MLP
+                    break
             x = blk(x)
             if i == layer_idx and feature == "tokens":
                 feats = vit.norm(x)[:, self.num_prefix:]

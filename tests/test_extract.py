@@ -81,6 +81,38 @@ def test_tokens_match_a_direct_forward(images, tmp_path):
         np.testing.assert_allclose(st.cls_attn(i), a[0].numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("layer", [-1, 0])
+def test_keys_are_the_blocks_attention_keys(layer, images, tmp_path):
+    """--feature keys stores the chosen block's attention keys (heads side by side, prefix tokens dropped),
+    read here from timm's own qkv projection with a hook on an untouched forward of the whole model."""
+    import torch
+
+    from stages.backbones import create_backbone
+    from stages.images import resize_normalise
+    out = tmp_path / "k.h5"
+    r = run_extract(images, out, "--feature", "keys", "--layer", str(layer), "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    bb = create_backbone("test-vit", random_weights=True)
+    vit = bb.vit
+    blk = vit.blocks[layer]
+    seen = {}
+    hook = blk.attn.qkv.register_forward_hook(lambda m, i, o: seen.__setitem__("qkv", o))
+    with FeatureStore(out) as st:
+        assert st.feature_kind == "keys"
+        img = load_rgb(str(images / st.names[0]))
+        x = torch.from_numpy(resize_normalise(img, tuple(st.grid[0]), 16, bb.preset.mean, bb.preset.std))[None]
+        with torch.inference_mode():
+            vit.forward_features(x)
+        hook.remove()
+        B, N, three_d = seen["qkv"].shape
+        d = three_d // 3
+        keys = seen["qkv"][0, vit.num_prefix_tokens:, d:2 * d]  # (tokens, heads * head_dim), heads in order
+        np.testing.assert_allclose(st.tokens(0), keys.numpy(), atol=2e-2, rtol=2e-3)
+        with torch.inference_mode():
+            _, a, _ = bb(x)
+        np.testing.assert_allclose(st.cls_attn(0), a[0].numpy(), atol=1e-6)  # the CLS attention is unchanged
+
+
 def test_keys_and_layer_options(images, tmp_path):
     r = run_extract(images, tmp_path / "k.h5", "--feature", "keys", "--layer", "0")
     assert r.exit_code == 0, r.stderr
