@@ -25,16 +25,20 @@ def test_conversion_matches_the_onnx_graph():
     model = onnx.load(str(onnx_path))
     ln = [n.output[0] for n in model.graph.node if n.name.startswith("/backbone/layernorm/")][-1]
     sm = [n.output[0] for n in model.graph.node if n.op_type == "Softmax" and "/layer.11/attention/" in n.name][0]
-    for name in (ln, sm):
+    key = [n.output[0] for n in model.graph.node if n.name == "/backbone/encoder/layer.11/attention/attention/key/Add"][0]
+    for name in (ln, sm, key):
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     torch.manual_seed(0)
     x = torch.randn(1, 3, 224, 224)
-    ref, ref_attn = sess.run([ln, sm], {"input_image": x.numpy()})
+    ref, ref_attn, ref_keys = sess.run([ln, sm, key], {"input_image": x.numpy()})
     with torch.inference_mode():
-        feats, attn, grid = bb(x)
+        feats, attn, grid = bb(x, feature="tokens")
+        keys = bb(x, feature="keys")[0]
     assert grid == (16, 16)
     assert np.abs(feats[0].numpy() - ref[0, 1:]).max() < 1e-3
+    # the last block's attention keys (extract's default features): the graph's key projection, heads side by side
+    assert np.abs(keys[0].numpy() - ref_keys[0, 1:]).max() < 1e-4 * np.abs(ref_keys).max()
     # CLS attention of the last block: the graph's own softmax, CLS row, patch columns, mean over heads
     assert np.abs(attn[0].numpy() - ref_attn[0, :, 0, 1:].mean(0)).max() < 1e-5
 
