@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from stages.presets import DEFAULT_BACKBONE
+from stages.presets import DEFAULT_BACKBONE, DEFAULT_FEATURE
 
 from .backbones import print_backbones
 from .options import Device, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, fail, info, setup_logging, stage
@@ -23,8 +23,8 @@ def command(
     weights: Annotated[Optional[str], typer.Option("--weights", help="Local weights file (.pth/.safetensors) for the backbone.")] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random backbone weights (tests only).")] = False,
     short_side: Annotated[Optional[int], typer.Option("--short-side", help="Resize the short side to this (default: the backbone's, e.g. 448 for patch 14).")] = None,
-    feature: Annotated[str, typer.Option("--feature", help="Pixel features: 'tokens' (last block, after the final norm) or 'keys' (attention keys).")] = "tokens",
-    layer: Annotated[int, typer.Option("--layer", help="Block whose output is the feature (0-based; -1 = last).")] = -1,
+    feature: Annotated[str, typer.Option("--feature", help="Pixel features: 'keys' (the block's attention keys, heads side by side) or 'tokens' (the block's output after the final norm).")] = DEFAULT_FEATURE,
+    layer: Annotated[int, typer.Option("--layer", help="Block whose keys or output are the features (0-based; -1 = last).")] = -1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option("--workers", help="Decoding worker processes (0 = in the main process).")] = 1,
     device: Device = None,

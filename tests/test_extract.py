@@ -69,14 +69,14 @@ def test_tokens_match_a_direct_forward(images, tmp_path):
     from stages.backbones import create_backbone
     from stages.images import resize_normalise
     out = tmp_path / "f.h5"
-    run_extract(images, out, "--device", "cpu")  # the same arithmetic as the forward below (CUDA: bf16 autocast)
+    run_extract(images, out, "--feature", "tokens", "--device", "cpu")  # the forward's arithmetic (CUDA: bf16 autocast)
     bb = create_backbone("test-vit", random_weights=True)
     with FeatureStore(out) as st:
         i = 0
         img = load_rgb(str(images / st.names[i]))
         x = torch.from_numpy(resize_normalise(img, tuple(st.grid[i]), 16, bb.preset.mean, bb.preset.std))[None]
         with torch.inference_mode():
-            f, a, _ = bb(x)
+            f, a, _ = bb(x, feature="tokens")
         np.testing.assert_allclose(st.tokens(i), f[0].numpy(), atol=2e-2, rtol=2e-3)
         np.testing.assert_allclose(st.cls_attn(i), a[0].numpy(), atol=1e-6)
 
