@@ -265,8 +265,8 @@ class Backbone(torch.nn.Module):
                 if not last:
                     _, k = self._qk(blk, x)
                 feats = k.permute(0, 2, 1, 3).reshape(B, k.shape[2], -1)[:, self.num_prefix:]
-                if last:  # the last block's keys are all that is needed of it: skip its attention and MLP
-                    break
+            if last and feats is not None:  # only the last block's own tokens need its attention and MLP
+                break
             x = blk(x)
             if i == layer_idx and feature == "tokens":
                 feats = vit.norm(x)[:, self.num_prefix:]

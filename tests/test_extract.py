@@ -104,12 +104,11 @@ def test_keys_are_the_blocks_attention_keys(layer, images, tmp_path):
         with torch.inference_mode():
             vit.forward_features(x)
         hook.remove()
-        B, N, three_d = seen["qkv"].shape
-        d = three_d // 3
+        d = seen["qkv"].shape[-1] // 3
         keys = seen["qkv"][0, vit.num_prefix_tokens:, d:2 * d]  # (tokens, heads * head_dim), heads in order
         np.testing.assert_allclose(st.tokens(0), keys.numpy(), atol=2e-2, rtol=2e-3)
         with torch.inference_mode():
-            _, a, _ = bb(x)
+            _, a, _ = bb(x, feature="tokens")  # the forward through every block
         np.testing.assert_allclose(st.cls_attn(0), a[0].numpy(), atol=1e-6)  # the CLS attention is unchanged
 
 
