@@ -37,6 +37,7 @@ def command(
     delta: Annotated[str, typer.Option("--delta", help="'plain' product or 'tanh' of the soft same-concept intensity.")] = _T.delta,
     tau: Annotated[float, typer.Option("--tau", help="Temperature of the tanh delta.")] = _T.tau,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between resume checkpoints (0 = none).")] = _T.checkpoint_every,
+    preload: Annotated[Optional[bool], typer.Option("--preload/--stream", help="Hold every token on the device and gather each batch there, or read each batch from the file (default: preload when the tokens take at most a quarter of the GPU's free memory, or 1 GiB on the CPU; both give the same batches).")] = None,
     device: Device = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
@@ -59,7 +60,7 @@ def command(
 
     with Progress("fit-acg", unit="steps") as bar:
         res = fit_acg(features, output, acg=acg, train=train, device=device, overwrite=overwrite, resume=resume,
-                      progress=bar)
+                      progress=bar, preload=preload)
     if rank != 0:
         return
     info(f"trained {res.steps} steps: loss {res.final_loss:.4f}, modularity {res.final_modularity:.4f}; "

@@ -176,6 +176,34 @@ def bench_fit(a):
         note="process peak RSS, includes torch and the batch")
 
 
+def bench_fit_store(a):
+    """The whole fit loop on a real store, batches gathered from the tokens held in memory (``--preload``)
+    against batches read from the file (``--stream``), alternated. Steps per second over the logged steps
+    after the first (the fit's own clock: setup, the mean, the whitening and the saving are left out)."""
+    import tempfile
+
+    import torch
+
+    from stages.config import ACGConfig, TrainConfig
+    from stages.fit import fit_acg
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, max_tokens=a.tokens, log_every=max(1, a.steps // 10))
+    rates = {"preload": [], "stream": []}
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(a.repeats):
+            for name in rates:
+                r = fit_acg(a.features, str(Path(d) / f"{name}.pt"), acg=ACGConfig(), train=cfg, device=dev,
+                            overwrite=True, preload=name == "preload")
+                h = r.history
+                rates[name].append((h[-1]["step"] - h[1]["step"]) / (h[-1]["seconds"] - h[1]["seconds"]))
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    out(stage="fit-acg (whole loop)", device=dev if dev == "cpu" else torch.cuda.get_device_name(),
+        batch=a.batch_size, max_tokens=a.tokens, steps=a.steps, threads=torch.get_num_threads(),
+        runs={k: [round(x, 3) for x in v] for k, v in rates.items()},
+        median_steps_per_s={k: round(v, 3) for k, v in med.items()},
+        ratio_preload_vs_stream_median=round(med["preload"] / med["stream"], 3))
+
+
 def bench_conceptualize(a):
     import torch
     from sklearn.cluster import KMeans
@@ -276,7 +304,7 @@ def bench_conceptualize(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["extract", "extract-memory", "score", "fit", "conceptualize"])
+    ap.add_argument("what", choices=["extract", "extract-memory", "score", "fit", "fit-store", "conceptualize"])
     ap.add_argument("--images")
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--backbone", default="focus-vits14")
@@ -293,11 +321,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", help="conceptualize: where the ACG runs (default: cuda when available, else cpu)")
     a = ap.parse_args()
-    if a.what == "fit" and a.batch_size == 8:
+    if a.what in ("fit", "fit-store") and a.batch_size == 8:
         a.batch_size = 32
     if a.what == "conceptualize" and a.batch_size == 8:
         a.batch_size = 64
-    {"extract": bench_extract, "extract-memory": bench_extract_memory, "score": bench_score, "fit": bench_fit,
+    {"extract": bench_extract, "extract-memory": bench_extract_memory, "score": bench_score, "fit": bench_fit, "fit-store": bench_fit_store,
      "conceptualize": bench_conceptualize}[a.what](a)
 
 

@@ -357,7 +357,10 @@ def soft_modularity(tokens: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | 
     if mask is not None:
         sbar = sbar * mask[..., None]
     N, K = sbar.shape[1], sbar.shape[2]
-    block = max(1, min(N, (2 << 20) // max(1, sbar.shape[0] * N * K)))  # ~8 MB of products: cache-sized blocks
+    # rows per block: ~8 MB of products on the CPU (cache-sized blocks); on a GPU ~128 MB, so that a step
+    # launches a few blocks' kernels rather than dozens (B = 32, N = 768, k = 5: 3 blocks instead of 46)
+    budget = (32 << 20) if sbar.is_cuda else (2 << 20)
+    block = max(1, min(N, budget // max(1, sbar.shape[0] * N * K)))
     return _SoftModularity.apply(wn, sbar, None if delta == "plain" else float(tau), block)
 
 

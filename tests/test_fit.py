@@ -177,3 +177,64 @@ def test_loading_a_checkpoint_is_cheap_and_leaves_the_random_state(trained):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["[]", "True"]
+
+
+def _mixed_store(tmp_path, nan_at=None):
+    """Images of three grid sizes (so batches are padded), 16 dims."""
+    from planted import write_planted_store
+    rng = np.random.default_rng(1)
+    shapes = [(4, 6), (5, 5), (3, 7)] * 6
+    toks = [rng.normal(size=(h * w, 16)) for h, w in shapes]
+    if nan_at is not None:
+        toks[nan_at][2, 3] = np.nan
+    return write_planted_store(tmp_path / "mixed.h5", toks, [np.zeros(s, np.int64) for s in shapes])
+
+
+def test_batches_from_memory_equal_the_batches_read_from_the_file(tmp_path):
+    """fit-acg holds the tokens in memory when they fit (on a GPU, reading each batch from the file took longer
+    than the step): the batches must be exactly the streamed ones, with padding, a token subsample and the
+    share of each of several processes, and the batch prefetched for the next step must not overwrite this one."""
+    from stages.fit import ResidentTokens, _read_batch
+    path = _mixed_store(tmp_path)
+    with FeatureStore(path) as st:
+        mem = ResidentTokens(st, "cpu")
+        padded = 0
+        for cfg in (TrainConfig(batch_size=6, max_tokens=0), TrainConfig(batch_size=7, max_tokens=20, seed=4)):
+            for step in range(4):
+                for rank, world in ((0, 1), (0, 2), (1, 2)):
+                    x, m = _read_batch(st, cfg, step, rank, world)
+                    y, n = mem.batch(cfg, step, rank, world)
+                    padded += not m.all()
+                    assert torch.equal(m, n) and torch.equal(x, y), (cfg, step, rank)
+        assert padded >= 6
+        a, _ = mem.batch(cfg, 10)
+        kept = a.clone()
+        b, _ = mem.batch(cfg, 11)
+        assert torch.equal(a, kept) and not torch.equal(a[:, :5], b[:, :5])
+
+
+def test_a_fit_from_memory_equals_a_fit_from_the_file(planted, tmp_path):
+    path = planted[0]
+    cfg = dict(steps=6, batch_size=8, lr=1e-3, warmup=2, max_tokens=40)
+    a = fit_acg(path, tmp_path / "a.pt", train=TrainConfig(**cfg), device="cpu", preload=True)
+    b = fit_acg(path, tmp_path / "b.pt", train=TrainConfig(**cfg), device="cpu", preload=False)
+    sa, sb = load_checkpoint(a.path).model.state_dict(), load_checkpoint(b.path).model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.final_loss == b.final_loss
+
+
+def test_tokens_held_in_memory_are_checked(tmp_path):
+    from stages.fit import ResidentTokens
+    with FeatureStore(_mixed_store(tmp_path, nan_at=5)) as st, pytest.raises(AcsegError, match="NaN or Inf"):
+        ResidentTokens(st, "cpu")
+
+
+def test_fit_cli_preload_and_stream(planted, tmp_path):
+    path = planted[0]
+    for flag in ("--preload", "--stream"):
+        r = cli(["fit-acg", path, "-o", tmp_path / f"{flag[2:]}.pt", "--steps", "2", "--batch-size", "4",
+                 "--depth", "1", "--device", "cpu", flag, "-q"])
+        assert r.exit_code == 0, r.stderr
+    sa = load_checkpoint(tmp_path / "preload.pt").model.state_dict()
+    sb = load_checkpoint(tmp_path / "stream.pt").model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
