@@ -224,9 +224,10 @@ class ResidentTokens:
         return x, mask
 
 
-def preload_budget(device: str) -> int:
+def preload_budget(device: str, processes: int = 1) -> int:
     """Bytes of float16 tokens ``fit_acg`` holds in memory by default: a quarter of the GPU's free memory on
-    CUDA; on the CPU, where streaming costs little, 1 GiB or a quarter of the available memory if less."""
+    CUDA (one process per GPU); on the CPU, where streaming costs little, 1 GiB or a quarter of the available
+    memory if less, shared by the ``processes`` of this machine (each holds its own copy)."""
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return free // 4
@@ -234,7 +235,7 @@ def preload_budget(device: str) -> int:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         avail = 4 << 30
-    return min(1 << 30, avail // 4)
+    return min(1 << 30, avail // 4) // max(1, processes)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -424,7 +425,8 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
                 log.warning("the resume state %s was made with other settings; starting afresh", rp.name)
         model.train()
         if preload is None:
-            preload = ResidentTokens.nbytes(store) <= preload_budget(device)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if dist else 1  # torchrun's ranks on this machine
+            preload = ResidentTokens.nbytes(store) <= preload_budget(device, local)
         if preload:
             resident = ResidentTokens(store, device)
             read = lambda step: resident.batch(train, step, rank, world)  # noqa: E731

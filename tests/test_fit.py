@@ -238,3 +238,10 @@ def test_fit_cli_preload_and_stream(planted, tmp_path):
     sa = load_checkpoint(tmp_path / "preload.pt").model.state_dict()
     sb = load_checkpoint(tmp_path / "stream.pt").model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_cpu_preload_budget_is_shared_by_the_machines_processes():
+    from stages.fit import preload_budget
+    one = preload_budget("cpu")
+    assert 0 < one <= 1 << 30
+    assert preload_budget("cpu", 16) == one // 16
