@@ -97,3 +97,13 @@ def test_a_store_reads_the_same_mapped_and_through_h5py(tmp_path):
             assert torch.equal(x, y)
         assert all(np.array_equal(a, ref[o[i]:o[i + 1]]) for a, i in zip(st.read_many([33, 2, 17]), [33, 2, 17]))
         assert np.array_equal(np.concatenate(st.read_range(3, 30)), ref[o[3]:o[30]])
+
+
+@pytest.mark.parametrize("size", [0, 1, 64, 65, 200])
+def test_file_sha256_is_the_files_sha256(tmp_path, size):
+    import hashlib
+
+    from stages.store import file_sha256
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f", bufsize=64) == hashlib.sha256(data).hexdigest()
