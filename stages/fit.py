@@ -1,8 +1,9 @@
 """Stage ``fit-acg``: train the Adaptive Concept Generator on a feature store with the modularity loss.
 
 Batches are drawn at random. A store whose tokens fit in memory is held there (float16, on the fitting
-device) and each batch is gathered from it; a larger store is read batch by batch, never whole. Checkpoints are torch files
-of tensors and plain values, loaded with ``weights_only=True`` so that loading never runs code.
+device) and each batch is gathered from it; a larger store is read batch by batch, never whole.
+Checkpoints are torch files of tensors and plain values, loaded with ``weights_only=True`` so that loading
+never runs code.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def collate_subsample(t: np.ndarray, max_tokens: int, rng: np.random.Generator) 
 class ResidentTokens:
     """Every token of a store in one float16 tensor on the fitting device, read once; each step's batch is
     then gathered there. Streaming reads 32 images from the file per step and converts them on the CPU:
-    32 ms per step on the 2-core VM, hidden behind a one-second CPU step, but longer than a step on a GPU.
+    23-32 ms per step on the 2-core VM (against 4 ms gathered), in a thread beside a one-second CPU step,
+    but likely longer than a whole step on a GPU.
     ``batch`` gives exactly what ``_read_batch`` gives (the same images, the same token subsample, the same
     float32 values, zeros where the mask is False), on the device."""
 
@@ -175,11 +177,10 @@ class ResidentTokens:
         self.device = device
         self._buffers: dict[int, torch.Tensor] = {}
         self.tokens = torch.empty((int(store.offsets[-1]), store.dim), dtype=torch.float16, device=device)
-        ds = store.f["tokens"]
         for s in range(0, store.n_images, images_per_read):
             e = min(store.n_images, s + images_per_read)
             a, b = int(store.offsets[s]), int(store.offsets[e])
-            raw = torch.from_numpy(np.ascontiguousarray(ds[a:b], np.float16))
+            raw = torch.from_numpy(np.ascontiguousarray(store._rows("tokens", a, b), np.float16))
             if not math.isfinite(float(raw.sum(dtype=torch.float32))):  # NaN and Inf survive a sum
                 raise AcsegError(f"{store.path}: tokens of images {s}..{e - 1} hold NaN or Inf values",
                                  "the file is damaged; re-run extract")
@@ -212,8 +213,8 @@ class ResidentTokens:
             x = rows.float().view(shape)
         else:
             # two float32 batches kept in turn: the prefetched batch of step s + 1 must not overwrite the one
-            # step s is using, and step s - 1's is done. A fresh 38 MB tensor per step costs more in page
-            # faults than the gather and the conversion together (26 ms against 7 here).
+            # step s is using, and step s - 1's is done. A fresh 38 MB float32 tensor per step costs more in
+            # page faults than the gather and the conversion together (13 ms against 4 here).
             buf = self._buffers.get(step % 2)
             if buf is None or buf.numel() < rows.numel():
                 buf = self._buffers[step % 2] = torch.empty(rows.numel())
