@@ -209,7 +209,7 @@ class ResidentTokens:
         index, mask = torch.from_numpy(index).to(self.device), torch.from_numpy(mask).to(self.device)
         rows = self.tokens.index_select(0, index.view(-1))
         shape = (*index.shape, self.tokens.shape[1])
-        if self.tokens.is_cuda:
+        if self.tokens.device.type != "cpu":  # CUDA (or another accelerator): its allocator keeps the memory
             x = rows.float().view(shape)
         else:
             # two float32 batches kept in turn: the prefetched batch of step s + 1 must not overwrite the one
