@@ -53,6 +53,7 @@ class MappedRows:
                     or dt.byteorder == ">" or ds.id.get_create_plist().get_nfilters()):
                 return None
             row_shape = tuple(ds.shape[1:])
+            row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dt.itemsize
             if ds.chunks is None:  # one contiguous block
                 off = ds.id.get_offset()
                 if off is None:
@@ -62,19 +63,17 @@ class MappedRows:
                 if tuple(ds.chunks[1:]) != row_shape:
                     return None
                 rows = int(ds.chunks[0])
-                full = rows * int(np.prod(row_shape, dtype=np.int64)) * dt.itemsize
                 starts = np.full(-(-n // rows), -1, np.int64)
 
                 def seen(info):
                     i = info.chunk_offset[0] // rows
-                    if info.filter_mask == 0 and i < len(starts) and info.size == full:
+                    if info.filter_mask == 0 and i < len(starts) and info.size == rows * row_bytes:
                         starts[i] = info.byte_offset
 
                 ds.id.chunk_iter(seen)
                 if (starts < 0).any():
                     return None
-            chunk_bytes = rows * int(np.prod(row_shape, dtype=np.int64)) * dt.itemsize
-            if int(starts.max()) + chunk_bytes > os.path.getsize(f.filename):
+            if int(starts.max()) + rows * row_bytes > os.path.getsize(f.filename):
                 return None  # a chunk past the end: damaged; h5py will say so
             return cls(f.filename, starts, rows, dt, row_shape, n)
         except Exception:  # anything unexpected: read through h5py, which reports damage properly
@@ -113,6 +112,7 @@ class FeatureStore(Store):
 
     def _validate(self) -> None:
         super()._validate()
+        self._maps: dict[str, MappedRows | None] = {}  # made on first read of each field
         n = self.n_images
         tok = self._need("tokens", 2, None, "f")
         self.dim = int(tok.shape[1])
@@ -144,15 +144,16 @@ class FeatureStore(Store):
 
     def _finite(self, a, what: str):
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
-        if not np.isfinite(float(t.sum())):  # NaN and Inf survive a sum; one cheap pass
+        # NaN and Inf survive a sum; one cheap pass (float16 summed in float32, where large sums fit)
+        total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+        if not np.isfinite(float(total)):
             raise AcsegError(f"{self.path}: {what} holds NaN or Inf values", "the file is damaged; re-run extract")
         return a
 
     def _map(self, field: str) -> MappedRows | None:
-        maps = self.__dict__.setdefault("_maps", {})
-        if field not in maps:
-            maps[field] = MappedRows.of(self.f, self.f[field])
-        return maps[field]
+        if field not in self._maps:
+            self._maps[field] = MappedRows.of(self.f, self.f[field])
+        return self._maps[field]
 
     def _rows(self, field: str, a: int, b: int) -> np.ndarray:
         """Rows a..b-1 of ``field`` as stored (mapped from the file when its layout allows; may be a view)."""

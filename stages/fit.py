@@ -133,11 +133,8 @@ def batch_indices(n_images: int, batch_size: int, seed: int, step: int) -> np.nd
     return rng.choice(n_images, size=min(batch_size, n_images), replace=False)
 
 
-def collate(token_list: list[np.ndarray], max_tokens: int | None, rng: np.random.Generator | None):
-    """Pad a list of (n_i, d) arrays into (B, N, d) plus a (B, N) validity mask, subsampling above max_tokens."""
-    if max_tokens:
-        token_list = [t[np.sort(rng.choice(len(t), max_tokens, replace=False))] if len(t) > max_tokens else t
-                      for t in token_list]
+def collate(token_list: list[np.ndarray]):
+    """Pad a list of (n_i, d) arrays into (B, N, d) plus a (B, N) validity mask."""
     n = max(len(t) for t in token_list)
     d = token_list[0].shape[1]
     x = np.zeros((len(token_list), n, d), np.float32)
@@ -148,19 +145,24 @@ def collate(token_list: list[np.ndarray], max_tokens: int | None, rng: np.random
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
+def token_subsample(n_tokens: int, cfg: TrainConfig, step: int, image: int) -> np.ndarray | None:
+    """The sorted token indices an image contributes at ``step`` when it has more than ``cfg.max_tokens``
+    (None: all of them). Keyed by (seed, step, image), so it does not depend on how the batch is split or
+    where the tokens are read from."""
+    if not cfg.max_tokens or n_tokens <= cfg.max_tokens:
+        return None
+    rng = np.random.default_rng([cfg.seed, step, 1, int(image)])
+    return np.sort(rng.choice(n_tokens, cfg.max_tokens, replace=False))
+
+
 def _read_batch(store: FeatureStore, cfg: TrainConfig, step: int, rank: int = 0, world: int = 1):
-    """This rank's share of the global batch of ``step`` (all of it in one process). The token subsample of
-    each image is keyed by (seed, step, image), so it does not depend on how the batch is split."""
+    """This rank's share of the global batch of ``step`` (all of it in one process), read from the file."""
     idx = batch_indices(store.n_images, cfg.batch_size, cfg.seed, step)[rank::world]
-    toks = store.read_many(idx)
-    if cfg.max_tokens:
-        toks = [collate_subsample(t, cfg.max_tokens, np.random.default_rng([cfg.seed, step, 1, int(i)]))
-                for t, i in zip(toks, idx)]
-    return collate(toks, None, None)
-
-
-def collate_subsample(t: np.ndarray, max_tokens: int, rng: np.random.Generator) -> np.ndarray:
-    return t[np.sort(rng.choice(len(t), max_tokens, replace=False))] if len(t) > max_tokens else t
+    toks = []
+    for t, i in zip(store.read_many(idx), idx):
+        sel = token_subsample(len(t), cfg, step, i)
+        toks.append(t if sel is None else t[sel])
+    return collate(toks)
 
 
 class ResidentTokens:
@@ -181,10 +183,7 @@ class ResidentTokens:
             e = min(store.n_images, s + images_per_read)
             a, b = int(store.offsets[s]), int(store.offsets[e])
             raw = torch.from_numpy(np.ascontiguousarray(store._rows("tokens", a, b), np.float16))
-            if not math.isfinite(float(raw.sum(dtype=torch.float32))):  # NaN and Inf survive a sum
-                raise AcsegError(f"{store.path}: tokens of images {s}..{e - 1} hold NaN or Inf values",
-                                 "the file is damaged; re-run extract")
-            self.tokens[a:b].copy_(raw)
+            self.tokens[a:b].copy_(store._finite(raw, f"tokens of images {s}..{e - 1}"))
 
     @staticmethod
     def nbytes(store: FeatureStore) -> int:
@@ -195,11 +194,8 @@ class ResidentTokens:
         rows = []
         for i in idx:
             a, n = int(self.offsets[i]), int(self.offsets[i + 1] - self.offsets[i])
-            if cfg.max_tokens and n > cfg.max_tokens:
-                rng = np.random.default_rng([cfg.seed, step, 1, int(i)])  # the streaming reader's subsample
-                rows.append(a + np.sort(rng.choice(n, cfg.max_tokens, replace=False)))
-            else:
-                rows.append(np.arange(a, a + n))
+            sel = token_subsample(n, cfg, step, i)
+            rows.append(a + (np.arange(n) if sel is None else sel))
         n = max(len(r) for r in rows)
         index = np.zeros((len(rows), n), np.int64)
         mask = np.zeros((len(rows), n), bool)
