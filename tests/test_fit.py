@@ -240,8 +240,12 @@ def test_fit_cli_preload_and_stream(planted, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_the_cpu_preload_budget_is_shared_by_the_machines_processes():
+@pytest.mark.parametrize("free_gib, expected_one", [(64, 1 << 30), (2, 1 << 29)])
+def test_the_cpu_preload_budget_is_shared_by_the_machines_processes(monkeypatch, free_gib, expected_one):
+    import os
+
     from stages.fit import preload_budget
-    one = preload_budget("cpu")
-    assert 0 < one <= 1 << 30
-    assert preload_budget("cpu", 16) == one // 16
+    pages = {"SC_AVPHYS_PAGES": free_gib << 18, "SC_PAGE_SIZE": 4096}  # free memory fixed, not this machine's
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    assert preload_budget("cpu") == expected_one  # 1 GiB, or a quarter of the free memory if less
+    assert preload_budget("cpu", 16) == expected_one // 16
