@@ -5,9 +5,9 @@ In the manner of timm: a config dataclass, the module, and ``create_acg``.
 Cross-attention from k prototypes to N pixel tokens is computed without projecting the tokens: for head
 h, ``q_h (X W_k,h + b_k,h)^T = (q_h W_k,h) X^T + const`` (the key bias is constant over keys and drops out
 of the softmax) and ``softmax(.) (X W_v,h + b_v,h) = (softmax(.) X) W_v,h + b_v,h``. That costs
-O(k·H·N·d) instead of O(N·d²) per layer, and is exact. At inference the remaining prototype-side maps
-(query projection, key and value weights, whitening, output projection) are merged into two d x H·d
-matrices per layer (``PrototypeCrossAttention.fold``).
+O(k·H·N·d) instead of O(N·d²) per layer, and is exact. At inference the whitening and the scale are merged
+into the per-head key and value weights (``PrototypeCrossAttention.fold``), so the prototype side is four
+products of d² multiply-adds per prototype.
 """
 
 from __future__ import annotations
@@ -84,36 +84,35 @@ class PrototypeCrossAttention(nn.Module):
         return self.proj(out.reshape(B, K, D))
 
     def fold(self, mem_map: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
-        """The layer's inference weights with every prototype-side product merged (computed in ``dtype`` for
-        float64 and bfloat16, whose products accumulate in float32, else in float32): ``(A, a, C, c)`` such that
-        ``forward_folded(query, mem, mask, (A, a, C, c)) = forward(query, mem, mask, mem_map)``. Per head h,
-        the queries in token space are ``p A_h + a_h`` with ``A_h = W_q,h^T W_k,h M^T / sqrt(hd)`` (query
-        projection, key weights, whitening and scale in one d x d matrix), and the output is
-        ``sum_h ctx_h C_h + c`` with
-        ``C_h = M W_v,h^T W_o,h^T`` (whitening, value weights and output projection). Two products with the
-        k·H rows per layer instead of six, and no whitening product at all."""
+        """The layer's inference weights with the whitening and the scale merged in (computed in ``dtype`` for
+        float64 and bfloat16, whose products accumulate in float32, else in float32):
+        ``(Wq^T, b_q, K, V, Wo^T, c)`` such that ``forward_folded(query, mem, mask, fold) = forward(query, mem,
+        mask, mem_map)``. Per head h the queries in token space are ``(p Wq^T + b_q)_h K_h`` with
+        ``K_h = W_k,h M^T / sqrt(hd)`` (hd x d), and the output is ``(concat_h ctx_h V_h) Wo^T + c`` with
+        ``V_h = (W_v,h M^T)^T`` (d x hd) and ``c = b_v Wo^T + b_o``. Four products with the k·H rows per layer,
+        2·d² multiply-adds per prototype on each side, and no whitening product at all. (Merging the query and
+        key maps into one d x H·d matrix, as an earlier version did, costs H·d² per prototype instead of 2·d².)"""
         D, H, hd = self.dim, self.num_heads, self.head_dim
         wide = dtype if dtype in (torch.float64, torch.bfloat16) else torch.float32
         f = lambda t: t.detach().to(wide)
-        wq, bq = f(self.q.weight).view(H, hd, D), f(self.q.bias).view(H, hd)
         wk = f(self.k.weight).view(H, hd, D) * hd ** -0.5
         wv = f(self.v.weight).view(H, hd, D)
-        wo = f(self.proj.weight).view(D, H, hd)
         if mem_map is not None:
             mt = f(mem_map).T
             wk, wv = wk @ mt, wv @ mt  # (q W_k,h) M^T and (ctx_h M) W_v,h^T = ctx_h (W_v,h M^T)^T
-        a_mat = torch.einsum("hed,hef->dhf", wq, wk).reshape(D, H * D)
-        a_vec = torch.einsum("he,hef->hf", bq, wk).reshape(H * D)
-        c_mat = torch.einsum("hed,fhe->hdf", wv, wo).reshape(H * D, D)
         c_vec = f(self.v.bias) @ f(self.proj.weight).T + f(self.proj.bias)
-        return tuple(t.to(dtype).contiguous() for t in (a_mat, a_vec, c_mat, c_vec))
+        parts = (f(self.q.weight).T, f(self.q.bias), wk, wv.transpose(1, 2), f(self.proj.weight).T, c_vec)
+        return tuple(t.to(dtype).contiguous() for t in parts)
 
     def forward_folded(self, query: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None, fold) -> torch.Tensor:
         """``forward``, computed with the weights from ``fold`` (inference only: no gradient reaches the layer)."""
         B, K, D = query.shape
-        a_mat, a_vec, c_mat, c_vec = fold
-        qk = torch.addmm(a_vec, query.reshape(B * K, D), a_mat).view(B, K * self.num_heads, D)
-        ctx = torch.empty_like(qk)  # (B, k*H, d), row k*H + h
+        H, hd = self.num_heads, self.head_dim
+        wq_t, bq, wk, wv_t, wo_t, c_vec = fold
+        q = torch.addmm(bq, query.reshape(B * K, D), wq_t).view(B * K, H, hd).transpose(0, 1)  # (H, B*K, hd)
+        # queries in token space, rows h*k + c of each image: (B, H*k, d)
+        qk = torch.bmm(q, wk).view(H, B, K, D).transpose(0, 1).reshape(B, H * K, D)
+        ctx = torch.empty_like(qk)
         chunk = B if mem.is_cuda else FOLD_CHUNK  # on a CPU, both products of a few images while they are in cache
         for s in range(0, B, chunk):
             e = min(B, s + chunk)
@@ -121,7 +120,9 @@ class PrototypeCrossAttention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill_(~mask[s:e, None, :], float("-inf"))
             torch.bmm(scores.softmax(dim=-1), mem[s:e], out=ctx[s:e])
-        return torch.addmm(c_vec, ctx.view(B * K, self.num_heads * D), c_mat).view(B, K, D)
+        ctx = ctx.view(B, H, K, D).transpose(0, 1).reshape(H, B * K, D)
+        v = torch.bmm(ctx, wv_t).transpose(0, 1).reshape(B * K, D)  # per head (B*k, hd), heads side by side
+        return torch.addmm(c_vec, v, wo_t).view(B, K, D)
 
     def forward_naive(self, query, mem, mask=None):
         """Textbook multi-head attention with projected keys and values (the reference in tests)."""
