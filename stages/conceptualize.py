@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,7 @@ from .features import FeatureStore, scratch
 from .fit import TrainConfig, check_compatible, fit_acg, load_checkpoint
 from .kmeans import batched_kmeans
 from .shards import SHARD_ATTR, copy_plan
-from .store import STR, Group, Schema, Store, StoreWriter, check_output, decode_names, file_sha256
+from .store import STR, Group, Schema, Store, StoreWriter, check_output, decode_names
 
 log = logging.getLogger("acseg.conceptualize")
 METHODS = ("acg", "kmeans")
@@ -166,16 +165,14 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                             Path(features).name, acg)
                 fit_acg(features, acg, train=fit_train, device=device, overwrite=True, progress=fit_progress)
                 fitted = True
-        with ThreadPoolExecutor(1) as pool:  # hash the checkpoint while it is loaded (both release the GIL)
-            sha = pool.submit(file_sha256, acg)
-            loaded = load_checkpoint(acg, mmap=True)
-            check_compatible(loaded.provenance, store.provenance(), Path(acg).name, Path(features).name)
-            model = loaded.model.to(device).eval()
-            model.cast_(dtype)  # the tokens are prepared (centred, whitened) and assigned in float32
-            k = model.cfg.num_prototypes
-            wmap = model.feature_whiten if model.cfg.whiten else None
-            acg_info = {"path": str(Path(acg).absolute()), "sha256": sha.result(),
-                        "config": json.loads(model.cfg.to_json())}
+        loaded = load_checkpoint(acg, mmap=True)
+        check_compatible(loaded.provenance, store.provenance(), Path(acg).name, Path(features).name)
+        model = loaded.model.to(device).eval()
+        model.cast_(dtype)  # the tokens are prepared (centred, whitened) and assigned in float32
+        k = model.cfg.num_prototypes
+        wmap = model.feature_whiten if model.cfg.whiten else None
+        acg_info = {"path": str(Path(acg).absolute()), "weights_sha256": loaded.weights_sha256,
+                    "config": json.loads(model.cfg.to_json())}
     if not 1 <= k <= 255:
         raise UsageError(f"k = {k} concepts is outside 1..255", "choose another -k")
     feature = ("mean of L2-normalised tokens" if wmap is None

@@ -8,6 +8,7 @@ never runs code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -47,13 +48,24 @@ class FitResult:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
+def weights_sha256(state_dict: dict) -> str:
+    """sha256 of a state dict: per tensor in name order, its name, dtype, shape and bytes (as stored)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.view(-1).view(torch.uint8).numpy() if v.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, model: AdaptiveConceptGenerator, provenance: dict, train: dict,
                     extra: dict | None = None) -> None:
-    """Atomic write of weights + config + provenance (+ resume state in ``extra``)."""
+    """Atomic write of weights + config + provenance (+ resume state in ``extra``). The weights' hash is
+    recorded in the file, so that readers name the model without hashing 58 MB on every load."""
     path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     obj = {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_json(), "provenance": json.dumps(provenance, sort_keys=True),
-           "train": json.dumps(train, sort_keys=True),
-           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+           "train": json.dumps(train, sort_keys=True), "state_dict": state, "weights_sha256": weights_sha256(state)}
     if extra:
         obj.update(extra)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -92,6 +104,15 @@ class LoadedACG:
     provenance: dict
     train: dict
     raw: dict
+
+    @property
+    def weights_sha256(self) -> str:
+        """The weights' hash recorded when the checkpoint was written (``weights_sha256``), or, for a
+        checkpoint written before acseg recorded it, computed from the loaded weights."""
+        rec = self.raw.get("weights_sha256")
+        if isinstance(rec, str) and len(rec) == 64 and all(c in "0123456789abcdef" for c in rec):
+            return rec
+        return weights_sha256(self.raw["state_dict"])
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> LoadedACG:

@@ -66,6 +66,33 @@ def test_checkpoints_from_before_heads_were_recorded_keep_their_heads(trained, t
         assert torch.allclose(m(x), two(x), atol=1e-5)
 
 
+def test_the_checkpoint_records_its_weights_hash_and_concepts_name_the_model_by_it(planted, trained, tmp_path):
+    """fit-acg records sha256 over the state dict (name, dtype, shape, bytes); conceptualize names its model
+    by it instead of hashing the file on every run. A checkpoint without it (written before) is hashed from its
+    weights, to the same value; any change to a weight, a name or a dtype changes the hash."""
+    from stages.conceptualize import conceptualize
+    from stages.fit import weights_sha256
+    obj = torch.load(trained.path, weights_only=True)
+    rec = obj["weights_sha256"]
+    assert rec == weights_sha256(obj["state_dict"]) == load_checkpoint(trained.path).weights_sha256
+    old = {k: v for k, v in obj.items() if k != "weights_sha256"}
+    torch.save(old, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").weights_sha256 == rec
+    torch.save(dict(old, weights_sha256="not a hash"), tmp_path / "odd.pt")
+    assert load_checkpoint(tmp_path / "odd.pt").weights_sha256 == rec
+    sd = obj["state_dict"]
+    name = sorted(sd)[0]
+    changed = dict(sd, **{name: sd[name].clone()})
+    changed[name].view(-1)[0] += 1
+    renamed = {("x" + k if k == name else k): v for k, v in sd.items()}
+    recast = dict(sd, **{name: sd[name].double()})
+    assert len({rec, weights_sha256(changed), weights_sha256(renamed), weights_sha256(recast)}) == 4
+    res = conceptualize(planted[0], str(tmp_path / "c.h5"), acg=trained.path, precision="fp32")
+    from stages.conceptualize import ConceptStore
+    with ConceptStore(res.path) as st:
+        assert st.params["acg"]["weights_sha256"] == rec and "sha256" not in st.params["acg"]
+
+
 def test_training_log_plot_and_checkpoint_provenance(planted, trained):
     path = planted[0]
     lines = [json.loads(s) for s in open(trained.log_path)]
