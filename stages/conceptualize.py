@@ -117,17 +117,21 @@ def summarise_batch(x: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, ass
     ``mean_map`` (d, d): each mean is mapped by it (a whitened model's whitening) before its normalisation.
 
     Returns numpy arrays: pixels (B, k), means (B, k, d), attention sums (B, k), active (B, k) bool,
-    labels (B, N). Prototypes with no pixel are inactive (dropped by the caller).
+    labels (B, N), and whether every token's norm is finite (a token holding NaN or Inf has a NaN or Inf norm;
+    so does one whose squares overflow, which the caller tells apart with an exact check). Prototypes with no
+    pixel are inactive (dropped by the caller).
     """
     onehot = F.one_hot(assign, k).to(x.dtype) * mask[..., None].to(x.dtype)  # (B, N, k)
     pix = onehot.sum(1)
-    inv = torch.linalg.vector_norm(x, dim=-1).clamp_min_(1e-12).reciprocal_()  # as F.normalize's eps
+    norm = torch.linalg.vector_norm(x, dim=-1)
+    finite = bool(torch.isfinite(norm).all())
+    inv = norm.clamp_min_(1e-12).reciprocal_()  # as F.normalize's eps
     sums = torch.bmm((onehot * inv[..., None]).transpose(1, 2), x)
     means = F.normalize(sums if mean_map is None else sums @ mean_map, dim=-1)
     cattn = torch.bmm(attn[:, None, :].to(x.dtype), onehot)[:, 0]
     active = pix > 0
     labels = (active.long().cumsum(1) - 1).gather(1, assign)
-    return (pix.round().long().numpy(), means.numpy(), cattn.numpy(), active.numpy(), labels.numpy())
+    return (pix.round().long().numpy(), means.numpy(), cattn.numpy(), active.numpy(), labels.numpy(), finite)
 
 
 def conceptualize(features: str, output: str | None = None, *, acg: str | None = None, method: str = "acg",
@@ -192,7 +196,9 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
         reuse: dict = {}  # batch memory kept from one batch to the next (fresh 100 MB a batch costs page faults)
         for s in range(start, n, batch_size):
             e = min(n, s + batch_size)
-            x, mask, lens = store.read_batch(s, e, reuse=reuse)
+            # the ACG's NaN and Inf are looked for in the summaries' token norms (a pass over the batch saved;
+            # they pass through the forward harmlessly); k-means++ would stop on them, so it reads checked
+            x, mask, lens = store.read_batch(s, e, reuse=reuse, check=method != "acg")
             attn = store.read_batch(s, e, "cls_attn", reuse=reuse)[0]
             with torch.inference_mode():
                 xd, md = x.to(device), mask.to(device)
@@ -205,8 +211,10 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                     assign = torch.bmm(xd, directions.transpose(1, 2)).argmax(-1)
                 else:
                     vec, assign = batched_kmeans(F.normalize(xd, dim=-1), md, k, seed=seed + s)
-                pix, means, cattn, active, labels = summarise_batch(
+                pix, means, cattn, active, labels, finite = summarise_batch(
                     xd.cpu(), attn, md.cpu(), assign.cpu(), k, None if wmap is None else wmap.cpu())
+            if not finite:  # before anything of this batch is written
+                store.check_finite(s, e)
             vec = vec.float().cpu().numpy()
             m = active.sum(1)
             per = {"grid": store.grid[s:e], "image_size": store.image_size[s:e], "names": store.names[s:e],

@@ -178,15 +178,23 @@ class FeatureStore(Store):
         block = self._finite(_f32(self._rows(field, a, b)), f"{field} of images {start}..{stop - 1}")
         return [block[self.offsets[i] - a:self.offsets[i + 1] - a] for i in range(start, stop)]
 
-    def read_batch(self, start: int, stop: int, field: str = "tokens",
-                   reuse: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def check_finite(self, start: int, stop: int, field: str = "tokens") -> None:
+        """Raise if images start..stop-1 of ``field`` hold NaN or Inf (for callers that read with check=False)."""
+        a, b = self.offsets[start], self.offsets[stop]
+        self._finite(self._rows(field, a, b), f"{field} of images {start}..{stop - 1}")
+
+    def read_batch(self, start: int, stop: int, field: str = "tokens", reuse: dict | None = None,
+                   check: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Images start..stop-1 of ``field`` as one (B, N, ...) float32 tensor padded with zeros, its (B, N)
         validity mask and the token counts. Images of one grid size (the usual case) come straight from one
         contiguous read, without a copy. With ``reuse`` (a dict the caller keeps across calls) the read and the
         conversion go into memory kept from the previous batch, which the result then overwrites: fresh 100 MB
-        allocations cost more in page faults than the float16 -> float32 conversion itself."""
+        allocations cost more in page faults than the float16 -> float32 conversion itself. ``check=False``
+        skips the pass that looks for NaN and Inf: the caller must find them itself (``check_finite``)."""
         a, b = self.offsets[start], self.offsets[stop]
-        block = self._finite(self._read_f32(field, a, b, reuse), f"{field} of images {start}..{stop - 1}")
+        block = self._read_f32(field, a, b, reuse)
+        if check:
+            self._finite(block, f"{field} of images {start}..{stop - 1}")
         lens = np.diff(self.offsets[start:stop + 1]).tolist()
         n = max(lens)
         if all(x == n for x in lens):

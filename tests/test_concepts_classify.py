@@ -15,6 +15,7 @@ from PIL import Image
 from stages.acg import ACGConfig, assignment
 from stages.classify import ClassStore, classify, split_background
 from stages.conceptualize import ConceptStore, conceptualize
+from stages.errors import AcsegError
 from stages.features import FeatureStore
 from stages.fit import TrainConfig, fit_acg, load_checkpoint
 
@@ -109,6 +110,35 @@ def test_precision_is_checked_and_auto_follows_the_hardware(planted, tmp_path, m
     r = cli(["conceptualize", planted[0], "--acg", planted[3], "-o", str(tmp_path / "c.h5"), "--precision", "fp8"])
     assert r.exit_code == 2 and "unknown precision 'fp8'" in r.stderr and "fp32" in r.stderr
     assert not (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("method", ["acg", "kmeans"])
+def test_one_bad_value_in_a_later_batch_is_refused(planted, tmp_path, bad, method):
+    """conceptualize looks for NaN and Inf in the token norms it computes anyway, not in a pass of its own:
+    one bad value in one token of a later batch still stops the run before that batch is written, with the
+    reader's message, and nothing under the output's name (the partial file keeps the batches before, for
+    --resume); the good store goes through."""
+    import shutil
+    path, acg = planted[0], planted[3]
+    broken = tmp_path / "broken.h5"
+    shutil.copy(path, broken)
+    with h5py.File(broken, "r+") as f:
+        row = int(f["offsets"][13]) + 5  # image 13: the fourth batch of 4
+        t = f["tokens"][row]
+        t[7] = bad
+        f["tokens"][row] = t
+    out = tmp_path / "c.h5"
+    kw = dict(acg=acg) if method == "acg" else {}
+    with pytest.raises(AcsegError, match=r"tokens of images 12\.\.15 holds NaN or Inf values"):
+        conceptualize(str(broken), str(out), method=method, batch_size=4, **kw)
+    assert not out.exists()
+    with h5py.File(tmp_path / ".c.h5.partial") as f:  # kept for --resume: the three good batches, nothing after
+        assert len(f["n_concepts"]) == 12 and not f.attrs["complete"]
+    r = cli(["conceptualize", broken, "--method", method, "-o", out, "-q", "--batch-size", "4"]
+            + (["--acg", acg] if method == "acg" else []))
+    assert r.exit_code == 1 and "holds NaN or Inf values" in r.stderr and not out.exists()
+    assert conceptualize(path, str(out), method=method, batch_size=4, **kw).n_images == 40
 
 
 def test_kmeans_method_writes_the_same_schema(planted, tmp_path):
