@@ -1,0 +1,75 @@
+"""Old code against new, alternated in fresh processes: the whole conceptualize stage and the ACG alone.
+
+    git worktree add /tmp/old <commit>
+    python benchmarks/ab.py --old /tmp/old --new . --features all336.h5 --acg cfinal2.pt --pairs 8
+
+Each process warms up once, then times 5 stage runs (the median is kept) and 6 passes of the forward over
+192 images in memory (the median is kept). The pairs alternate old, new, old, new: this VM's speed drifts by
+20-50% within minutes, so only runs side by side compare. Prints one JSON line per side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+CHILD = r'''
+import sys, time, tempfile, json
+sys.path.insert(0, sys.argv[1])
+import numpy as np, torch
+from stages.conceptualize import conceptualize
+from stages.features import FeatureStore
+from stages.fit import load_checkpoint
+F, A = sys.argv[2], sys.argv[3]
+d = tempfile.mkdtemp()
+conceptualize(F, d + "/w.h5", acg=A, device="cpu")
+r = []
+for i in range(5):
+    t = time.perf_counter()
+    n = conceptualize(F, d + "/a.h5", acg=A, device="cpu", overwrite=True).n_images
+    r.append(n / (time.perf_counter() - t))
+st = FeatureStore(F)
+m = min(192, st.n_images)
+xs = torch.from_numpy(np.stack(st.read_range(0, m)))
+model = load_checkpoint(A).model.eval().cast_(torch.bfloat16)
+buf, low = torch.empty(64, *xs.shape[1:]), torch.empty(64, *xs.shape[1:], dtype=torch.bfloat16)
+f = []
+with torch.inference_mode():
+    for rep in range(6):
+        t = time.perf_counter()
+        for s in range(0, m, 64):
+            e = min(m, s + 64)
+            model.infer(buf[:e - s].copy_(xs[s:e]), inplace=True, low=low[:e - s])
+        f.append(m / (time.perf_counter() - t))
+print(json.dumps({"stage": float(np.median(r)), "infer": float(np.median(f))}))
+'''
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", required=True, help="source tree of the old code (a git worktree)")
+    ap.add_argument("--new", default=".", help="source tree of the new code")
+    ap.add_argument("--features", required=True, help="a feature store (images of one grid size)")
+    ap.add_argument("--acg", required=True, help="an ACG checkpoint fitted on such features")
+    ap.add_argument("--pairs", type=int, default=4)
+    a = ap.parse_args()
+    res = {"old": [], "new": []}
+    for _ in range(a.pairs):
+        for side in ("old", "new"):
+            out = subprocess.run([sys.executable, "-c", CHILD, getattr(a, side), a.features, a.acg],
+                                 capture_output=True, text=True, check=True)
+            res[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    wins = sum(n["stage"] > o["stage"] for o, n in zip(res["old"], res["new"]))
+    for side in res:
+        stage = [x["stage"] for x in res[side]]
+        print(json.dumps({"side": side, "tree": getattr(a, side), "stage_img_per_s": [round(x) for x in stage],
+                          "stage_median": round(statistics.median(stage), 1),
+                          "infer_img_per_s": [round(x["infer"]) for x in res[side]]}))
+    print(json.dumps({"pairs": a.pairs, "new_faster_in": wins}))
+
+
+if __name__ == "__main__":
+    main()
