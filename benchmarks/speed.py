@@ -5,6 +5,7 @@
   python benchmarks/speed.py score --pred DIR --gt DIR             (+ synthetic 2,000 pairs for memory)
   python benchmarks/speed.py fit [--tokens 768]                    (steps/s, peak memory at batch 32)
   python benchmarks/speed.py conceptualize --features F.h5 --acg A.pt
+  python benchmarks/speed.py store-memory --features F.h5 --acg A.pt [--times 10]   (peak RSS, store vs 10x)
 
 Each prints one JSON object per measurement and the ratios the issues ask for.
 """
@@ -302,9 +303,38 @@ def bench_conceptualize(a):
         ratio_acg_fp32_vs_sklearn_kmeans_median=round(med["acg_fp32"] / med["sklearn"], 2))
 
 
+def bench_store_memory(a):
+    """Peak RSS of `acseg conceptualize` and `acseg fit-acg --stream` on a store and on the same images
+    ``--times`` over (a larger store written here from the first): memory must not grow with the store."""
+    from stages.features import FeatureStore, features_schema
+    from stages.store import StoreWriter
+    res = {}
+    with tempfile.TemporaryDirectory() as d, FeatureStore(a.features) as st:
+        big = Path(d) / f"x{a.times}.h5"
+        attrs = {k: json.loads(st.f.attrs[k]) for k in ("params", "backbone", "parent")}
+        with StoreWriter(big, features_schema(st.dim), attrs) as w:
+            for r in range(a.times):
+                for s in range(0, st.n_images, 64):
+                    e = min(st.n_images, s + 64)
+                    w.append({"grid": st.grid[s:e], "image_size": st.image_size[s:e], "sources": st.sources[s:e],
+                              "names": [f"copy{r}/{n}" for n in st.names[s:e]]},
+                             {"tokens": [t.astype(np.float16) for t in st.read_range(s, e)],
+                              "cls_attn": st.read_range(s, e, "cls_attn")})
+        for name, path in (("store", a.features), (f"{a.times}x", str(big))):
+            n = st.n_images * (1 if name == "store" else a.times)
+            cmds = {"conceptualize": ["conceptualize", path, "--acg", a.acg, "-o", str(Path(d) / "c.h5"), "--overwrite", "-q"],
+                    "fit-acg --stream": ["fit-acg", path, "-o", str(Path(d) / "a.pt"), "--steps", str(a.steps), "--stream",
+                                         "--overwrite", "-q"]}
+            for stage, args in cmds.items():
+                res[stage, name] = peak_rss_mb([sys.executable, "-m", "acseg_cli", *args])
+                out(stage=stage, images=n, store_mb=round(os.path.getsize(path) / 2**20), peak_rss_mb=round(res[stage, name]))
+    for stage in ("conceptualize", "fit-acg --stream"):
+        out(stage=stage, **{f"ratio_peak_memory_{a.times}x_vs_1x": round(res[stage, f"{a.times}x"] / res[stage, "store"], 3)})
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["extract", "extract-memory", "score", "fit", "fit-store", "conceptualize"])
+    ap.add_argument("what", choices=["extract", "extract-memory", "score", "fit", "fit-store", "conceptualize", "store-memory"])
     ap.add_argument("--images")
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--backbone", default="focus-vits14")
@@ -319,6 +349,7 @@ def main():
     ap.add_argument("--features")
     ap.add_argument("--acg")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--times", type=int, default=10, help="store-memory: the larger store holds the images this many times")
     ap.add_argument("--device", help="conceptualize: where the ACG runs (default: cuda when available, else cpu)")
     a = ap.parse_args()
     if a.what in ("fit", "fit-store") and a.batch_size == 8:
@@ -326,7 +357,7 @@ def main():
     if a.what == "conceptualize" and a.batch_size == 8:
         a.batch_size = 64
     {"extract": bench_extract, "extract-memory": bench_extract_memory, "score": bench_score, "fit": bench_fit, "fit-store": bench_fit_store,
-     "conceptualize": bench_conceptualize}[a.what](a)
+     "conceptualize": bench_conceptualize, "store-memory": bench_store_memory}[a.what](a)
 
 
 if __name__ == "__main__":
