@@ -46,6 +46,36 @@ app.command("score")(score.command)
 app.command("backbones")(backbones.command)
 
 
+def teardown_can_be_skipped() -> bool:
+    """Whether this process can leave without the interpreter's teardown and lose nothing. After torch is
+    imported that teardown takes about 0.5 s here (2.2 s against 1.8 s for importing torch and leaving), a
+    sixth of a 240-image `conceptualize`. It is skipped only when no HDF5 file is open for writing, no child
+    process or other non-daemon thread runs, and no process group is up (torchrun); every file acseg writes
+    is closed (or renamed into place) before its command returns."""
+    if "torch" not in sys.modules:  # `score` and `--help`: nothing slow to skip
+        return False
+    if "h5py" in sys.modules:
+        import h5py
+        if any(fid.get_intent() & h5py.h5f.ACC_RDWR for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)):
+            return False
+    import multiprocessing
+    import threading
+    if multiprocessing.active_children():
+        return False
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        return False
+    dist = sys.modules.get("torch.distributed")
+    return not (dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _leave(code: int) -> None:
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
     # A closed downstream pipe (| head) ends us quietly instead of raising at exit.
     if hasattr(signal, "SIGPIPE"):
@@ -58,4 +88,6 @@ def main() -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(e.code if isinstance(e.code, int) else 1)
+        if (e.code is None or isinstance(e.code, int)) and teardown_can_be_skipped():
+            _leave(e.code or 0)
         raise

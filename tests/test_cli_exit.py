@@ -1,0 +1,59 @@
+"""Leaving without the interpreter's teardown (about 0.5 s after torch is imported): only when nothing is lost."""
+
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+from conftest import cli_env
+
+PROBE = textwrap.dedent("""
+    import sys, threading
+    import h5py
+    from acseg_cli.app import teardown_can_be_skipped as ok
+    seen = [ok()]                          # False: torch not imported, nothing slow to skip
+    import torch
+    seen.append(ok())                      # True
+    w = h5py.File(sys.argv[1], "w")
+    seen.append(ok())                      # False: a file open for writing
+    w.close()
+    r = h5py.File(sys.argv[2], "r")
+    seen.append(ok())                      # True: reading only
+    r.close()
+    ev = threading.Event()
+    t = threading.Thread(target=ev.wait)
+    t.start()
+    seen.append(ok())                      # False: a thread still running
+    ev.set(); t.join()
+    d = threading.Thread(target=threading.Event().wait, daemon=True)
+    d.start()
+    seen.append(ok())                      # True: daemon threads do not hold the exit
+    print(seen)
+""")
+
+
+def test_teardown_is_skipped_only_when_nothing_is_open(tmp_path):
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        f["x"] = np.arange(3)
+    r = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "w.h5"), str(tmp_path / "r.h5")],
+                       capture_output=True, text=True, env=cli_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[False, True, False, True, False, True]"
+
+
+def test_a_real_process_still_prints_exits_and_writes_whole(tmp_path):
+    """Through the console entry point: the path on stdout, the exit code, a complete store; an error still
+    exits 1 with its one line."""
+    from planted import planted_images, write_planted_store
+    toks, labels, _ = planted_images(n_images=6)
+    feats = write_planted_store(tmp_path / "f.h5", toks, labels)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "acseg_cli", *map(str, a)], capture_output=True,  # noqa: E731
+                                    text=True, env=cli_env())
+    r = run("conceptualize", feats, "--method", "kmeans", "-o", tmp_path / "c.h5", "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert f.attrs["complete"] and f.attrs["n_images"] == 6
+    r = run("conceptualize", tmp_path / "missing.h5", "-q")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("Error: ")
