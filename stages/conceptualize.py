@@ -121,7 +121,7 @@ def summarise_batch(x: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, ass
     so does one whose squares overflow, which the caller tells apart with an exact check). Prototypes with no
     pixel are inactive (dropped by the caller).
     """
-    onehot = F.one_hot(assign, k).to(x.dtype) * mask[..., None].to(x.dtype)  # (B, N, k)
+    onehot = F.one_hot(assign, k).to(x.dtype) * mask[..., None].to(x.dtype)  # (B, N, k), on x's device
     pix = onehot.sum(1)
     norm = torch.linalg.vector_norm(x, dim=-1)
     finite = bool(torch.isfinite(norm).all())
@@ -131,7 +131,13 @@ def summarise_batch(x: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, ass
     cattn = torch.bmm(attn[:, None, :].to(x.dtype), onehot)[:, 0]
     active = pix > 0
     labels = (active.long().cumsum(1) - 1).gather(1, assign)
-    return (pix.round().long().numpy(), means.numpy(), cattn.numpy(), active.numpy(), labels.numpy(), finite)
+    host = lambda t: t.cpu().numpy()  # noqa: E731  (only these small results leave the device)
+    return host(pix.round().long()), host(means), host(cattn), host(active), host(labels), finite
+
+
+def _transfer_as_stored(device: str) -> bool:
+    """Whether batches leave the host in the store's dtype (to a GPU) rather than as float32 (CPU work)."""
+    return torch.device(device).type != "cpu"
 
 
 def conceptualize(features: str, output: str | None = None, *, acg: str | None = None, method: str = "acg",
@@ -198,10 +204,12 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
             e = min(n, s + batch_size)
             # the ACG's NaN and Inf are looked for in the summaries' token norms (a pass over the batch saved;
             # they pass through the forward harmlessly); k-means++ would stop on them, so it reads checked
-            x, mask, lens = store.read_batch(s, e, reuse=reuse, check=method != "acg")
+            # to a GPU the tokens go as stored (float16: half the bytes) and are converted there
+            x, mask, lens = store.read_batch(s, e, reuse=reuse, check=method != "acg",
+                                             as_stored=_transfer_as_stored(device))
             attn = store.read_batch(s, e, "cls_attn", reuse=reuse)[0]
             with torch.inference_mode():
-                xd, md = x.to(device), mask.to(device)
+                xd, md = x.to(device).float(), mask.to(device)
                 if method == "acg":
                     # centred in place (x is ours); a whitened model whitens inside its attention instead of
                     # multiplying every token by its d x d matrix
@@ -211,8 +219,8 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                     assign = torch.bmm(xd, directions.transpose(1, 2)).argmax(-1)
                 else:
                     vec, assign = batched_kmeans(F.normalize(xd, dim=-1), md, k, seed=seed + s)
-                pix, means, cattn, active, labels, finite = summarise_batch(
-                    xd.cpu(), attn, md.cpu(), assign.cpu(), k, None if wmap is None else wmap.cpu())
+                # summarised where the tokens are: only the small results come back to the host
+                pix, means, cattn, active, labels, finite = summarise_batch(xd, attn.to(xd.device), md, assign, k, wmap)
             if not finite:  # before anything of this batch is written
                 store.check_finite(s, e)
             vec = vec.float().cpu().numpy()

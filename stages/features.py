@@ -208,15 +208,16 @@ class FeatureStore(Store):
         self._finite(self._rows(field, a, b), f"{field} of images {start}..{stop - 1}")
 
     def read_batch(self, start: int, stop: int, field: str = "tokens", reuse: dict | None = None,
-                   check: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                   check: bool = True, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Images start..stop-1 of ``field`` as one (B, N, ...) float32 tensor padded with zeros, its (B, N)
         validity mask and the token counts. Images of one grid size (the usual case) come straight from one
         contiguous read, without a copy. With ``reuse`` (a dict the caller keeps across calls) the read and the
         conversion go into memory kept from the previous batch, which the result then overwrites: fresh 100 MB
         allocations cost more in page faults than the float16 -> float32 conversion itself. ``check=False``
-        skips the pass that looks for NaN and Inf: the caller must find them itself (``check_finite``)."""
+        skips the pass that looks for NaN and Inf: the caller must find them itself (``check_finite``).
+        ``as_stored``: float16 rows stay float16 (half the bytes to move to a GPU, converted there)."""
         a, b = self.offsets[start], self.offsets[stop]
-        block = self._read_f32(field, a, b, reuse)
+        block = self._read_block(field, a, b, reuse, as_stored)
         if check:
             self._finite(block, f"{field} of images {start}..{stop - 1}")
         lens = np.diff(self.offsets[start:stop + 1]).tolist()
@@ -230,20 +231,23 @@ class FeatureStore(Store):
             mask[i, :m] = True
         return x, mask, lens
 
-    def _read_f32(self, field: str, a: int, b: int, reuse: dict | None) -> torch.Tensor:
+    def _read_block(self, field: str, a: int, b: int, reuse: dict | None, as_stored: bool = False) -> torch.Tensor:
+        """Rows a..b-1 as a float32 tensor of our own (float16 when ``as_stored`` and so stored)."""
         ds = self.f[field]
+        half = as_stored and ds.dtype == np.float16
         if reuse is None:
-            return torch.from_numpy(_f32(self._rows(field, a, b)))
+            rows = self._rows(field, a, b)
+            return torch.from_numpy(np.array(rows, np.float16) if half else _f32(rows))
         shape = (b - a, *ds.shape[1:])
         m = self._map(field)
         if m is not None:  # converted chunk by chunk straight from the file's pages into the kept batch
-            out = scratch(reuse, (field, "f32"), shape, torch.float32)
+            out = scratch(reuse, (field, "f16" if half else "f32"), shape, torch.float16 if half else torch.float32)
             for o, piece in m.pieces(int(a), int(b)):
                 out[o:o + len(piece)].copy_(torch.from_numpy(piece))
             return out
         raw = scratch(reuse, (field, "raw"), shape, torch.float16 if ds.dtype == np.float16 else torch.float32)
         ds.read_direct(raw.numpy(), np.s_[a:b])
-        if raw.dtype == torch.float32:
+        if raw.dtype == torch.float32 or half:
             return raw
         return scratch(reuse, (field, "f32"), shape, torch.float32).copy_(raw)
 

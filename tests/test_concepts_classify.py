@@ -141,6 +141,21 @@ def test_one_bad_value_in_a_later_batch_is_refused(planted, tmp_path, bad, metho
     assert conceptualize(path, str(out), method=method, batch_size=4, **kw).n_images == 40
 
 
+@pytest.mark.parametrize("method, precision", [("acg", "fp32"), ("acg", "bf16"), ("kmeans", "auto")])
+def test_batches_sent_as_stored_give_the_same_concepts(planted, tmp_path, monkeypatch, method, precision):
+    """To a GPU the batches go as float16 and are converted there, and the summaries are made there. Forced
+    on the CPU, that route writes exactly the same concepts store as the usual one."""
+    import stages.conceptualize as cmod
+    path, acg = planted[0], planted[3]
+    kw = dict(method=method, precision=precision, batch_size=16, **({"acg": acg} if method == "acg" else {}))
+    a = conceptualize(path, str(tmp_path / "a.h5"), **kw)
+    monkeypatch.setattr(cmod, "_transfer_as_stored", lambda device: True)
+    b = conceptualize(path, str(tmp_path / "b.h5"), **kw)
+    with h5py.File(a.path) as fa, h5py.File(b.path) as fb:
+        for name in fa:
+            assert np.array_equal(fa[name][:], fb[name][:]), name
+
+
 def test_kmeans_method_writes_the_same_schema(planted, tmp_path):
     path = planted[0]
     a = conceptualize(path, str(tmp_path / "a.h5"), acg=planted[3])

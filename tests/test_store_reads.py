@@ -95,6 +95,9 @@ def test_a_store_reads_the_same_mapped_and_through_h5py(tmp_path):
             assert mask.all() and np.array_equal(x.reshape(-1, 512).numpy(), ref[o[s]:o[e]])
             y, _, _ = st.read_batch(s, e)
             assert torch.equal(x, y)
+            for keep in ({}, None):  # as stored (float16, for a GPU): the same values, half the bytes
+                z, _, _ = st.read_batch(s, e, reuse=keep, as_stored=True)
+                assert z.dtype == torch.float16 and torch.equal(z.float(), y)
         assert all(np.array_equal(a, ref[o[i]:o[i + 1]]) for a, i in zip(st.read_many([33, 2, 17]), [33, 2, 17]))
         assert np.array_equal(np.concatenate(st.read_range(3, 30)), ref[o[3]:o[30]])
 
@@ -145,3 +148,21 @@ def test_pages_read_through_the_map_do_not_pile_up(tmp_path, monkeypatch, releas
         assert (rss <= 1024 + 512) if bounded else (rss >= size), (rss, size)
         m.release()
         assert np.array_equal(view.astype(np.float32), ref[:10])  # mapped again, the same bytes
+
+
+def test_rows_read_through_h5py_as_stored(tmp_path):
+    """A store in a layout acseg does not write (gzip) is read through h5py, as float32 or as stored."""
+    toks, labels, _ = planted_images(n_images=6)
+    path = write_planted_store(tmp_path / "f.h5", toks, labels)
+    with h5py.File(path, "r+") as f:
+        data = f["tokens"][:]
+        del f["tokens"]
+        f.create_dataset("tokens", data=data, chunks=(64, data.shape[1]), compression="gzip")
+    with FeatureStore(path) as st:
+        assert st._map("tokens") is None
+        for keep in ({}, None):
+            x, _, _ = st.read_batch(0, 6, reuse=keep)
+            z, _, _ = st.read_batch(0, 6, reuse=keep, as_stored=True)
+            assert x.dtype == torch.float32 and z.dtype == torch.float16
+            assert np.array_equal(x.reshape(-1, data.shape[1]).numpy(), data.astype(np.float32))
+            assert torch.equal(z.float(), x)
