@@ -136,6 +136,8 @@ class StoreWriter:
         self._lock_fd: int | None = None
         self.resumed_from = 0
         self._hash = hashlib.sha256()
+        self._handles: dict = {}  # dataset handles of the open file (a lookup by name costs more than the write)
+        self._handles_file = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
@@ -321,6 +323,14 @@ class StoreWriter:
         raise AcsegError(f"writing {self.path.name} failed ({_write_reason(e)})",
                          "check free disk space and permissions; the previous output, if any, is untouched") from None
 
+    def _ds(self, name: str) -> h5py.Dataset:
+        if self._handles_file is not self.f:
+            self._handles, self._handles_file = {}, self.f
+        d = self._handles.get(name)
+        if d is None:
+            d = self._handles[name] = self.f[name]
+        return d
+
     def _append(self, per_image, packed, attrs) -> None:
         f = self.f
         assert f is not None
@@ -329,11 +339,11 @@ class StoreWriter:
         for name in self.schema.per_image:
             if b == 0:  # a batch whose images all failed to decode: nothing to add, the batch still counts
                 break
-            d = f[name]
+            d = self._ds(name)
             d.resize(n + b, axis=0)
             d[n:n + b] = encode_strs(per_image[name]) if d.dtype == STR else per_image[name]
         for g in self.schema.groups:
-            off = f[g.offsets]
+            off = self._ds(g.offsets)
             start = int(off[n])
             lens = None
             for name in g.fields:
@@ -343,8 +353,8 @@ class StoreWriter:
                     lens = these
                 elif lens != these:
                     raise ValueError(f"packed field {name} has lengths {these}, expected {lens}")
-                data = np.concatenate(parts, axis=0) if len(parts) else np.zeros((0,) + f[name].shape[1:], f[name].dtype)
-                d = f[name]
+                d = self._ds(name)
+                data = np.concatenate(parts, axis=0) if len(parts) else np.zeros((0,) + d.shape[1:], d.dtype)
                 d.resize(start + len(data), axis=0)
                 d[start:start + len(data)] = data
                 self._hash.update(np.ascontiguousarray(data.astype(d.dtype, copy=False)).tobytes())
