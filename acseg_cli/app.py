@@ -85,9 +85,7 @@ def main() -> None:
     except SystemExit as e:
         from stages.store import BROKEN_WRITES
         if BROKEN_WRITES:  # after a failed HDF5 write, libhdf5's teardown can crash: leave without it
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(e.code if isinstance(e.code, int) else 1)
+            _leave(e.code if isinstance(e.code, int) else 1)
         if (e.code is None or isinstance(e.code, int)) and teardown_can_be_skipped():
             _leave(e.code or 0)
         raise
