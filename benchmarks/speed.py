@@ -210,7 +210,7 @@ def bench_conceptualize(a):
     from sklearn.cluster import KMeans
 
     import stages.conceptualize as cmod
-    from stages.acg import DTYPE_NAMES, inference_dtype
+    from stages.acg import DTYPE_NAMES, inference_dtype, nearest_direction
     from stages.conceptualize import conceptualize
     from stages.features import FeatureStore
     with FeatureStore(a.features) as st:
@@ -253,7 +253,7 @@ def bench_conceptualize(a):
                 n = min(a.batch_size, len(xs) - s)
                 xb = buf[:n].copy_(xs[s:s + n])
                 xc, _, directions = model.infer(xb, inplace=True, low=None if low is None else low[:n])
-                torch.bmm(xc, directions.transpose(1, 2)).argmax(-1)
+                nearest_direction(xc, directions)
         sync()
         return len(xs) / (time.perf_counter() - t)
 

@@ -232,7 +232,7 @@ class AdaptiveConceptGenerator(nn.Module):
         """Inference in one call, as conceptualize runs it: ``tokens`` (B, N, d) float32 as stored ->
         ``(x, concepts, directions)``: x the centred float32 tokens (``tokens``' memory when ``inplace``),
         the concepts (B, k, d) in float32 (float64 for a float64 model), and directions (B, k, d) with
-        argmax_c cos(prepare(tokens)_i, concepts_c) = argmax_c x_i . directions_c.
+        argmax_c cos(prepare(tokens)_i, concepts_c) = argmax_c x_i . directions_c (``nearest_direction``).
 
         Whitened models never whiten the N tokens: the whitening is folded into the attention and into the
         directions (exact). The generator runs in its dtype (``cast_``); ``low`` is an optional buffer of that
@@ -284,6 +284,13 @@ def create_acg(dim: int = 384, num_prototypes: int = 5, **kw) -> AdaptiveConcept
 def assignment(tokens: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
     """S_ic = cos(x_i, c_c): (B, N, d) x (B, k, d) -> (B, N, k). No softmax, no temperature."""
     return F.normalize(tokens, dim=-1) @ F.normalize(concepts, dim=-1).transpose(1, 2)
+
+
+def nearest_direction(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """argmax_c x_i . directions_c: (B, N, d) x (B, k, d) -> (B, N), the first maximum winning as in argmax.
+    The product is taken as directions x^T, (B, k, N): on a CPU that is twice as fast as x directions^T,
+    whose k output columns suit the BLAS badly (benchmarks/RESULTS.md)."""
+    return torch.bmm(directions, x.transpose(1, 2)).transpose(1, 2).contiguous().argmax(-1)
 
 
 def hard_assignment(s: torch.Tensor, mask: torch.Tensor | None = None):

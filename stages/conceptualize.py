@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .acg import DTYPE_NAMES, inference_dtype
+from .acg import DTYPE_NAMES, inference_dtype, nearest_direction
 from .errors import AcsegError, UsageError
 from .features import FeatureStore, scratch
 from .fit import TrainConfig, check_compatible, fit_acg, load_checkpoint
@@ -216,7 +216,7 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                     low = (scratch(reuse, "low", xd.shape, dtype)
                            if dtype != torch.float32 and xd.device.type == "cpu" else None)
                     xd, vec, directions = model.infer(xd, md, inplace=True, low=low)
-                    assign = torch.bmm(xd, directions.transpose(1, 2)).argmax(-1)
+                    assign = nearest_direction(xd, directions)
                 else:
                     vec, assign = batched_kmeans(F.normalize(xd, dim=-1), md, k, seed=seed + s)
                 # summarised where the tokens are: only the small results come back to the host

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.acg import (FOLD_CHUNK, ACGConfig, PrototypeCrossAttention, assignment, create_acg, hard_assignment,
-                        modularity_loss, modularity_matrix, soft_modularity)
+                        modularity_loss, modularity_matrix, nearest_direction, soft_modularity)
 
 
 def naive_soft_modularity(x, s, keep_diagonal=True, delta="plain", tau=0.1):
@@ -125,6 +125,17 @@ def test_whitening_inside_the_attention_is_exact():
     assert not torch.allclose(acg(acg.prepare(x, whiten=False), mask), want, atol=1e-3)  # the map matters
 
 
+def test_nearest_direction_is_the_argmax_of_the_products_first_maximum_winning():
+    """conceptualize's assignment: argmax_c x_i . d_c, as argmax over x @ d^T gives it, ties to the lower id."""
+    torch.manual_seed(11)
+    x, d = torch.randn(3, 50, 16), torch.randn(3, 4, 16)
+    assert torch.equal(nearest_direction(x, d), (x @ d.transpose(1, 2)).argmax(-1))
+    d[:, 2] = d[:, 0] = d[:, 1]  # three equal directions: the first of them wins wherever they lead
+    want = (x @ d.transpose(1, 2)).argmax(-1)
+    got = nearest_direction(x, d)
+    assert torch.equal(got, want) and set(got.unique().tolist()) <= {0, 3} and (got == 0).any()
+
+
 @pytest.mark.parametrize("whiten", [True, False])
 def test_infer_matches_prepare_forward_and_cosine_assignment(whiten):
     """``infer`` (conceptualize's one call) gives the concepts and the argmax of cos(prepared token, concept)
@@ -148,7 +159,7 @@ def test_infer_matches_prepare_forward_and_cosine_assignment(whiten):
     assert xc.data_ptr() == buf.data_ptr()
     assert torch.allclose(xc, x - acg.feature_center)
     assert torch.allclose(got, want, atol=1e-10)
-    assert torch.equal(torch.bmm(xc, directions.transpose(1, 2)).argmax(-1), want_assign)
+    assert torch.equal(nearest_direction(xc, directions), want_assign)
 
 
 def test_folded_inference_follows_the_weights_and_chunks():
