@@ -204,8 +204,17 @@ class FeatureStore(Store):
 
     def check_finite(self, start: int, stop: int, field: str = "tokens") -> None:
         """Raise if images start..stop-1 of ``field`` hold NaN or Inf (for callers that read with check=False)."""
+        self.stored_rows(start, stop, field)
+
+    def stored_rows(self, start: int, stop: int, field: str = "tokens", dtype=None) -> np.ndarray:
+        """Images start..stop-1 of ``field`` as their rows one after another, unpadded, in the stored dtype or
+        converted to ``dtype``. Without a conversion it may be a view of the file's pages: read it, do not
+        write to it. NaN or Inf, in the file or made by the conversion, raise."""
         a, b = self.offsets[start], self.offsets[stop]
-        self._finite(self._rows(field, a, b), f"{field} of images {start}..{stop - 1}")
+        rows = self._rows(field, a, b)
+        if dtype is not None:
+            rows = np.ascontiguousarray(rows, dtype)
+        return self._finite(rows, f"{field} of images {start}..{stop - 1}")
 
     def read_batch(self, start: int, stop: int, field: str = "tokens", reuse: dict | None = None,
                    check: bool = True, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -203,8 +203,7 @@ class ResidentTokens:
         for s in range(0, store.n_images, images_per_read):
             e = min(store.n_images, s + images_per_read)
             a, b = int(store.offsets[s]), int(store.offsets[e])
-            raw = torch.from_numpy(np.ascontiguousarray(store._rows("tokens", a, b), np.float16))
-            self.tokens[a:b].copy_(store._finite(raw, f"tokens of images {s}..{e - 1}"))
+            self.tokens[a:b].copy_(torch.from_numpy(store.stored_rows(s, e, dtype=np.float16)))
 
     @staticmethod
     def nbytes(store: FeatureStore) -> int:

@@ -100,6 +100,9 @@ def test_a_store_reads_the_same_mapped_and_through_h5py(tmp_path):
                 assert z.dtype == torch.float16 and torch.equal(z.float(), y)
         assert all(np.array_equal(a, ref[o[i]:o[i + 1]]) for a, i in zip(st.read_many([33, 2, 17]), [33, 2, 17]))
         assert np.array_equal(np.concatenate(st.read_range(3, 30)), ref[o[3]:o[30]])
+        rows = st.stored_rows(3, 30)  # as stored: float16, unpadded, the images' rows one after another
+        assert rows.dtype == np.float16 and np.array_equal(rows.astype(np.float32), ref[o[3]:o[30]])
+        assert st.stored_rows(3, 30, dtype=np.float32).dtype == np.float32
 
 
 @pytest.mark.parametrize("size", [0, 1, 64, 65, 200])
