@@ -23,6 +23,15 @@ def _sqdist(x: torch.Tensor, c: torch.Tensor, xx: torch.Tensor | None = None) ->
     return (xx - (x @ c.transpose(-2, -1)).mul_(2) + (c * c).sum(-1).unsqueeze(-2)).clamp_min_(0)
 
 
+def _sqdist_kn(x: torch.Tensor, c: torch.Tensor, xx_t: torch.Tensor) -> torch.Tensor:
+    """``_sqdist`` for a few centroids per point set: (..., n, d), (..., k, d) -> (..., n, k), computed as
+    (..., k, n), c x^T, and made contiguous for the argmin (xx_t: ``_sqnorm(x)`` transposed, (..., 1, n)).
+    With k = 5 per image, x c^T has 5 output columns, a shape the BLAS runs badly: 6.5 against 9 ms per 64
+    images here. With one point set and more centroids (classify's k-means) x c^T is the faster one."""
+    d = (c @ x.transpose(-2, -1)).mul_(-2).add_(xx_t).add_((c * c).sum(-1, keepdim=True)).clamp_min_(0)
+    return d.transpose(-2, -1).contiguous()
+
+
 def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | None = None,
               xx: torch.Tensor | None = None) -> torch.Tensor:
     """k-means++ seeding of one point set (n, d) -> (k, d), optionally with sample weights (xx: _sqnorm(x)).
@@ -102,10 +111,11 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 
     # iterations, 12 on average). Settled images are dropped from the batch in bulk, once a quarter of
     # it has settled, so the gathers stay few; until then they ride along and are not written again.
     live = torch.arange(B, device=x.device)
-    xl, xxl, ml, cl = x, xx, mask.float()[..., None], c.clone()
+    xx_t = xx.transpose(-2, -1)
+    xl, xxl, ml, cl = x, xx_t, mask.float()[..., None], c.clone()
     settled = torch.zeros(B, dtype=torch.bool, device=x.device)
     for _ in range(iters):
-        lab = _sqdist(xl, cl, xxl).argmin(-1)
+        lab = _sqdist_kn(xl, cl, xxl).argmin(-1)
         oh = torch.nn.functional.one_hot(lab, k).float() * ml
         cnt = oh.sum(1)
         new = (oh.transpose(1, 2) @ xl) / cnt.clamp_min(1)[..., None]
@@ -121,5 +131,5 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 
             keep = ~settled
             live, xl, xxl, ml, new, settled = live[keep], xl[keep], xxl[keep], ml[keep], new[keep], settled[keep]
         cl = new
-    lab = _sqdist(x, c, xx).argmin(-1)
+    lab = _sqdist_kn(x, c, xx_t).argmin(-1)
     return c, lab

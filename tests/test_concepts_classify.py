@@ -222,12 +222,14 @@ def test_weighted_kmeans_weights_the_centroids():
 
 def test_kmeans_distances_with_precomputed_norms():
     """The squared distances k-means uses, with the points' norms computed once, are the pairwise ones."""
-    from stages.kmeans import _sqdist, _sqnorm
+    from stages.kmeans import _sqdist, _sqdist_kn, _sqnorm
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(3, 50, 8, generator=g), torch.randn(3, 4, 8, generator=g)
     ref = torch.cdist(x, c) ** 2
     assert torch.allclose(_sqdist(x, c), ref, atol=1e-4)
     assert torch.allclose(_sqdist(x, c, _sqnorm(x)), ref, atol=1e-4)
+    kn = _sqdist_kn(x, c, _sqnorm(x).transpose(-2, -1))  # taken as (k, n), given back as (n, k)
+    assert kn.shape == ref.shape and kn.is_contiguous() and torch.allclose(kn, ref, atol=1e-4)
 
 
 def test_batched_kmeans_recovers_planted_clusters_per_image():
