@@ -100,9 +100,10 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 
     gen = torch.Generator().manual_seed(seed)
     xx = _sqnorm(x)
     cents = []
+    whole = mask.all(1).tolist()  # an image without padding is seeded on views, not on a copy of its tokens
     for b in range(B):
-        xb = x[b][mask[b]]
-        c = kmeans_pp(xb, min(k, xb.shape[0]), gen, xx=xx[b][mask[b]])
+        xb, xxb = (x[b], xx[b]) if whole[b] else (x[b][mask[b]], xx[b][mask[b]])
+        c = kmeans_pp(xb, min(k, xb.shape[0]), gen, xx=xxb)
         if c.shape[0] < k:
             c = torch.cat([c, c[:1].expand(k - c.shape[0], -1)], 0)
         cents.append(c)
