@@ -218,7 +218,10 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                     xd, vec, directions = model.infer(xd, md, inplace=True, low=low)
                     assign = nearest_direction(xd, directions)
                 else:
-                    vec, assign = batched_kmeans(F.normalize(xd, dim=-1), md, k, seed=seed + s)
+                    # F.normalize(xd, dim=-1), into memory kept between batches on a CPU
+                    unit = scratch(reuse, "unit", xd.shape, xd.dtype) if xd.device.type == "cpu" else None
+                    unit = torch.div(xd, torch.linalg.vector_norm(xd, dim=-1, keepdim=True).clamp_min_(1e-12), out=unit)
+                    vec, assign = batched_kmeans(unit, md, k, seed=seed + s, work=reuse)
                 # summarised where the tokens are: only the small results come back to the host
                 pix, means, cattn, active, labels, finite = summarise_batch(xd, attn.to(xd.device), md, assign, k, wmap)
             if not finite:  # before anything of this batch is written

@@ -90,11 +90,14 @@ def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int 
     return best
 
 
-def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0):
+def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0,
+                   work: dict | None = None):
     """Independent k-means per image on padded (B, N, d) tokens; returns (centroids (B,k,d), labels (B,N)).
 
     One restart, k-means++ seeding per image; padded tokens take no part; each image iterates until its own
-    centroids settle (torch.allclose with atol 1e-6), at most ``iters`` times.
+    centroids settle (torch.allclose with atol 1e-6), at most ``iters`` times. ``work``: a dict the caller
+    keeps across calls, holding the memory the images still iterating are gathered into (fresh memory for
+    each batch costs more in page faults than the gather itself).
     """
     B = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -129,8 +132,26 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 
         if settled.all():
             break
         if settled.sum() * 4 >= len(live):
-            keep = ~settled
-            live, xl, xxl, ml, new, settled = live[keep], xl[keep], xxl[keep], ml[keep], new[keep], settled[keep]
+            keep = (~settled).nonzero().squeeze(1)
+            xl = _gather_rows(xl, keep, x, work)
+            live, xxl, ml, new, settled = live[keep], xxl[keep], ml[keep], new[keep], settled[keep]
         cl = new
     lab = _sqdist_kn(x, c, xx_t).argmin(-1)
     return c, lab
+
+
+def _gather_rows(xl: torch.Tensor, keep: torch.Tensor, x: torch.Tensor, work: dict | None) -> torch.Tensor:
+    """``xl[keep]`` for ascending ``keep``: the first time (``xl`` is the caller's ``x``) into memory kept in
+    ``work``, later in place, each row moving only forward."""
+    n = len(keep)
+    if xl is x:
+        buf = None if work is None else work.get("kmeans_rows")
+        if buf is None or buf.numel() < n * x[0].numel() or buf.dtype != x.dtype or buf.device != x.device:
+            buf = torch.empty(x.shape[0] * x[0].numel(), dtype=x.dtype, device=x.device)
+            if work is not None:
+                work["kmeans_rows"] = buf
+        return torch.index_select(x, 0, keep, out=buf[:n * x[0].numel()].view(n, *x.shape[1:]))
+    for i, j in enumerate(keep.tolist()):
+        if i != j:
+            xl[i].copy_(xl[j])
+    return xl[:n]

@@ -245,7 +245,15 @@ def test_batched_kmeans_recovers_planted_clusters_per_image():
     mask = torch.ones(B, N, dtype=torch.bool)
     mask[1, 50:] = False
     x[1, 50:] = 100.0  # padding far away: it must not pull a centroid
+    before = x.clone()
     c, got = batched_kmeans(x, mask, 3, seed=0, iters=100)
+    assert torch.equal(x, before)  # the images still iterating are gathered elsewhere, x is left alone
+    work = {}  # memory kept across calls: the same results, on a second batch too (a buffer with old rows)
+    for xs, ms in ((x, mask), (x[3:], mask[3:]), (x, mask)):
+        want = batched_kmeans(xs, ms, 3, seed=0, iters=100)
+        kept = batched_kmeans(xs, ms, 3, seed=0, iters=100, work=work)
+        assert torch.equal(want[0], kept[0]) and torch.equal(want[1], kept[1])
+    assert "kmeans_rows" in work
     for b in range(B):
         xb, gb = x[b][mask[b]], got[b][mask[b]]
         assert torch.equal(gb, torch.cdist(xb, c[b]).argmin(1)), b  # each token at its nearest centroid
