@@ -2,9 +2,11 @@
 
     git worktree add /tmp/old <commit>
     python benchmarks/ab.py --old /tmp/old --new . --features all336.h5 --acg cfinal2.pt --pairs 8
+    python benchmarks/ab.py --old /tmp/old --new . --features all336.h5 --method kmeans --pairs 6
 
-Each process warms up once, then times 5 stage runs (the median is kept) and 6 passes of the forward over
-192 images in memory (the median is kept). The pairs alternate old, new, old, new: this VM's speed drifts by
+Each process warms up once, then times 5 stage runs (the median is kept) and, for the ACG, 6 passes of the
+forward over 192 images in memory (the median is kept). ``--method kmeans`` times acseg's per-image k-means
+stage instead (no checkpoint). The pairs alternate old, new, old, new: this VM's speed drifts by
 20-50% within minutes, so only runs side by side compare. Prints one JSON line per side.
 """
 
@@ -23,14 +25,18 @@ import numpy as np, torch
 from stages.conceptualize import conceptualize
 from stages.features import FeatureStore
 from stages.fit import load_checkpoint
-F, A = sys.argv[2], sys.argv[3]
+F, A, M = sys.argv[2], sys.argv[3], sys.argv[4]
 d = tempfile.mkdtemp()
-conceptualize(F, d + "/w.h5", acg=A, device="cpu")
+kw = dict(acg=A) if M == "acg" else dict(method=M)
+conceptualize(F, d + "/w.h5", device="cpu", **kw)
 r = []
 for i in range(5):
     t = time.perf_counter()
-    n = conceptualize(F, d + "/a.h5", acg=A, device="cpu", overwrite=True).n_images
+    n = conceptualize(F, d + "/a.h5", device="cpu", overwrite=True, **kw).n_images
     r.append(n / (time.perf_counter() - t))
+if M != "acg":
+    print(json.dumps({"stage": float(np.median(r)), "infer": float("nan")}))
+    sys.exit()
 st = FeatureStore(F)
 m = min(192, st.n_images)
 xs = torch.from_numpy(np.stack(st.read_range(0, m)))
@@ -53,13 +59,16 @@ def main():
     ap.add_argument("--old", required=True, help="source tree of the old code (a git worktree)")
     ap.add_argument("--new", default=".", help="source tree of the new code")
     ap.add_argument("--features", required=True, help="a feature store (images of one grid size)")
-    ap.add_argument("--acg", required=True, help="an ACG checkpoint fitted on such features")
+    ap.add_argument("--acg", help="an ACG checkpoint fitted on such features (--method acg)")
+    ap.add_argument("--method", choices=("acg", "kmeans"), default="acg", help="which conceptualize to time")
     ap.add_argument("--pairs", type=int, default=4)
     a = ap.parse_args()
+    if a.method == "acg" and not a.acg:
+        ap.error("--acg is needed with --method acg")
     res = {"old": [], "new": []}
     for _ in range(a.pairs):
         for side in ("old", "new"):
-            out = subprocess.run([sys.executable, "-c", CHILD, getattr(a, side), a.features, a.acg],
+            out = subprocess.run([sys.executable, "-c", CHILD, getattr(a, side), a.features, a.acg or "", a.method],
                                  capture_output=True, text=True, check=True)
             res[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     wins = sum(n["stage"] > o["stage"] for o, n in zip(res["old"], res["new"]))
@@ -67,7 +76,7 @@ def main():
         stage = [x["stage"] for x in res[side]]
         print(json.dumps({"side": side, "tree": getattr(a, side), "stage_img_per_s": [round(x) for x in stage],
                           "stage_median": round(statistics.median(stage), 1),
-                          "infer_img_per_s": [round(x["infer"]) for x in res[side]]}))
+                          **({"infer_img_per_s": [round(x["infer"]) for x in res[side]]} if a.method == "acg" else {})}))
     print(json.dumps({"pairs": a.pairs, "new_faster_in": wins}))
 
 
