@@ -198,8 +198,8 @@ class FeatureStore(Store):
 
     def read_range(self, start: int, stop: int, field: str = "tokens") -> list[np.ndarray]:
         """Images start..stop-1 in one contiguous read."""
-        a, b = self.offsets[start], self.offsets[stop]
-        block = self._finite(_f32(self._rows(field, a, b)), f"{field} of images {start}..{stop - 1}")
+        a = self.offsets[start]
+        block = self.stored_rows(start, stop, field, np.float32)
         return [block[self.offsets[i] - a:self.offsets[i + 1] - a] for i in range(start, stop)]
 
     def check_finite(self, start: int, stop: int, field: str = "tokens") -> None:
@@ -213,7 +213,7 @@ class FeatureStore(Store):
         a, b = self.offsets[start], self.offsets[stop]
         rows = self._rows(field, a, b)
         if dtype is not None:
-            rows = np.ascontiguousarray(rows, dtype)
+            rows = _f32(rows) if np.dtype(dtype) == np.float32 else np.ascontiguousarray(rows, dtype)
         return self._finite(rows, f"{field} of images {start}..{stop - 1}")
 
     def read_batch(self, start: int, stop: int, field: str = "tokens", reuse: dict | None = None,
