@@ -34,16 +34,47 @@ class ACGConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2500
-    batch_size: int = 32
-    lr: float = 1e-4
+    """How fit-acg trains. ``steps=None`` (the default, ``--steps auto``) trains until the modularity stops
+    rising: warm-up, then the peak rate until the mean modularity of the last ``converge_window`` steps rose by
+    less than the fraction ``converge_tol`` over the window before, then a linear cool-down to zero over
+    ``cooldown_fraction`` of the steps done; at most ``max_steps`` in all. An integer ``steps`` is a fixed
+    schedule: warm-up, then cosine decay to zero at that step."""
+    steps: int | None = None
+    max_steps: int = 2500  # the paper's schedule length: the cap of --steps auto
+    batch_size: int = 16
+    lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup: int = 100
+    warmup: int | None = None  # None: 5% of the steps (at most 100); with steps=None, 20 steps
     seed: int = 0
-    max_tokens: int = 2048  # random token subsample per image above this (bounds the O(N^2) graph)
+    max_tokens: int = 768  # random token subsample per image above this (bounds the O(N^2) graph)
     keep_diagonal: bool = True
     delta: str = "plain"
     tau: float = 0.1
     proto_init: str = "kmeans"  # "kmeans": prototypes seeded from k-means of a token sample; "random"
     log_every: int = 10
     checkpoint_every: int = 250
+    converge_window: int = 50
+    converge_tol: float = 0.01
+    cooldown_fraction: float = 0.2
+
+    @property
+    def auto(self) -> bool:
+        return self.steps is None
+
+    @property
+    def warmup_steps(self) -> int:
+        """The linear warm-up's length: as given, else 5% of the schedule (at most 100 steps)."""
+        if self.warmup is not None:
+            return max(0, int(self.warmup))
+        horizon = self.steps if self.steps is not None else 400  # --steps auto: a 400-step schedule's, 20 steps
+        return max(1, min(100, round(0.05 * horizon)))
+
+    @property
+    def step_limit(self) -> int:
+        return self.max_steps if self.steps is None else self.steps
+
+    def describe(self) -> str:
+        """The schedule in words, for logs and the implicit fit's announcement."""
+        if self.auto:
+            return f"until converged, at most {self.max_steps} steps"
+        return f"{self.steps} steps"

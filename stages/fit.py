@@ -42,6 +42,7 @@ class FitResult:
     plot_path: str
     resumed_from: int = 0
     history: list = field(default_factory=list)
+    stop_reason: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,11 +256,75 @@ def preload_budget(device: str, processes: int = 1) -> int:
     return min(1 << 30, avail // 4) // max(1, processes)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def duration(seconds: float) -> str:
+    """``seconds`` for people: '42 s', '3.5 min', '1.2 h'."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Schedule:
+    """The learning rate of each step and when to stop.
+
+    A fixed schedule (``cfg.steps`` an integer): linear warm-up, then cosine decay to zero at ``cfg.steps``.
+    ``--steps auto`` (``cfg.steps`` None): linear warm-up, then the peak rate; every ``converge_window`` steps
+    the mean modularity of the last window is compared with the window before; when it rose by less than the
+    fraction ``converge_tol`` of it, the rate falls linearly to zero over ``cooldown_fraction`` of the steps done, and the
+    fit stops there. The cool-down also starts early enough to end at ``max_steps``.
+    ``observe`` must see every step's modularity (averaged over the global batch, so that every process of a
+    distributed fit decides alike); ``state``/``load_state`` carry the decision across a resume."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.q: list[float] = []
+        self.decay_from: int | None = None
+        self.decay_len = 0
+        self.reason = ""
+
+    def lr(self, step: int) -> float:
+        c, w = self.cfg, self.cfg.warmup_steps
+        if step < w:
+            return c.lr * (step + 1) / w
+        if not c.auto:
+            t = (step - w) / max(1, c.steps - w)
+            return c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if self.decay_from is None or step < self.decay_from:
+            return c.lr
+        return c.lr * max(0.0, 1 - (step - self.decay_from + 1) / (self.decay_len + 1))
+
+    def _cooldown(self, done: int, reason: str) -> None:
+        c = self.cfg
+        self.decay_from = done
+        self.decay_len = max(0, min(c.max_steps - done, round(c.cooldown_fraction * done)))
+        self.reason = reason
+
+    def observe(self, step: int, modularity: float) -> bool:
+        """Record step ``step``'s modularity; True when the fit ends after this step."""
+        c = self.cfg
+        self.q.append(float(modularity))
+        done = step + 1
+        if not c.auto:
+            if done >= c.steps and not self.reason:
+                self.reason = f"ran the fixed schedule of {c.steps} steps"
+            return done >= c.steps
+        if self.decay_from is None:
+            win, w = c.converge_window, c.warmup_steps
+            if done >= w + 2 * win and (done - w) % win == 0 and len(self.q) >= 2 * win:
+                last, prev = float(np.mean(self.q[-win:])), float(np.mean(self.q[-2 * win:-win]))
+                if last - prev < c.converge_tol * abs(prev):
+                    self._cooldown(done, f"converged: the mean modularity of steps {done - win + 1}-{done} "
+                                         f"({last:.4f}) rose by less than {100 * c.converge_tol:g}% over the {win} "
+                                         f"steps before ({prev:.4f})")
+            if self.decay_from is None and done + round(c.cooldown_fraction * done) >= c.max_steps:
+                self._cooldown(done, f"reached the cap of {c.max_steps} steps before converging")
+        return done >= min(c.max_steps, self.decay_from + self.decay_len) if self.decay_from is not None else False
+
+    def state(self) -> dict:
+        return {"q": self.q, "decay_from": self.decay_from, "decay_len": self.decay_len, "reason": self.reason}
+
+    def load_state(self, st: dict) -> None:
+        self.q = [float(v) for v in st.get("q", [])]
+        self.decay_from = st.get("decay_from")
+        self.decay_len = int(st.get("decay_len", 0))
+        self.reason = str(st.get("reason", ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,14 +436,16 @@ def resume_path(out: Path) -> Path:
 
 def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: TrainConfig | None = None,
             device: str | None = None, overwrite: bool = False, resume: bool = False,
-            progress: Callable[[int, int, str], None] | None = None, preload: bool | None = None) -> FitResult:
+            progress: Callable[[int, int, str], None] | None = None, preload: bool | None = None,
+            announce: int = logging.INFO) -> FitResult:
     """Train an ACG on the store ``features``; write the checkpoint, a JSON-lines log and a loss plot.
 
+    ``announce``: the logging level of the line that estimates the fit's time after its first steps.
     ``preload``: hold every token on the device and gather each batch there (True), or read each batch from
     the file (False); None chooses by ``preload_budget``. The two give the same batches."""
     train = train or TrainConfig()
-    if train.steps < 1 or train.batch_size < 1:
-        raise UsageError("--steps and --batch-size must be >= 1", "fix the options")
+    if (train.steps is not None and train.steps < 1) or train.max_steps < 1 or train.batch_size < 1:
+        raise UsageError("--steps, --max-steps and --batch-size must be >= 1", "fix the options")
     if train.delta not in ("plain", "tanh"):
         raise UsageError(f"unknown --delta {train.delta!r}", "choose plain or tanh")
     out = Path(output).absolute()
@@ -422,6 +489,7 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         opt = torch.optim.AdamW(core.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         start = 0
         history: list[dict] = []
+        sched = Schedule(train)
         rp = resume_path(out)
         if resume and rp.exists():
             try:
@@ -436,6 +504,7 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
                 opt.load_state_dict(state.raw["optimizer"])
                 start = int(state.raw["step"])
                 history = json.loads(state.raw.get("history", "[]"))
+                sched.load_state(json.loads(state.raw.get("schedule", "{}")))
                 torch.set_rng_state(state.raw["torch_rng"])
                 log.info("resuming %s at step %d", out.name, start)
             else:
@@ -451,15 +520,21 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
             read = lambda step: _read_batch(store, train, step, rank, world)  # noqa: E731
         log.debug("fit-acg: batches %s", "gathered from the tokens in memory" if preload else "read from the file")
         pool = ThreadPoolExecutor(1)
-        nxt = pool.submit(read, start) if start < train.steps else None
+        limit = train.step_limit
+        nxt = pool.submit(read, start) if start < limit else None
         t0 = time.monotonic()
         last = {"loss": float("nan"), "modularity": float("nan")}
         n_global = min(train.batch_size, store.n_images)
-        for step in range(start, train.steps):
+        step, stop, t_first = start - 1, start >= limit, t0
+        if rank == 0:
+            log.info("fit-acg: %s of %d images, warm-up %d", train.describe(), n_global, train.warmup_steps)
+        while not stop:
+            step += 1
             x, mask = nxt.result()
-            nxt = pool.submit(read, step + 1) if step + 1 < train.steps else None
+            # prefetched speculatively: under --steps auto the fit may stop before step + 1 is needed
+            nxt = pool.submit(read, step + 1) if step + 1 < limit else None
             x, mask = core.prepare(x.to(device)), mask.to(device)
-            lr = lr_at(step, train)
+            lr = sched.lr(step)
             for g in opt.param_groups:
                 g["lr"] = lr
             concepts = model(x, mask)
@@ -472,32 +547,50 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            logging_step = step % train.log_every == 0 or step == train.steps - 1
-            active_sum = 0.0
+            q_sum = float(q.sum().item())
+            if dist:
+                q_sum = float(dist.sum(np.array([q_sum]))[0])
+            last = {"loss": -q_sum / n_global, "modularity": q_sum / n_global}
+            stop = sched.observe(step, last["modularity"]) or step + 1 >= limit
+            logging_step = step % train.log_every == 0 or stop
             if logging_step:
                 with torch.no_grad():
                     _, active = hard_assignment(s, mask)
                 active_sum = float(active.sum(1).float().sum().item())
-            q_sum = float(q.sum().item())
-            if dist:
-                q_sum, active_sum = (float(v) for v in dist.sum(np.array([q_sum, active_sum])))
-            last = {"loss": -q_sum / n_global, "modularity": q_sum / n_global}
-            if logging_step:
+                if dist:
+                    active_sum = float(dist.sum(np.array([active_sum]))[0])
                 rec = {"step": step, **last, "active_concepts": active_sum / n_global, "lr": lr,
                        "seconds": round(time.monotonic() - t0, 3)}
+                if stop:  # the last line of the log says where and why the fit stopped
+                    rec["stop_reason"] = sched.reason or f"stopped at step {step + 1}"
                 history.append(rec)
+            if rank == 0 and step == start + 2 and not stop:  # the first step pays for start-up; time two more
+                per_step = (time.monotonic() - t_first) / 2
+                left = (limit - step - 1) * per_step
+                msg = (f"fit-acg: about {per_step:.2f} s per step here, so {duration(left)} for the remaining "
+                       f"{limit - step - 1} steps" if not train.auto else
+                       f"fit-acg: about {per_step:.2f} s per step here; until converged, typically a few hundred "
+                       f"steps ({duration(300 * per_step)} for 300), at most {duration(left)} (the cap of {limit})")
+                log.log(announce, msg)
+            if step == start:
+                t_first = time.monotonic()
             if progress and rank == 0:
-                progress(step + 1, train.steps, f"loss {last['loss']:.4f} Q {last['modularity']:.4f}")
-            if (rank == 0 and train.checkpoint_every and (step + 1) % train.checkpoint_every == 0
-                    and step + 1 < train.steps):
+                phase = "" if not train.auto else " (until converged)" if sched.decay_from is None else " (cooling down)"
+                total = limit if sched.decay_from is None else min(limit, sched.decay_from + sched.decay_len)
+                progress(step + 1, total, f"loss {last['loss']:.4f} Q {last['modularity']:.4f}{phase}")
+            if rank == 0 and train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and not stop:
                 save_checkpoint(rp, core, prov, {"config": asdict(train)},
                                 extra={"optimizer": opt.state_dict(), "step": step + 1, "history": json.dumps(history),
-                                       "torch_rng": torch.get_rng_state(), "world": world})
+                                       "torch_rng": torch.get_rng_state(), "world": world,
+                                       "schedule": json.dumps(sched.state())})
         pool.shutdown()
         core.eval()
+        steps_done = step + 1
+        reason = sched.reason or f"stopped at step {steps_done}"
         if rank == 0:
-            save_checkpoint(out, core, prov, {"config": asdict(train), "final": last, "steps": train.steps,
-                                              "processes": world})
+            log.info("fit-acg stopped after %d steps: %s", steps_done, reason)
+            save_checkpoint(out, core, prov, {"config": asdict(train), "final": last, "steps": steps_done,
+                                              "stop_reason": reason, "processes": world})
             try:
                 _write_log(log_path, history)
                 plot_loss(history, plot_path)
@@ -515,10 +608,12 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         if dist:
             import torch.distributed as td
             td.destroy_process_group()
-    return FitResult(str(out), train.steps, last["loss"], last["modularity"], str(log_path), str(plot_path), start, history)
+    return FitResult(str(out), steps_done, last["loss"], last["modularity"], str(log_path), str(plot_path), start,
+                     history, reason)
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
+    """One JSON object per logged step; the last one also has ``stop_reason``."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
         for r in history:

@@ -276,3 +276,98 @@ def test_the_cpu_preload_budget_is_shared_by_the_machines_processes(monkeypatch,
     monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
     assert preload_budget("cpu") == expected_one  # 1 GiB, or a quarter of the free memory if less
     assert preload_budget("cpu", 16) == expected_one // 16
+
+
+def test_warmup_scales_with_the_schedule():
+    from stages.fit import Schedule
+    assert [TrainConfig(steps=n).warmup_steps for n in (1, 20, 60, 200, 2500, 10000)] == [1, 1, 3, 10, 100, 100]
+    assert TrainConfig(steps=None).warmup_steps == 20
+    assert TrainConfig(steps=60, warmup=7).warmup_steps == 7
+    for n in (10, 60, 200):  # a short fixed schedule reaches its peak rate, then decays to zero
+        cfg = TrainConfig(steps=n, lr=1e-3)
+        lrs = [Schedule(cfg).lr(s) for s in range(n)]
+        assert max(lrs) == pytest.approx(1e-3)
+        assert lrs[-1] < 0.05e-3 or n <= 10 and lrs[-1] < 0.3e-3
+        assert lrs.index(max(lrs)) == cfg.warmup_steps - 1
+
+
+def _run_schedule(cfg, curve):
+    from stages.fit import Schedule
+    sched = Schedule(cfg)
+    lrs = []
+    for step, q in enumerate(curve):
+        lrs.append(sched.lr(step))
+        if sched.observe(step, q):
+            return step + 1, sched, lrs
+    return None, sched, lrs
+
+
+def test_auto_schedule_stops_after_the_plateau_and_cools_down():
+    cfg = TrainConfig(steps=None, lr=1e-3, converge_window=50, converge_tol=0.01)
+    # rises for 150 steps, then flat with noise far below 1% of it
+    rng = np.random.default_rng(0)
+    curve = np.minimum(np.arange(3000) / 150, 1) * 0.3 + rng.normal(0, 0.0005, 3000)
+    done, sched, lrs = _run_schedule(cfg, curve)
+    w = cfg.warmup_steps
+    # windows are compared every 50 steps after the warm-up: the first pair wholly past the rise (steps
+    # 170-269) ends at w + 5 * 50 = 270
+    assert sched.decay_from == w + 250 == 270
+    assert done == 270 + round(0.2 * 270)
+    assert "converged" in sched.reason
+    assert lrs[w] == pytest.approx(1e-3) and lrs[269] == pytest.approx(1e-3)  # the peak rate until converged
+    assert lrs[-1] < 0.03e-3 and all(a >= b for a, b in zip(lrs[270:], lrs[271:]))
+
+
+def test_auto_schedule_never_passes_its_cap():
+    cfg = TrainConfig(steps=None, max_steps=300, converge_window=20)
+    done, sched, lrs = _run_schedule(cfg, np.arange(1000) * 0.01)  # never stops rising
+    assert done == 300 and "cap of 300" in sched.reason
+    assert sched.decay_from + sched.decay_len == 300 and lrs[-1] < 0.05 * cfg.lr
+    done, sched, _ = _run_schedule(TrainConfig(steps=None, max_steps=1), [0.1])
+    assert done == 1
+
+
+def test_auto_fit_stops_early_recovers_planted_groups_and_says_why(planted, tmp_path):
+    path, labels, classes, _ = planted
+    from stages.acg import ACGConfig
+    res = fit_acg(path, tmp_path / "auto.pt", acg=ACGConfig(depth=2),
+                  train=TrainConfig(steps=None, max_steps=2500, converge_window=25, lr=3e-3, log_every=20))
+    assert res.steps < 600 and "converged" in res.stop_reason
+    lines = [json.loads(s) for s in open(res.log_path)]
+    assert lines[-1]["step"] == res.steps - 1 and lines[-1]["stop_reason"] == res.stop_reason
+    assert all("stop_reason" not in r for r in lines[:-1])
+    ck = load_checkpoint(res.path)
+    assert ck.train["steps"] == res.steps and ck.train["stop_reason"] == res.stop_reason
+    assert ck.train["config"]["steps"] is None
+    model = ck.model
+    aris = []
+    with FeatureStore(path) as st:
+        for i in range(st.n_images):
+            x = torch.from_numpy(st.tokens(i))[None]
+            with torch.no_grad():
+                a = assignment(x, model(x)).argmax(-1)[0].numpy()
+            aris.append(adjusted_rand_score(labels[i].ravel(), a))
+    assert np.mean(aris) >= 0.9
+
+
+def test_auto_fit_resumed_matches_the_uninterrupted_one(planted, tmp_path):
+    """The convergence decision travels with the resume state: the resumed fit stops at the same step with the
+    same weights."""
+    path = planted[0]
+    import stages.fit as fit
+    cfg = dict(steps=None, max_steps=200, converge_window=4, converge_tol=10.0, batch_size=8, checkpoint_every=5)
+    a = fit_acg(path, tmp_path / "a.pt", train=TrainConfig(**cfg), device="cpu")
+    # tol 10: converged at the first check (20 warm-up + 8 steps = 28), then 6 cool-down steps
+    assert a.steps == 28 + round(0.2 * 28) and "converged" in a.stop_reason
+
+    def boom(done, total, extra):
+        if done == 31:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_acg(path, tmp_path / "c.pt", train=TrainConfig(**cfg), progress=boom, device="cpu")
+    c = fit_acg(path, tmp_path / "c.pt", train=TrainConfig(**cfg), resume=True, device="cpu")
+    assert c.resumed_from == 30 and c.steps == a.steps and c.stop_reason == a.stop_reason
+    sa, sc = load_checkpoint(a.path).model.state_dict(), load_checkpoint(c.path).model.state_dict()
+    assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
+    assert not fit.resume_path(tmp_path / "c.pt").exists()
