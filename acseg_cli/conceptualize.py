@@ -9,7 +9,7 @@ import typer
 from stages.config import TrainConfig
 
 from .options import (Device, InputArg, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, info,
-                      resolve_input, setup_logging, stage)
+                      resolve_input, setup_logging, stage, steps_option)
 
 
 @stage
@@ -21,7 +21,7 @@ def command(
     k: Annotated[int, typer.Option("-k", "--concepts", help="Concepts per image for --method kmeans (the ACG's k comes from its checkpoint).")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the k-means baseline.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 64,
-    fit_steps: Annotated[int, typer.Option("--fit-steps", help="Training steps when an ACG is fitted here (no --acg).")] = TrainConfig.steps,
+    fit_steps: Annotated[Optional[str], typer.Option("--fit-steps", parser=steps_option, metavar="auto|N", help="Training steps when an ACG is fitted here (no --acg): 'auto' (until converged) or N. A cached ACG beside the output is reused only when it was fitted on these features with these settings.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="ACG arithmetic: 'fp32', 'bf16', or 'auto' = bf16 where the hardware multiplies it natively (CUDA, AVX512-BF16/AMX CPUs), else fp32. Tokens are centred and assigned in fp32 either way.")] = "auto",
     preview: Annotated[Optional[str], typer.Option("--preview", help="Write each photo with its concepts overlaid into this folder.")] = None,
     device: Device = None,
@@ -36,7 +36,7 @@ def command(
     features = resolve_input(features)
     from stages.conceptualize import conceptualize
 
-    with Progress("fit-acg", unit="steps") as fit_bar, Progress("conceptualize") as bar:
+    with Progress("fit-acg", unit="steps", total_is_bound=fit_steps is None) as fit_bar, Progress("conceptualize") as bar:
         res = conceptualize(features, output, acg=acg, method=method, k=k, seed=seed, batch_size=batch_size,
                             device=device, precision=precision, overwrite=overwrite, resume=resume, preview=preview,
                             progress=bar, fit_train=TrainConfig(steps=fit_steps), fit_progress=fit_bar)

@@ -10,7 +10,7 @@ import typer
 from stages.config import ACGConfig, TrainConfig
 
 from .options import (Device, InputArg, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, fail, info,
-                      resolve_input, setup_logging, stage)
+                      resolve_input, setup_logging, stage, steps_option, warmup_option)
 
 _T, _A = TrainConfig(), ACGConfig()
 
@@ -26,11 +26,12 @@ def command(
     dropout: Annotated[float, typer.Option("--dropout")] = _A.dropout,
     center: Annotated[bool, typer.Option("--center/--no-center", help="Subtract the mean token before the graph and the assignment.")] = _A.center,
     whiten: Annotated[bool, typer.Option("--whiten/--no-whiten", help="Also whiten the centred tokens (regularised ZCA from the training covariance; --no-whiten: centring only).")] = _A.whiten,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = _T.steps,
+    steps: Annotated[Optional[str], typer.Option("--steps", parser=steps_option, metavar="auto|N", help="'auto': train until the modularity stops rising (then a short cool-down), at most --max-steps; N: a fixed schedule of N steps (warm-up, cosine decay).")] = "auto",
+    max_steps: Annotated[int, typer.Option("--max-steps", min=1, help="Cap of --steps auto (the paper's schedule length).")] = _T.max_steps,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = _T.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = _T.lr,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = _T.weight_decay,
-    warmup: Annotated[int, typer.Option("--warmup", help="Linear warm-up steps (then cosine decay).")] = _T.warmup,
+    warmup: Annotated[Optional[str], typer.Option("--warmup", parser=warmup_option, metavar="auto|N", help="Linear warm-up steps; 'auto': 5% of a fixed schedule (at most 100), 20 with --steps auto.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = _T.seed,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Random token subsample per image above this many tokens (0 = never).")] = _T.max_tokens,
     zero_diagonal: Annotated[bool, typer.Option("--zero-diagonal", help="Zero the graph's self-loops (default: keep them).")] = False,
@@ -53,17 +54,17 @@ def command(
         fail("no output: pass -o ACG.pt", 2)
     acg = ACGConfig(num_prototypes=prototypes, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, center=center,
                     whiten=whiten)
-    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed,
+    train = TrainConfig(steps=steps, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed,
                         max_tokens=max_tokens, keep_diagonal=not zero_diagonal, delta=delta, tau=tau,
                         checkpoint_every=checkpoint_every)
     from stages.fit import fit_acg
 
-    with Progress("fit-acg", unit="steps") as bar:
+    with Progress("fit-acg", unit="steps", total_is_bound=train.auto) as bar:
         res = fit_acg(features, output, acg=acg, train=train, device=device, overwrite=overwrite, resume=resume,
                       progress=bar, preload=preload)
     if rank != 0:
         return
-    info(f"trained {res.steps} steps: loss {res.final_loss:.4f}, modularity {res.final_modularity:.4f}; "
-         f"log {res.log_path}, curve {res.plot_path}")
-    emit(res.path, as_json, kind="acg", steps=res.steps, loss=res.final_loss, modularity=res.final_modularity,
+    info(f"trained {res.steps} steps ({res.stop_reason}): loss {res.final_loss:.4f}, modularity "
+         f"{res.final_modularity:.4f}; log {res.log_path}, curve {res.plot_path}")
+    emit(res.path, as_json, kind="acg", steps=res.steps, stop_reason=res.stop_reason, loss=res.final_loss, modularity=res.final_modularity,
          log=res.log_path, plot=res.plot_path)

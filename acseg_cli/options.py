@@ -32,6 +32,37 @@ Device = Annotated[Optional[str], typer.Option("--device", help="torch device (d
 _state = {"verbose": 0}
 
 
+def steps_option(value: str) -> int | None:
+    """``--steps``/``--fit-steps``: 'auto' (None: until converged) or a positive number of steps."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither 'auto' nor a number of steps") from None
+    if n < 1:
+        raise typer.BadParameter(f"{n} steps: give 'auto' or a number >= 1")
+    return n
+
+
+def warmup_option(value: str) -> int | None:
+    """``--warmup``: 'auto' (None: 5% of the steps, at most 100) or a number of steps >= 0."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither 'auto' nor a number of steps") from None
+    if n < 0:
+        raise typer.BadParameter(f"{n} steps: give 'auto' or a number >= 0")
+    return n
+
+
+def format_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def debug_enabled() -> bool:
     return _state["verbose"] >= 2 or os.environ.get("ACSEG_DEBUG", "") not in ("", "0")
 
@@ -168,8 +199,10 @@ def _quiet_pipe() -> None:
 class Progress:
     """A rich progress bar on a terminal; plain periodic lines otherwise; nothing with -q."""
 
-    def __init__(self, description: str, unit: str = "images"):
-        self.description, self.unit = description, unit
+    def __init__(self, description: str, unit: str = "images", total_is_bound: bool = False):
+        """``total_is_bound``: the total is a cap the work may stop short of (fit-acg --steps auto), so the
+        time left is an upper bound."""
+        self.description, self.unit, self.total_is_bound = description, unit, total_is_bound
         self.enabled = not _state.get("quiet")
         self.tty = sys.stderr.isatty()
         self._bar = None
@@ -199,7 +232,9 @@ class Progress:
         if done >= total or now - self._last >= 10.0:
             self._last = now
             rate = done / max(1e-9, now - self._t0)
-            sys.stderr.write(f"{self.description}: {done}/{total} {self.unit} ({rate:.1f}/s) {extra}\n".rstrip() + "\n")
+            bound = "at most " if self.total_is_bound else ""
+            eta = f", {bound}{format_seconds((total - done) / rate)} left" if 0 < done < total and rate > 0 else ""
+            sys.stderr.write(f"{self.description}: {done}/{total} {self.unit} ({rate:.1f}/s{eta}) {extra}".rstrip() + "\n")
             sys.stderr.flush()
 
     def __exit__(self, *exc):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .acg import DTYPE_NAMES, inference_dtype, nearest_direction
+from .config import ACGConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore, scratch
 from .fit import TrainConfig, check_compatible, fit_acg, load_checkpoint
@@ -140,6 +141,29 @@ def _transfer_as_stored(device: str) -> bool:
     return torch.device(device).type != "cpu"
 
 
+def implicit_fit_differences(acg: str, store: FeatureStore, train: TrainConfig) -> list[str]:
+    """Why the checkpoint ``acg`` is not what conceptualize would fit on ``store`` with ``train`` and the
+    default ACG (an empty list: it is, and may be reused)."""
+    try:
+        prev = load_checkpoint(acg)
+    except AcsegError:
+        return ["not a readable ACG checkpoint"]
+    why = []
+    if prev.provenance.get("store", {}).get("content_sha256") != store.identity["content_sha256"]:
+        why.append("fitted on other features")
+    want = ACGConfig(dim=store.dim)
+    want.num_heads = want.heads
+    for key, value in asdict(want).items():
+        if getattr(prev.model.cfg, key) != value:
+            why.append(f"fitted with {key}={getattr(prev.model.cfg, key)} (now {value})")
+    had = prev.train.get("config") or {}
+    for key, value in asdict(train).items():
+        if key not in ("log_every", "checkpoint_every") and had.get(key) != value:
+            show = lambda v: "auto" if v is None and key in ("steps", "warmup") else v  # noqa: E731
+            why.append(f"fitted with {key}={show(had.get(key))} (now {show(value)})")
+    return why
+
+
 def conceptualize(features: str, output: str | None = None, *, acg: str | None = None, method: str = "acg",
                   k: int = 5, seed: int = 0, batch_size: int = 64, device: str | None = None,
                   precision: str = "auto", overwrite: bool = False,
@@ -161,19 +185,20 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
     if method == "acg":
         if acg is None:
             acg = str(out.with_name(out.name[:-3] + ".acg.pt" if out.name.endswith(".h5") else out.name + ".acg.pt"))
-            reuse = False
-            if Path(acg).exists():
-                try:
-                    prev = load_checkpoint(acg)
-                    reuse = prev.provenance.get("store", {}).get("content_sha256") == store.identity["content_sha256"]
-                except AcsegError:
-                    reuse = False
-            if reuse:
-                log.warning("no --acg given: reusing %s, fitted earlier on these features", acg)
+            fit_train = fit_train or TrainConfig()
+            why = implicit_fit_differences(acg, store, fit_train) if Path(acg).exists() else None
+            if why == []:
+                log.warning("no --acg given: reusing %s, fitted earlier on these features with these settings", acg)
             else:
-                log.warning("no --acg given: fitting an ACG on %s with the default settings first, saved as %s",
-                            Path(features).name, acg)
-                fit_acg(features, acg, train=fit_train, device=device, overwrite=True, progress=fit_progress)
+                if why and not overwrite:
+                    raise AcsegError(f"no --acg given, and {Path(acg).name} beside the output was {'; '.join(why)}",
+                                     f"pass --acg {acg} to use it as it is, or --overwrite to refit it")
+                if why:
+                    log.warning("no --acg given: %s was %s; refitting it (--overwrite)", Path(acg).name, "; ".join(why))
+                log.warning("no --acg given: fitting an ACG on %s first (%s of %d images), saved as %s",
+                            Path(features).name, fit_train.describe(), min(fit_train.batch_size, store.n_images), acg)
+                fit_acg(features, acg, train=fit_train, device=device, overwrite=True, progress=fit_progress,
+                        announce=logging.WARNING)
                 fitted = True
         loaded = load_checkpoint(acg, mmap=True)
         check_compatible(loaded.provenance, store.provenance(), Path(acg).name, Path(features).name)
