@@ -15,7 +15,7 @@ from PIL import Image
 from stages.acg import ACGConfig, assignment
 from stages.classify import ClassStore, classify, split_background
 from stages.conceptualize import ConceptStore, conceptualize
-from stages.errors import AcsegError
+from stages.errors import AcsegError, UsageError
 from stages.features import FeatureStore
 from stages.fit import TrainConfig, fit_acg, load_checkpoint
 
@@ -271,6 +271,70 @@ def test_background_split():
     assert split_background(np.array([0.3, 0.3])).tolist() == [False, False]
 
 
+def test_background_split_auto_rule():
+    from stages.classify import background_split_wanted
+    assert background_split_wanted("auto", 2)[0] is True  # figure / ground
+    assert background_split_wanted("auto", 11)[0] is False
+    assert background_split_wanted("auto", 21, "voc")[0] is True  # VOC has a background class
+    assert background_split_wanted("auto", 11, "camvid11")[0] is False
+    assert background_split_wanted("auto", 2, "camvid11")[0] is False  # the preset decides when given
+    assert background_split_wanted("on", 11)[0] is True and background_split_wanted("off", 2)[0] is False
+    assert background_split_wanted(True, 5)[0] is True and background_split_wanted(False, 2)[0] is False
+    with pytest.raises(UsageError):
+        background_split_wanted("maybe", 2)
+
+
+def test_the_split_ranks_concepts_by_attention_density_not_sum():
+    from stages.classify import concept_attention_density
+    summed = np.array([0.30, 0.35, 0.35])  # a small salient object, two large ground regions
+    pixels = np.array([9, 27, 28])
+    assert split_background(summed).tolist() == [True, False, False]  # the sum calls the object background
+    assert split_background(concept_attention_density(summed, pixels)).tolist() == [False, True, True]
+
+
+def _figure_ground_run(tmp_path, mode):
+    from planted import write_figure_ground_store
+    feats, fg = write_figure_ground_store(tmp_path / f"fg_{mode}.h5")
+    gt = tmp_path / "gt"
+    if not gt.exists():
+        gt.mkdir()
+        for i, f in enumerate(fg):
+            Image.fromarray(f).resize((f.shape[1] * 16, f.shape[0] * 16), Image.NEAREST).save(gt / f"img_{i:03d}.png")
+    c = conceptualize(feats, str(tmp_path / f"c_{mode}.h5"), method="kmeans", k=4, overwrite=True).path
+    res = classify(c, str(tmp_path / f"out_{mode}"), n_classes=2, background_split=mode, match_gt=str(gt), seed=0)
+    with ClassStore(res.classes_file) as cs:
+        return res.score["miou"], cs.params
+
+
+def test_auto_splits_figure_from_ground_on_object_photos(tmp_path):
+    """-K 2 without a preset: auto splits; the object (dense attention) is foreground, the two ground classes of
+    each photo are one background class, and --match-gt works without a preset (ids as they are)."""
+    miou_auto, params = _figure_ground_run(tmp_path, "auto")
+    assert params["background_split"] is True and "figure" in params["background_split_rule"]["why"]
+    assert miou_auto >= 0.85
+    miou_off, params = _figure_ground_run(tmp_path, "off")
+    assert params["background_split"] is False and miou_off < miou_auto - 0.1
+    # the maps are written in the ground truth's own ids: 1 for the object
+    agree = []
+    for g in sorted((tmp_path / "gt").glob("*.png")):
+        m = np.asarray(Image.open(tmp_path / "out_auto" / g.name))
+        assert set(np.unique(m)) <= {0, 1}
+        agree.append((m == np.asarray(Image.open(g))).mean())
+    assert np.mean(agree) >= 0.95
+
+
+def test_auto_does_not_split_scenes(planted, tmp_path):
+    path, labels, classes, acg, _ = planted
+    c = conceptualize(path, str(tmp_path / "c.h5"), acg=acg).path
+    auto = classify(c, str(tmp_path / "auto"), n_classes=5, seed=0)
+    off = classify(c, str(tmp_path / "off"), n_classes=5, background_split="off", seed=0)
+    with ClassStore(auto.classes_file) as a, ClassStore(off.classes_file) as o:
+        assert a.params["background_split"] is False
+        assert all(np.array_equal(a.class_map(i), o.class_map(i)) for i in range(a.n_images))
+    r = cli(["classify", c, "-o", tmp_path / "bad", "-K", "5", "--background-split", "maybe"])
+    assert r.exit_code == 2 and not (tmp_path / "bad").exists()
+
+
 def test_classify_refuses_escaping_names_and_keeps_existing_output(planted, tmp_path):
     path, labels, classes, acg, _ = planted
     c = conceptualize(path, str(tmp_path / "c.h5"), acg=acg).path
@@ -329,3 +393,27 @@ def test_previews_are_drawn_for_people(images, tmp_path):
     assert r.exit_code == 0, r.stderr
     pv = Image.open(tmp_path / "pv" / pics[0].name)
     assert pv.size == (2 * src.size[0], src.size[1])  # photo | prediction
+
+
+def test_implicit_fit_announces_itself_and_reuses_only_a_matching_acg(images, tmp_path):
+    feats = tmp_path / "f.h5"
+    assert cli(["extract", images, "-o", feats, *TEST_BACKBONE]).exit_code == 0
+    acg = tmp_path / "f.concepts.acg.pt"
+    r = cli(["conceptualize", feats, "--fit-steps", "4"])
+    assert r.exit_code == 0, r.stderr
+    assert "fitting an ACG" in r.stderr and "4 steps of 6 images" in r.stderr and "s per step here" in r.stderr
+    first = acg.read_bytes()
+    r = cli(["conceptualize", feats, "--fit-steps", "4", "--overwrite"])  # same settings: reused
+    assert r.exit_code == 0 and "reusing" in r.stderr and "fitting" not in r.stderr
+    assert acg.read_bytes() == first
+    (tmp_path / "f.concepts.h5").unlink()
+    r = cli(["conceptualize", feats, "--fit-steps", "5"])  # other settings, no --overwrite: refused, kept
+    assert r.exit_code == 1 and "steps=4 (now 5)" in r.stderr and "--overwrite" in r.stderr
+    assert f"--acg {acg}" in r.stderr and acg.read_bytes() == first
+    assert not (tmp_path / "f.concepts.h5").exists()
+    r = cli(["conceptualize", feats, "--fit-steps", "5", "--overwrite"])  # refitted, and it says why
+    assert r.exit_code == 0 and "refitting" in r.stderr and "steps=4 (now 5)" in r.stderr
+    from stages.fit import load_checkpoint
+    assert load_checkpoint(acg).train["steps"] == 5
+    r = cli(["conceptualize", feats, "--fit-steps", "0"])
+    assert r.exit_code == 2 and "auto" in r.stderr
