@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, List, Optional
 
 import typer
 
 
 from .options import JsonOut, Overwrite, Progress, Quiet, Verbose, emit, fail, info, resolve_inputs, setup_logging, stage
+
+
+class BackgroundSplit(str, Enum):  # the values of stages.classify.BACKGROUND_SPLITS
+    auto = "auto"
+    on = "on"
+    off = "off"
 
 
 @stage
@@ -17,14 +24,16 @@ def command(
              "the paths from stdin.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder for the label maps and classes.h5.")] = None,
     n_classes: Annotated[Optional[int], typer.Option("--n-classes", "-K", help="Number of classes (including background when split).")] = None,
-    no_background_split: Annotated[bool, typer.Option("--no-background-split", help="Do not split off background by CLS attention.")] = False,
+    background_split: Annotated[BackgroundSplit, typer.Option("--background-split", help="Split off a background class per image by CLS attention: 'on', 'off', or 'auto': on when the --dataset preset has a background class or, without one, when -K is 2 (figure/ground); off otherwise (scenes, whose ground is several classes).")] = BackgroundSplit.auto,
+    no_background_split: Annotated[bool, typer.Option("--no-background-split", hidden=True, help="The same as --background-split off.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
     n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts.")] = 10,
     weighting: Annotated[str, typer.Option("--weighting", help="Weight of each concept in the k-means: 'pixels' (its pixel count, so the classes fit the pixels the score counts), 'sqrt-pixels' or 'none' (every concept alike).")] = "pixels",
     upsample: Annotated[str, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")] = "bilinear",
     centroids: Annotated[Optional[str], typer.Option("--centroids", help="Apply the classes fitted earlier (a classes.h5) instead of clustering.")] = None,
     match_gt: Annotated[Optional[str], typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching).")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Preset of the ground truth for --match-gt.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Preset of the ground truth for --match-gt (none: its ids are the classes, as score reads them).")] = None,
+    ignore_index: Annotated[Optional[List[int]], typer.Option("--ignore-index", help="Ground-truth id(s) --match-gt ignores (as score's); without a preset the first one also marks unmatched clusters (default 255).")] = None,
     preview: Annotated[Optional[str], typer.Option("--preview", help="Write photo / prediction (/ ground truth) pictures here.")] = None,
     crf: Annotated[bool, typer.Option("--crf", help="Refine each label map with a dense CRF on its photo (needs the optional package pydensecrf2 and the original photos; replaces --upsample).")] = False,
     crf_iterations: Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations of --crf.")] = 10,
@@ -45,8 +54,8 @@ def command(
         fail("--crf-iterations must be >= 0; pass 0 (the bilinear map unchanged) or more", 2)
 
     with Progress("classify") as bar:
-        res = classify(concepts, output, n_classes=n_classes, background_split=not no_background_split, seed=seed,
-                       n_init=n_init, weighting=weighting, upsample=upsample, centroids=centroids, match_gt=match_gt, dataset=dataset,
+        res = classify(concepts, output, n_classes=n_classes, background_split="off" if no_background_split else background_split.value, seed=seed,
+                       n_init=n_init, weighting=weighting, upsample=upsample, centroids=centroids, match_gt=match_gt, dataset=dataset, ignore_index=tuple(ignore_index or ()),
                        preview=preview, crf=crf, crf_params=CRFParams(iterations=crf_iterations), overwrite=overwrite, progress=bar)
     msg = f"{res.n_images} label maps with {res.n_classes} classes in {res.path}"
     if res.score:

@@ -1,7 +1,8 @@
 """Stage ``classify``: concepts of the whole dataset -> semantic classes -> label maps (METHOD.md section 5).
 
-Per image, a 2-means on the concepts' CLS-attention scores splits off background (class 0); k-means over
-all foreground concept features gives the other classes; each pixel takes its concept's class. Label maps
+Optionally (``background_split``), per image a 2-means on the concepts' CLS-attention density (the mean
+attention of their pixels) splits off the low group as background (class 0); k-means over the remaining
+concept features of the dataset gives the other classes; each pixel takes its concept's class. Label maps
 are upsampled smoothly to the original image size and written as PNGs named after the images.
 """
 
@@ -143,6 +144,37 @@ class ClassifyResult:
     score: dict | None = None
 
 
+BACKGROUND_SPLITS = ("auto", "on", "off")
+
+
+def background_split_wanted(mode: str | bool, n_classes: int | None, dataset: str | None = None) -> tuple[bool, str]:
+    """Whether classify splits off background, and why.
+
+    The split makes one class of every low-attention concept of every image. That is right when the classes
+    have one such catch-all class (PASCAL VOC's "background", the ground of figure/ground photos) and wrong
+    when the scene's ground is several classes (road, sky, building). ``auto`` therefore splits when the
+    ground truth's preset has a "background" class, or, without a preset, when there are 2 classes
+    (figure/ground); never otherwise."""
+    if isinstance(mode, bool):
+        mode = "on" if mode else "off"
+    if mode not in BACKGROUND_SPLITS:
+        raise UsageError(f"unknown --background-split {mode!r}", f"choose one of: {', '.join(BACKGROUND_SPLITS)}")
+    if mode != "auto":
+        return mode == "on", f"--background-split {mode}"
+    if dataset:
+        from .datasets import get_dataset
+        has_bg = "background" in get_dataset(dataset).class_names
+        return has_bg, f"the {dataset} classes {'include' if has_bg else 'have no'} a background class"
+    return n_classes == 2, ("2 classes: figure and ground" if n_classes == 2
+                            else f"{n_classes} classes and no --dataset preset with a background class")
+
+
+def concept_attention_density(cls_attn: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """The mean CLS attention of each concept's pixels (its summed attention over its pixel count). The sum
+    alone ranks a large concept of weak attention (a field, the sky) above a small salient one."""
+    return np.asarray(cls_attn, np.float64) / np.maximum(np.asarray(pixels, np.float64), 1.0)
+
+
 def split_background(scores: np.ndarray) -> np.ndarray:
     """1-D 2-means (exact: best split of the sorted scores); True for the low (background) group.
 
@@ -194,9 +226,11 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
         shutil.rmtree(old)
 
 
-def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = None, background_split: bool = True,
+def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = None,
+             background_split: str | bool = "auto",
              seed: int = 0, n_init: int = 10, upsample: str = "bilinear", weighting: str = "pixels", centroids: str | None = None,
-             match_gt: str | None = None, dataset: str | None = None, preview: str | None = None,
+             match_gt: str | None = None, dataset: str | None = None, ignore_index: tuple = (),
+             preview: str | None = None,
              crf: bool = False, crf_params: CRFParams | None = None,
              overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ClassifyResult:
     """Cluster the concepts of ``concepts`` (one store, or several parts of one dataset) into classes and
@@ -207,8 +241,6 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         raise UsageError(f"unknown --weighting {weighting!r}", f"choose one of: {', '.join(WEIGHTINGS)}")
     if crf:
         require_crf()
-    if match_gt and not dataset:
-        raise UsageError("--match-gt needs --dataset", "name the ground truth's preset, e.g. --dataset camvid11")
     paths = [concepts] if isinstance(concepts, (str, os.PathLike)) else list(concepts)
     store = ConceptSet([str(p) for p in paths])
     concepts = paths[0] if len(paths) == 1 else f"{len(paths)} concepts stores"
@@ -226,6 +258,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
     # 1. background split per image
     bg = np.zeros(len(feats), bool)
     fit_params = None
+    split_score = "concept attention density"
     if centroids:
         ref = ClassStore(centroids)
         fit_params = ref.params
@@ -235,18 +268,25 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
                 raise AcsegError(f"{Path(centroids).name} was fitted on {key}={ref_prov.get(key)} but "
                                  f"{Path(concepts).name} has {key}={store.provenance.get(key)}",
                                  "apply centroids only to concepts from the same backbone and settings")
-        background_split = bool(fit_params["background_split"])
+        background_split = "on" if fit_params["background_split"] else "off"
+        if fit_params["background_split"] and "background_split_rule" not in fit_params:
+            split_score = "summed attention"  # fitted before the split used the density: apply it as fitted
         cents = ref.centroids
         n_classes = int(fit_params["n_classes"])
         ref.close()
     if n_classes is None or n_classes < 1:
         raise UsageError("--n-classes is required (>= 1)", "pass the number of classes, e.g. --n-classes 21")
+    requested = background_split
+    background_split, why = background_split_wanted(background_split, n_classes, dataset)
     if background_split and n_classes < 2:
-        raise UsageError("a background split needs --n-classes >= 2", "raise --n-classes or pass --no-background-split")
+        raise UsageError("a background split needs --n-classes >= 2", "raise --n-classes or pass --background-split off")
+    log.info("background split %s (%s)", "on" if background_split else "off", why)
     if background_split:
+        scores = (concept_attention_density(store.cls_attn, store.pixels) if split_score == "concept attention density"
+                  else store.cls_attn)
         for i in range(n):
             a, b = co[i], co[i + 1]
-            bg[a:b] = split_background(store.cls_attn[a:b])
+            bg[a:b] = split_background(scores[a:b])
     fg = ~bg
     k_fg = n_classes - 1 if background_split else n_classes
     offset = 1 if background_split else 0
@@ -255,7 +295,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
     if not centroids:
         if fg.sum() < k_fg:
             raise AcsegError(f"only {int(fg.sum())} foreground concepts for {k_fg} classes",
-                             "lower --n-classes, use more images, or pass --no-background-split")
+                             "lower --n-classes, use more images, or pass --background-split off")
         w = None if weighting == "none" else store.pixels[fg] if weighting == "pixels" else np.sqrt(store.pixels[fg])
         cents, _, _ = kmeans(feats[fg], k_fg, n_init=n_init, seed=seed, weights=w)
     elif cents.shape[1] != feats.shape[1]:
@@ -270,7 +310,11 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
     tmp = _prepare_outdir(out, overwrite)
     try:
         png_paths = []
-        params = {"n_classes": n_classes, "background_split": background_split, "seed": seed, "n_init": n_init,
+        params = {"n_classes": n_classes, "background_split": background_split,
+                  "background_split_rule": {"requested": requested if isinstance(requested, str) else
+                                            ("on" if requested else "off"), "why": why,
+                                            "score": split_score},
+                  "seed": seed, "n_init": n_init,
                   "upsample": upsample, "weighting": weighting, "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
                   "concept_feature": "concept_mean", "crf": crf_params.to_dict() if crf else None}
         attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
@@ -302,7 +346,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
             w.f.create_dataset("centroids", data=np.asarray(cents, np.float32))
         score_res = None
         if match_gt:
-            score_res = _match_to_gt(tmp, match_gt, dataset, png_paths, n_classes)
+            score_res = _match_to_gt(tmp, match_gt, dataset, png_paths, n_classes, tuple(ignore_index))
         if preview:
             _previews(Path(preview), store, png_paths, match_gt, dataset, score_res)
         _commit_outdir(tmp, out)
@@ -317,8 +361,12 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
     return ClassifyResult(str(out), n, n_classes, str(out / CLASSES_FILE), score_res)
 
 
-def _gt_id_of_class(dataset: str):
-    """Class index of a preset -> the id its ground-truth PNGs use (coarse index where no id exists)."""
+def _gt_id_of_class(dataset: str | None, n_gt: int, ignore_index: tuple = ()):
+    """Class index -> the id the ground-truth PNGs use (a preset's id, its coarse index where no id exists;
+    without a preset the id itself), and the id for pixels of unmatched clusters (the preset's or the first
+    ``ignore_index``, else 255)."""
+    if dataset is None:
+        return np.arange(n_gt), (int(ignore_index[0]) if ignore_index else 255)
     from .datasets import get_dataset
     p = get_dataset(dataset)
     lut = p.lut()
@@ -332,13 +380,16 @@ def _gt_id_of_class(dataset: str):
     return ids, (p.ignore[0] if p.ignore else 255)
 
 
-def _match_to_gt(folder: Path, gt: str, dataset: str, png_paths: list, n_classes: int) -> dict:
-    """Hungarian-match cluster ids to the ground truth (score's code) and rewrite maps in class ids."""
+def _match_to_gt(folder: Path, gt: str, dataset: str | None, png_paths: list, n_classes: int,
+                 ignore_index: tuple = ()) -> dict:
+    """Hungarian-match cluster ids to the ground truth (score's code) and rewrite maps in class ids.
+    Without a preset, the ground truth's ids are the classes, as ``score`` reads them."""
     from PIL import Image
 
     from .score import score
-    res = score(str(folder), gt, dataset=dataset, protocol="hungarian", allow_missing=True, resize_pred="nearest")
-    gid, ignore = _gt_id_of_class(dataset)
+    res = score(str(folder), gt, dataset=dataset, ignore_index=ignore_index, protocol="hungarian",
+                allow_missing=True, resize_pred="nearest")
+    gid, ignore = _gt_id_of_class(dataset, len(res["class_names"]), ignore_index)
     lut = np.full(max(n_classes, 1) + 1, ignore, np.int64)
     for p, c in res["matching"].items():
         if int(p) < len(lut):
