@@ -13,7 +13,7 @@ ACSEG=${ACSEG:-acseg}
 mkdir -p "$OUT"
 
 $ACSEG extract "$IMAGES" -o "$OUT/feats.h5" ${EXTRACT_FLAGS:---overwrite} \
-  | $ACSEG conceptualize --fit-steps "${FIT_STEPS:-200}" --overwrite \
+  | $ACSEG conceptualize --fit-steps "${FIT_STEPS:-auto}" --overwrite \
   | $ACSEG classify --n-classes "$K" -o "$OUT/labels" --overwrite \
   | $ACSEG score - "$GT" --dataset "$DATASET" --no-confusion > "$OUT/score.json"
 
