@@ -153,16 +153,18 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--variants", default="a,b,c")
     ap.add_argument("--k", type=int, default=5, help="prototypes / per-image k-means concepts")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--max-tokens", type=int, default=768)
+    ap.add_argument("--steps", default="auto", help="fit-acg --steps: 'auto' (acseg's default) or N")
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--max-tokens", type=int, default=TrainConfig.max_tokens)
     ap.add_argument("--delta", default="plain")
+    ap.add_argument("--converge-tol", type=float, default=TrainConfig.converge_tol,
+                    help="--steps auto: stop when the modularity rose by less than this fraction over a window")
     ap.add_argument("--bg", action="store_true", help="background split in classify")
     ap.add_argument("--fit-seed", type=int, default=0)
     ap.add_argument("--tag", default="")
-    ap.add_argument("--center", action="store_true")
-    ap.add_argument("--whiten", action="store_true")
+    ap.add_argument("--center", action=argparse.BooleanOptionalAction, default=ACGConfig.center)
+    ap.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=ACGConfig.whiten)
     ap.add_argument("--heads", type=int, default=0, help="ACG attention heads (0: acseg's default, one per 128 dims)")
     ap.add_argument("--bg-both", action="store_true", help="classify with and without the background split")
     ap.add_argument("--acg", help="(c) with this fitted checkpoint instead of fitting one")
@@ -215,14 +217,16 @@ def main():
     if "c" in variants:
         t0 = time.time()
         if a.acg:
-            ck, modularity = Path(a.acg), None
+            ck, modularity, steps_run = Path(a.acg), None, None
         else:
             ck = out / f"c{a.tag}.pt"
             res = fit_acg(a.train, str(ck), acg=ACGConfig(num_prototypes=a.k, center=a.center, num_heads=a.heads,
                                                           whiten=a.whiten),
-                          train=TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_tokens=a.max_tokens,
-                                            delta=a.delta, seed=a.fit_seed), overwrite=True)
+                          train=TrainConfig(steps=None if a.steps == "auto" else int(a.steps), batch_size=a.batch_size, lr=a.lr, max_tokens=a.max_tokens,
+                                            delta=a.delta, seed=a.fit_seed, converge_tol=a.converge_tol),
+                          overwrite=True)
             modularity = round(res.final_modularity, 4)
+            steps_run = res.steps
         fit_s = time.time() - t0
         trc = conceptualize(a.train, str(out / f"c{a.tag}_train.h5"), acg=str(ck), overwrite=True,
                             precision=a.precision).path
@@ -230,11 +234,12 @@ def main():
         orc = round(100 * oracle(tec.path), 1)
         for bg in ([False, True] if a.bg_both else [a.bg]):
             vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg, a.weighting, a.crf) for s in seeds]
-            fitted = (f"acg={ck.name}" if a.acg else f"k={a.k} steps={a.steps} lr={a.lr} tokens<={a.max_tokens} "
+            fitted = (f"acg={ck.name}" if a.acg else f"k={a.k} steps={a.steps} tol={a.converge_tol} fit_seed={a.fit_seed} "
+                      f"batch={a.batch_size} lr={a.lr} tokens<={a.max_tokens} "
                       f"delta={a.delta} center={a.center} whiten={a.whiten} heads={a.heads or 'auto'}")
             report(f"c: ACSeg {fitted} bg={bg} precision={a.precision} weighting={a.weighting}{crf_tag} {a.tag}", vals,
                    {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": orc,
-                    "final_modularity": modularity, "fit_seconds": round(fit_s)})
+                    "final_modularity": modularity, "fit_seconds": round(fit_s), "fit_steps_run": steps_run})
     print()
     print("| variant | mIoU | pixel acc | concepts/img | oracle |")
     print("|---|---|---|---|---|")
