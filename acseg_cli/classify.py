@@ -12,7 +12,6 @@ from .options import JsonOut, Overwrite, Progress, Quiet, Verbose, emit, fail, i
 
 
 class BackgroundSplit(str, Enum):  # the values of stages.classify.BACKGROUND_SPLITS
-    auto = "auto"
     on = "on"
     off = "off"
 
@@ -24,7 +23,7 @@ def command(
              "the paths from stdin.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder for the label maps and classes.h5.")] = None,
     n_classes: Annotated[Optional[int], typer.Option("--n-classes", "-K", help="Number of classes (including background when split).")] = None,
-    background_split: Annotated[BackgroundSplit, typer.Option("--background-split", help="Split off a background class per image by CLS attention: 'on', 'off', or 'auto': on when the --dataset preset has a background class or, without one, when -K is 2 (figure/ground); off otherwise (scenes, whose ground is several classes).")] = BackgroundSplit.auto,
+    background_split: Annotated[BackgroundSplit, typer.Option("--background-split", help="'on': split off a background class (class 0) per image, the concepts of low CLS-attention density (the paper's step); 'off': every concept goes to the k-means. Off by default: on ACSeg's concepts it lost on street scenes and on figure/ground photos alike.")] = BackgroundSplit.off,
     no_background_split: Annotated[bool, typer.Option("--no-background-split", hidden=True, help="The same as --background-split off.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
     n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts.")] = 10,

@@ -1,6 +1,6 @@
-"""Stage ``classify``: concepts of the whole dataset -> semantic classes -> label maps (METHOD.md section 5).
+"""Stage ``classify``: concepts of the whole dataset -> semantic classes -> label maps (docs/method.md, section 6).
 
-Optionally (``background_split``), per image a 2-means on the concepts' CLS-attention density (the mean
+Optionally (``background_split="on"``), per image a 2-means on the concepts' CLS-attention density (the mean
 attention of their pixels) splits off the low group as background (class 0); k-means over the remaining
 concept features of the dataset gives the other classes; each pixel takes its concept's class. Label maps
 are upsampled smoothly to the original image size and written as PNGs named after the images.
@@ -144,29 +144,19 @@ class ClassifyResult:
     score: dict | None = None
 
 
-BACKGROUND_SPLITS = ("auto", "on", "off")
+BACKGROUND_SPLITS = ("on", "off")
 
 
-def background_split_wanted(mode: str | bool, n_classes: int | None, dataset: str | None = None) -> tuple[bool, str]:
-    """Whether classify splits off background, and why.
+def background_split_wanted(mode: str | bool) -> bool:
+    """``--background-split on|off`` (or a bool) -> whether classify splits off background.
 
-    The split makes one class of every low-attention concept of every image. That is right when the classes
-    have one such catch-all class (PASCAL VOC's "background", the ground of figure/ground photos) and wrong
-    when the scene's ground is several classes (road, sky, building). ``auto`` therefore splits when the
-    ground truth's preset has a "background" class, or, without a preset, when there are 2 classes
-    (figure/ground); never otherwise."""
+    Off by default: on the default (ACG) concepts no split rule tried beat no split, neither on street scenes
+    (CamVid) nor on figure / ground photos (the Weizmann horses); see docs/benchmarks.md."""
     if isinstance(mode, bool):
-        mode = "on" if mode else "off"
+        return mode
     if mode not in BACKGROUND_SPLITS:
         raise UsageError(f"unknown --background-split {mode!r}", f"choose one of: {', '.join(BACKGROUND_SPLITS)}")
-    if mode != "auto":
-        return mode == "on", f"--background-split {mode}"
-    if dataset:
-        from .datasets import get_dataset
-        has_bg = "background" in get_dataset(dataset).class_names
-        return has_bg, f"the {dataset} classes {'include' if has_bg else 'have no'} a background class"
-    return n_classes == 2, ("2 classes: figure and ground" if n_classes == 2
-                            else f"{n_classes} classes and no --dataset preset with a background class")
+    return mode == "on"
 
 
 def concept_attention_density(cls_attn: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -227,7 +217,7 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
 
 
 def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = None,
-             background_split: str | bool = "auto",
+             background_split: str | bool = "off",
              seed: int = 0, n_init: int = 10, upsample: str = "bilinear", weighting: str = "pixels", centroids: str | None = None,
              match_gt: str | None = None, dataset: str | None = None, ignore_index: tuple = (),
              preview: str | None = None,
@@ -269,18 +259,16 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
                                  f"{Path(concepts).name} has {key}={store.provenance.get(key)}",
                                  "apply centroids only to concepts from the same backbone and settings")
         background_split = "on" if fit_params["background_split"] else "off"
-        if fit_params["background_split"] and "background_split_rule" not in fit_params:
+        if fit_params["background_split"] and "background_split_score" not in fit_params:
             split_score = "summed attention"  # fitted before the split used the density: apply it as fitted
         cents = ref.centroids
         n_classes = int(fit_params["n_classes"])
         ref.close()
     if n_classes is None or n_classes < 1:
         raise UsageError("--n-classes is required (>= 1)", "pass the number of classes, e.g. --n-classes 21")
-    requested = background_split
-    background_split, why = background_split_wanted(background_split, n_classes, dataset)
+    background_split = background_split_wanted(background_split)
     if background_split and n_classes < 2:
         raise UsageError("a background split needs --n-classes >= 2", "raise --n-classes or pass --background-split off")
-    log.info("background split %s (%s)", "on" if background_split else "off", why)
     if background_split:
         scores = (concept_attention_density(store.cls_attn, store.pixels) if split_score == "concept attention density"
                   else store.cls_attn)
@@ -311,9 +299,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
     try:
         png_paths = []
         params = {"n_classes": n_classes, "background_split": background_split,
-                  "background_split_rule": {"requested": requested if isinstance(requested, str) else
-                                            ("on" if requested else "off"), "why": why,
-                                            "score": split_score},
+                  "background_split_score": split_score if background_split else None,
                   "seed": seed, "n_init": n_init,
                   "upsample": upsample, "weighting": weighting, "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
                   "concept_feature": "concept_mean", "crf": crf_params.to_dict() if crf else None}

@@ -271,17 +271,12 @@ def test_background_split():
     assert split_background(np.array([0.3, 0.3])).tolist() == [False, False]
 
 
-def test_background_split_auto_rule():
+def test_background_split_choices():
     from stages.classify import background_split_wanted
-    assert background_split_wanted("auto", 2)[0] is True  # figure / ground
-    assert background_split_wanted("auto", 11)[0] is False
-    assert background_split_wanted("auto", 21, "voc")[0] is True  # VOC has a background class
-    assert background_split_wanted("auto", 11, "camvid11")[0] is False
-    assert background_split_wanted("auto", 2, "camvid11")[0] is False  # the preset decides when given
-    assert background_split_wanted("on", 11)[0] is True and background_split_wanted("off", 2)[0] is False
-    assert background_split_wanted(True, 5)[0] is True and background_split_wanted(False, 2)[0] is False
+    assert background_split_wanted("on") is True and background_split_wanted("off") is False
+    assert background_split_wanted(True) is True and background_split_wanted(False) is False
     with pytest.raises(UsageError):
-        background_split_wanted("maybe", 2)
+        background_split_wanted("auto")
 
 
 def test_the_split_ranks_concepts_by_attention_density_not_sum():
@@ -306,24 +301,25 @@ def _figure_ground_run(tmp_path, mode):
         return res.score["miou"], cs.params
 
 
-def test_auto_splits_figure_from_ground_on_object_photos(tmp_path):
-    """-K 2 without a preset: auto splits; the object (dense attention) is foreground, the two ground classes of
-    each photo are one background class, and --match-gt works without a preset (ids as they are)."""
-    miou_auto, params = _figure_ground_run(tmp_path, "auto")
-    assert params["background_split"] is True and "figure" in params["background_split_rule"]["why"]
+def test_the_split_separates_figure_from_ground_where_it_must(tmp_path):
+    """Object photos, -K 2, the split on: the object (dense attention) is foreground, the two ground classes of
+    each photo are one background class; without the split k-means mixes them. --match-gt works without a
+    preset (the ground truth's ids as they are)."""
+    miou_auto, params = _figure_ground_run(tmp_path, "on")
+    assert params["background_split"] is True and params["background_split_score"] == "concept attention density"
     assert miou_auto >= 0.85
     miou_off, params = _figure_ground_run(tmp_path, "off")
     assert params["background_split"] is False and miou_off < miou_auto - 0.1
     # the maps are written in the ground truth's own ids: 1 for the object
     agree = []
     for g in sorted((tmp_path / "gt").glob("*.png")):
-        m = np.asarray(Image.open(tmp_path / "out_auto" / g.name))
+        m = np.asarray(Image.open(tmp_path / "out_on" / g.name))
         assert set(np.unique(m)) <= {0, 1}
         agree.append((m == np.asarray(Image.open(g))).mean())
     assert np.mean(agree) >= 0.95
 
 
-def test_auto_does_not_split_scenes(planted, tmp_path):
+def test_the_default_does_not_split(planted, tmp_path):
     path, labels, classes, acg, _ = planted
     c = conceptualize(path, str(tmp_path / "c.h5"), acg=acg).path
     auto = classify(c, str(tmp_path / "auto"), n_classes=5, seed=0)
