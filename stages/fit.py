@@ -125,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> LoadedACG:
             cfg.num_heads = max(1, cfg.dim // 64) if cfg.dim % 64 == 0 else 1
         prov = json.loads(obj["provenance"])
         train = json.loads(obj.get("train", "{}"))
-        with torch.device("meta"):  # no random initialisation of weights about to be replaced (about 10 ms, not 100)
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
             model = AdaptiveConceptGenerator(cfg)
         model.load_state_dict(obj["state_dict"], strict=True, assign=True)
     except AcsegError:
@@ -189,9 +189,8 @@ def _read_batch(store: FeatureStore, cfg: TrainConfig, step: int, rank: int = 0,
 
 class ResidentTokens:
     """Every token of a store in one float16 tensor on the fitting device, read once; each step's batch is
-    then gathered there. Streaming reads 32 images from the file per step and converts them on the CPU:
-    23-32 ms per step on the 2-core VM (against 4 ms gathered), in a thread beside a one-second CPU step,
-    but likely longer than a whole step on a GPU.
+    then gathered there, which costs a fraction of reading and converting the batch from the file (a read
+    that, on a GPU, could take longer than the step itself).
     ``batch`` gives exactly what ``_read_batch`` gives (the same images, the same token subsample, the same
     float32 values, zeros where the mask is False), on the device."""
 
@@ -230,8 +229,8 @@ class ResidentTokens:
             x = rows.float().view(shape)
         else:
             # two float32 batches kept in turn: the prefetched batch of step s + 1 must not overwrite the one
-            # step s is using, and step s - 1's is done. A fresh 38 MB float32 tensor per step costs more in
-            # page faults than the gather and the conversion together (13 ms against 4 here).
+            # step s is using, and step s - 1's is done. A fresh float32 batch per step would cost more in
+            # page faults than the gather and the conversion together.
             buf = self._buffers.get(step % 2)
             if buf is None or buf.numel() < rows.numel():
                 buf = self._buffers[step % 2] = torch.empty(rows.numel())
@@ -311,7 +310,7 @@ class Schedule:
                 last, prev = float(np.mean(self.q[-win:])), float(np.mean(self.q[-2 * win:-win]))
                 if last - prev < c.converge_tol * abs(prev):
                     self._cooldown(done, f"converged: the mean modularity of steps {done - win + 1}-{done} "
-                                         f"({last:.4f}) rose by less than {100 * c.converge_tol:g}% over the {win} "
+                                         f"({last:.4f}) was not {100 * c.converge_tol:g}% above that of the {win} "
                                          f"steps before ({prev:.4f})")
             if self.decay_from is None and done + round(c.cooldown_fraction * done) >= c.max_steps:
                 self._cooldown(done, f"reached the cap of {c.max_steps} steps before converging")
@@ -593,7 +592,7 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
                                               "stop_reason": reason, "processes": world})
             try:
                 _write_log(log_path, history)
-                plot_loss(history, plot_path)
+                plot_loss(history, plot_path, title=f"fit-acg {out.name}: {steps_done} steps, loss {last['loss']:.4f}")
             except OSError as e:
                 raise AcsegError(f"{out.name} is written, but writing its log or loss curve failed ({e.strerror or e})",
                                  "check free disk space; the checkpoint itself is complete") from None
@@ -621,23 +620,59 @@ def _write_log(path: Path, history: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss(history: list[dict], path: Path, size=(640, 360)) -> None:
-    """A small loss / modularity curve drawn with Pillow (no plotting library needed)."""
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / max(1, n)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def plot_loss(history: list[dict], path: Path, size=(720, 400), title: str = "") -> None:
+    """The training loss (the negative soft modularity) against the step, with labelled axes and ticks,
+    drawn with Pillow; the learning rate as a thin grey line on the same plot, scaled to its height."""
     from PIL import Image, ImageDraw
+
+    from .render import _font
     W, H = size
+    left, right, top, bottom = 85, 20, 30, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    pad = 40
-    d.rectangle([pad, 10, W - 10, H - pad], outline="black")
+    font = _font(12)
+    d.text((left, 8), title or "fit-acg training loss", fill="black", font=font)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.text(((left + W - right) // 2 - 15, H - 18), "step", fill="black", font=font)
+    ylabel = Image.new("RGB", (120, 14), "white")
+    ImageDraw.Draw(ylabel).text((0, 0), "loss (-modularity)", fill="black", font=font)
+    img.paste(ylabel.rotate(90, expand=True), (2, (top + H - bottom) // 2 - 60))
     if len(history) >= 2:
         steps = np.array([r["step"] for r in history], float)
         loss = np.array([r["loss"] for r in history], float)
         lo, hi = float(loss.min()), float(loss.max())
-        hi = hi if hi > lo else lo + 1e-6
-        xs = pad + (steps - steps[0]) / max(1e-9, steps[-1] - steps[0]) * (W - 10 - pad)
-        ys = 10 + (hi - loss) / (hi - lo) * (H - pad - 10)
-        d.line(list(zip(xs.tolist(), ys.tolist())), fill=(200, 30, 30), width=2)
-        d.text((pad + 4, 12), f"loss {loss[-1]:.4f} (max {hi:.4f}, min {lo:.4f})", fill="black")
-        d.text((pad, H - pad + 6), f"step {int(steps[0])}", fill="black")
-        d.text((W - 90, H - pad + 6), f"step {int(steps[-1])}", fill="black")
+        if not hi > lo:
+            lo, hi = lo - 1e-3, hi + 1e-3
+        margin = 0.05 * (hi - lo)
+        lo, hi = lo - margin, hi + margin
+        s0, s1 = float(steps[0]), max(float(steps[-1]), float(steps[0]) + 1)
+        px = lambda v: left + (v - s0) / (s1 - s0) * (W - right - left)  # noqa: E731
+        py = lambda v: top + (hi - v) / (hi - lo) * (H - bottom - top)  # noqa: E731
+        for t in nice_ticks(s0, s1, 6):
+            x = px(t)
+            d.line([(x, H - bottom), (x, H - bottom + 4)], fill="black")
+            d.text((x - 12, H - bottom + 6), f"{t:g}", fill="black", font=font)
+        for t in nice_ticks(lo, hi, 5):
+            y = py(t)
+            d.line([(left - 4, y), (left, y)], fill="black")
+            d.line([(left + 1, y), (W - right - 1, y)], fill=(235, 235, 235))
+            label = f"{t:.3g}"
+            d.text((left - 7 - d.textlength(label, font=font), y - 7), label, fill="black", font=font)
+        lr = np.array([r.get("lr", 0.0) for r in history], float)
+        if lr.max() > 0:
+            ly = top + (1 - lr / lr.max()) * (H - bottom - top)
+            d.line(list(zip(px(steps).tolist(), ly.tolist())), fill=(160, 160, 160), width=1)
+            d.text((W - right - 170, 8), "grey: learning rate (scaled)", fill=(120, 120, 120), font=font)
+        d.line(list(zip(px(steps).tolist(), py(loss).tolist())), fill=(200, 30, 30), width=2)
     img.save(path)

@@ -100,7 +100,7 @@ def test_training_log_plot_and_checkpoint_provenance(planted, trained):
     assert {"loss", "modularity", "active_concepts", "lr"} <= set(lines[0])
     assert lines[-1]["loss"] < lines[0]["loss"]
     from PIL import Image
-    assert Image.open(trained.plot_path).size == (640, 360)
+    assert Image.open(trained.plot_path).size == (720, 400)
     ck = load_checkpoint(trained.path)
     with FeatureStore(path) as st:
         assert ck.provenance["store"]["content_sha256"] == st.f.attrs["content_sha256"]
@@ -371,3 +371,12 @@ def test_auto_fit_resumed_matches_the_uninterrupted_one(planted, tmp_path):
     sa, sc = load_checkpoint(a.path).model.state_dict(), load_checkpoint(c.path).model.state_dict()
     assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
     assert not fit.resume_path(tmp_path / "c.pt").exists()
+
+
+def test_loss_curve_ticks_are_round_and_cover_the_range():
+    from stages.fit import nice_ticks
+    assert nice_ticks(0, 300, 6) == [0, 50, 100, 150, 200, 250, 300]
+    assert nice_ticks(-0.213, -0.05, 5) == [-0.2, -0.15, -0.1, -0.05]
+    t = nice_ticks(0.1234, 0.1301, 5)
+    assert all(0.1234 <= v <= 0.1301 for v in t) and 3 <= len(t) <= 8
+    assert nice_ticks(1.0, 1.0) == [1.0]
