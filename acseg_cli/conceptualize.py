@@ -41,5 +41,6 @@ def command(
                             device=device, precision=precision, overwrite=overwrite, resume=resume, preview=preview,
                             progress=bar, fit_train=TrainConfig(steps=fit_steps), fit_progress=fit_bar)
     info(f"{res.n_images} images, {res.mean_concepts:.2f} concepts per image on average"
-         + (f"; ACG fitted and saved as {res.acg_path}" if res.fitted else ""))
+         + (f"; ACG fitted in {res.fit_steps} steps ({res.fit_stop_reason}) and saved as {res.acg_path}"
+            if res.fitted else ""))
     emit(res.path, as_json, kind="concepts", n_images=res.n_images, mean_concepts=res.mean_concepts, acg=res.acg_path)

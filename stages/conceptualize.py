@@ -1,4 +1,4 @@
-"""Stage ``conceptualize``: per-image concepts whose number adapts to each image (METHOD.md section 3).
+"""Stage ``conceptualize``: per-image concepts whose number adapts to each image (docs/method.md, section 3).
 
 ``method="acg"``: the ACG's concepts, hard assignment argmax_c cos(x_i, c_c), prototypes that receive no
 pixel dropped. ``method="kmeans"``: per-image k-means with k concepts (the paper's baseline). Both write the
@@ -102,6 +102,8 @@ class ConceptualizeResult:
     mean_concepts: float
     acg_path: str | None
     fitted: bool
+    fit_steps: int = 0  # the implicit fit's steps and why it stopped (when fitted)
+    fit_stop_reason: str = ""
 
 
 def default_output(features: str) -> str:
@@ -180,6 +182,7 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = inference_dtype(precision, device)
     fitted = False
+    fit_res = None
     model = wmap = None
     acg_info = None
     if method == "acg":
@@ -197,8 +200,8 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                     log.warning("no --acg given: %s was %s; refitting it (--overwrite)", Path(acg).name, "; ".join(why))
                 log.warning("no --acg given: fitting an ACG on %s first (%s of %d images), saved as %s",
                             Path(features).name, fit_train.describe(), min(fit_train.batch_size, store.n_images), acg)
-                fit_acg(features, acg, train=fit_train, device=device, overwrite=True, progress=fit_progress,
-                        announce=logging.WARNING)
+                fit_res = fit_acg(features, acg, train=fit_train, device=device, overwrite=True, progress=fit_progress,
+                                  announce=logging.WARNING)
                 fitted = True
         loaded = load_checkpoint(acg, mmap=True)
         check_compatible(loaded.provenance, store.provenance(), Path(acg).name, Path(features).name)
@@ -273,7 +276,8 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
         counts = w.f["n_concepts"][:]
     store.close()
     return ConceptualizeResult(str(out), n_done, float(np.mean(counts)) if n_done else 0.0,
-                               acg_info["path"] if acg_info else None, fitted)
+                               acg_info["path"] if acg_info else None, fitted,
+                               fit_res.steps if fit_res else 0, fit_res.stop_reason if fit_res else "")
 
 
 def _preview(folder: str, name: str, source: str, cmap: np.ndarray, image_size) -> None:
