@@ -22,7 +22,8 @@ from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import safe_output_path
 from .kmeans import kmeans
-from .render import display_size, load_photo, overlay, palette, save_label_png, save_rgb, upsample_labels
+from .render import (compose_panels, display_size, load_photo, overlay, palette, save_label_png, save_rgb,
+                     upsample_labels)
 from .store import STR, Group, Schema, Store, StoreWriter, decode_names, is_write_error
 
 log = logging.getLogger("acseg.classify")
@@ -306,7 +307,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
                  "features_provenance": store.provenance}
         with StoreWriter(tmp / CLASSES_FILE, classes_schema(), attrs) as w:
-            maps, start = [], 0  # appended 64 images at a time: each append flushes, about 4 ms
+            maps, start = [], 0  # appended 64 images at a time: each append flushes the file
             for i in range(n):
                 cmap = store.concept_map(i)
                 pmap = concept_class[co[i] + cmap]
@@ -389,19 +390,41 @@ def _match_to_gt(folder: Path, gt: str, dataset: str | None, png_paths: list, n_
     return res
 
 
+def _class_names(dataset: str | None, matched: bool):
+    """id -> name for the legend: a preset's class names for its ground-truth ids, else 'class N' for ids of
+    plain ground truth, or 'cluster N' for unmatched cluster ids."""
+    lut = names = None
+    if dataset and matched:
+        from .datasets import get_dataset
+        p = get_dataset(dataset)
+        lut, names = p.lut(), p.class_names
+    def name(i: int) -> str:
+        if lut is not None:
+            c = int(lut[i]) if i < len(lut) else -2
+            return names[c] if c >= 0 else "ignored" if c == -1 else f"id {i}"
+        return f"class {i}" if matched else f"cluster {i}"
+    return name
+
+
 def _previews(folder: Path, store: ConceptSet, png_paths: list, gt: str | None, dataset: str | None, res) -> None:
+    """One picture per image: photo | prediction (| ground truth), captioned, with a legend of the classes in
+    it (named by the preset when the maps were matched to one)."""
     from PIL import Image
     pal = palette(256)
+    name = _class_names(dataset, res is not None)
     for i, p in enumerate(png_paths):
         size = display_size(tuple(store.image_size[i]))
         pred = np.asarray(Image.open(p).resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
         photo = load_photo(store.sources[i], size)
         panels = [photo if photo is not None else np.zeros((*size, 3), np.uint8), overlay(None, pred, pal)]
+        captions = ["photo" if photo is not None else "photo (not readable)", "prediction"]
+        ids = set(np.unique(pred).tolist())
         if gt:
             g = Path(gt) / Path(store.names[i]).with_suffix(".png")
             if g.is_file():
                 ga = np.asarray(Image.open(g).resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
                 panels.append(overlay(None, ga, pal))
-        save_rgb(safe_output_path(folder, store.names[i], ".png"), np.concatenate(panels, axis=1))
-
-
+                captions.append("ground truth")
+                ids |= set(np.unique(ga).tolist())
+        legend = [(name(j), tuple(pal[j % len(pal)])) for j in sorted(ids)]
+        save_rgb(safe_output_path(folder, store.names[i], ".png"), compose_panels(panels, captions, legend))

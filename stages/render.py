@@ -37,8 +37,8 @@ def onehot_maps(patch_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Te
 
 def argmax_channels(t: torch.Tensor) -> torch.Tensor:
     """``t.argmax(0)`` for a (m, H, W) tensor, the first maximum on ties as there. Taken over the last axis of a
-    channels-last copy: PyTorch's CPU argmax over the first axis took 20-30 ms for 9 maps of 360 x 480 here,
-    the copy and this 2-3 ms."""
+    channels-last copy: PyTorch's CPU argmax over the first axis strides through memory and is about ten
+    times slower than the copy and this."""
     return t.permute(1, 2, 0).contiguous().argmax(-1)
 
 
@@ -126,3 +126,45 @@ def save_rgb(path: str | os.PathLike, arr: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     Image.fromarray(arr).save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def _font(size: int = 12):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def compose_panels(panels: list[np.ndarray], captions: list[str],
+                   legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> np.ndarray:
+    """Panels of one height side by side, each under its caption, and below them a legend: one colour swatch
+    and name per entry of ``legend`` (name, RGB), wrapped to the width."""
+    from PIL import ImageDraw
+    font = _font(12)
+    cap_h, pad = 18, 4
+    H = max(p.shape[0] for p in panels)
+    W = sum(p.shape[1] for p in panels)
+    rows, x, row = [], 0, []
+    for name, rgb in legend or []:
+        w = 14 + 6 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font=font)) + 12
+        if row and x + w > W:
+            rows.append(row)
+            row, x = [], 0
+        row.append((x, name, rgb))
+        x += w
+    if row:
+        rows.append(row)
+    canvas = Image.new("RGB", (W, cap_h + H + len(rows) * 18 + (pad if rows else 0)), "white")
+    d = ImageDraw.Draw(canvas)
+    x = 0
+    for p, cap in zip(panels, captions):
+        canvas.paste(Image.fromarray(p), (x, cap_h))
+        d.text((x + pad, 3), cap, fill="black", font=font)
+        x += p.shape[1]
+    for r, row in enumerate(rows):
+        y = cap_h + H + pad + r * 18
+        for x0, name, rgb in row:
+            d.rectangle([x0 + pad, y + 2, x0 + pad + 12, y + 14], fill=tuple(int(c) for c in rgb), outline="black")
+            d.text((x0 + pad + 18, y + 2), name, fill="black", font=font)
+    return np.asarray(canvas)

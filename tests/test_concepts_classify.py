@@ -387,8 +387,24 @@ def test_previews_are_drawn_for_people(images, tmp_path):
     assert Image.open(pics[0]).size == src.size and Image.open(pics[0]).mode == "RGB"
     r = cli(["classify", r.stdout.strip(), "-K", "2", "-o", tmp_path / "o", "--preview", tmp_path / "pv", "-q"])
     assert r.exit_code == 0, r.stderr
-    pv = Image.open(tmp_path / "pv" / pics[0].name)
-    assert pv.size == (2 * src.size[0], src.size[1])  # photo | prediction
+    pv = np.asarray(Image.open(tmp_path / "pv" / pics[0].name).convert("RGB"))
+    W, H = src.size
+    # photo | prediction, a caption strip above (18 px), one legend row below (4 + 18 px)
+    assert pv.shape == (18 + H + 22, 2 * W, 3)
+    assert (pv[:18] < 128).any(), "the captions are drawn"
+    from stages.render import palette
+    legend = pv[18 + H:]
+    pred = np.asarray(Image.open(tmp_path / "o" / pics[0].name))
+    for j in np.unique(pred):  # a swatch of each class in the picture, in its colour
+        assert (legend == palette(256)[j]).all(-1).sum() >= 100, j
+
+
+def test_legend_names_come_from_the_preset_when_matched():
+    from stages.classify import _class_names
+    voc = _class_names("voc", matched=True)
+    assert voc(0) == "background" and voc(13) == "horse" and voc(255) == "ignored"
+    assert _class_names(None, matched=True)(1) == "class 1"
+    assert _class_names("voc", matched=False)(3) == "cluster 3"
 
 
 def test_implicit_fit_announces_itself_and_reuses_only_a_matching_acg(images, tmp_path):
@@ -398,6 +414,7 @@ def test_implicit_fit_announces_itself_and_reuses_only_a_matching_acg(images, tm
     r = cli(["conceptualize", feats, "--fit-steps", "4"])
     assert r.exit_code == 0, r.stderr
     assert "fitting an ACG" in r.stderr and "4 steps of 6 images" in r.stderr and "s per step here" in r.stderr
+    assert "fitted in 4 steps (ran the fixed schedule of 4 steps)" in r.stderr
     first = acg.read_bytes()
     r = cli(["conceptualize", feats, "--fit-steps", "4", "--overwrite"])  # same settings: reused
     assert r.exit_code == 0 and "reusing" in r.stderr and "fitting" not in r.stderr
