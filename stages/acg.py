@@ -1,4 +1,4 @@
-"""The Adaptive Concept Generator (ACG) and the modularity loss (METHOD.md sections 2-4).
+"""The Adaptive Concept Generator (ACG) and the modularity loss (docs/method.md, sections 2-4).
 
 In the manner of timm: a config dataclass, the module, and ``create_acg``.
 
@@ -22,7 +22,7 @@ from .config import ACGConfig
 from .errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16")
-FOLD_CHUNK = 4  # images per pair of token products in the folded cross-attention (benchmarks/RESULTS.md)
+FOLD_CHUNK = 4  # images per pair of token products in the folded cross-attention: their tokens stay in cache
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -91,7 +91,7 @@ class PrototypeCrossAttention(nn.Module):
         ``K_h = W_k,h M^T / sqrt(hd)`` (hd x d), and the output is ``(concat_h ctx_h V_h) Wo^T + c`` with
         ``V_h = (W_v,h M^T)^T`` (d x hd) and ``c = b_v Wo^T + b_o``. Four products with the k·H rows per layer,
         2·d² multiply-adds per prototype on each side, and no whitening product at all. (Merging the query and
-        key maps into one d x H·d matrix, as an earlier version did, costs H·d² per prototype instead of 2·d².)"""
+        key maps into one d x H·d matrix would cost H·d² per prototype instead of 2·d².)"""
         D, H, hd = self.dim, self.num_heads, self.head_dim
         wide = dtype if dtype in (torch.float64, torch.bfloat16) else torch.float32
         f = lambda t: t.detach().to(wide)
@@ -161,7 +161,7 @@ class ACGLayer(nn.Module):
 
     def _self_attention(self, q: torch.Tensor) -> torch.Tensor:
         """``self_attn(q, q, q)`` at inference, in three batched products instead of nn.MultiheadAttention's
-        general path (0.5 ms less per layer and batch of 64 for 5 prototypes; benchmarks/RESULTS.md)."""
+        general path, whose checks and reshapes cost more than the arithmetic for a handful of prototypes."""
         B, K, D = q.shape
         H = self.self_attn.num_heads
         hd = D // H
@@ -288,8 +288,8 @@ def assignment(tokens: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
 
 def nearest_direction(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """argmax_c x_i . directions_c: (B, N, d) x (B, k, d) -> (B, N), the first maximum winning as in argmax.
-    The product is taken as directions x^T, (B, k, N): on a CPU that is twice as fast as x directions^T,
-    whose k output columns suit the BLAS badly (benchmarks/RESULTS.md)."""
+    The product is taken as directions x^T, (B, k, N): x directions^T has only k output columns, a shape
+    the CPU's BLAS runs badly."""
     return torch.bmm(directions, x.transpose(1, 2)).transpose(1, 2).contiguous().argmax(-1)
 
 
@@ -379,7 +379,7 @@ def soft_modularity(tokens: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | 
         sbar = sbar * mask[..., None]
     N, K = sbar.shape[1], sbar.shape[2]
     # rows per block: ~8 MB of products on the CPU (cache-sized blocks); on a GPU ~128 MB, so that a step
-    # launches a few blocks' kernels rather than dozens (B = 32, N = 768, k = 5: 3 blocks instead of 46)
+    # launches a few blocks' kernels rather than dozens
     budget = (32 << 20) if sbar.is_cuda else (2 << 20)
     block = max(1, min(N, budget // max(1, sbar.shape[0] * N * K)))
     return _SoftModularity.apply(wn, sbar, None if delta == "plain" else float(tau), block)

@@ -21,7 +21,7 @@ class ACGConfig:
     def heads(self) -> int:
         if self.num_heads > 0:
             return self.num_heads
-        # 3 heads for ViT-S: the same CamVid quality as 6 (14.0 vs 14.1 mIoU) at a lower cost (benchmarks/RESULTS.md)
+        # 3 heads for ViT-S: the same CamVid quality as 6 at a lower cost (docs/benchmarks.md)
         return max(1, self.dim // 128) if self.dim % 128 == 0 else 1
 
     def to_json(self) -> str:

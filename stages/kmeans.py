@@ -26,8 +26,8 @@ def _sqdist(x: torch.Tensor, c: torch.Tensor, xx: torch.Tensor | None = None) ->
 def _sqdist_kn(x: torch.Tensor, c: torch.Tensor, xx_t: torch.Tensor) -> torch.Tensor:
     """``_sqdist`` for a few centroids per point set: (..., n, d), (..., k, d) -> (..., n, k), computed as
     (..., k, n), c x^T, and made contiguous for the argmin (xx_t: ``_sqnorm(x)`` transposed, (..., 1, n)).
-    With k = 5 per image, x c^T has 5 output columns, a shape the BLAS runs badly: 6.5 against 9 ms per 64
-    images here. With one point set and more centroids (classify's k-means) x c^T is the faster one."""
+    With k = 5 per image, x c^T has 5 output columns, a shape the BLAS runs badly. With one point set and
+    more centroids (classify's k-means) x c^T is the faster one."""
     d = (c @ x.transpose(-2, -1)).mul_(-2).add_(xx_t).add_((c * c).sum(-1, keepdim=True)).clamp_min_(0)
     return d.transpose(-2, -1).contiguous()
 

@@ -39,7 +39,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 ]}
 DEFAULT_BACKBONE = "focus-vits14"
 FEATURE_KINDS = ("tokens", "keys")
-# the last block's attention keys: on CamVid they let ACSeg beat both baselines on equal features (RESULTS.md)
+# the last block's attention keys: on CamVid they let ACSeg beat both baselines on equal features (docs/benchmarks.md)
 DEFAULT_FEATURE = "keys"
 
 
