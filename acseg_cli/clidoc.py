@@ -1,5 +1,5 @@
-"""Keep the README's command reference equal to ``--help``: ``python -m acseg_cli.readme`` rewrites the
-blocks between ``<!-- acseg help: CMD -->`` and ``<!-- end help -->``; the tests check they are current."""
+"""Keep docs/cli.md equal to ``--help``: ``python -m acseg_cli.clidoc`` rewrites the blocks between
+``<!-- acseg help: CMD -->`` and ``<!-- end help -->``; a test checks they are current."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = ["extract", "fit-acg", "conceptualize", "classify", "score", "backbones"]
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 BLOCK = re.compile(r"(<!-- acseg help: (?P<cmd>[\w-]+) -->\n)(.*?)(<!-- end help -->)", re.S)
 
 
@@ -27,11 +27,11 @@ def render(text: str) -> str:
 
 
 def main() -> int:
-    text = README.read_text()
+    text = CLI_DOC.read_text()
     new = render(text)
     if "--check" in sys.argv:
         return 0 if new == text else 1
-    README.write_text(new)
+    CLI_DOC.write_text(new)
     return 0
 
 

@@ -32,30 +32,27 @@ Device = Annotated[Optional[str], typer.Option("--device", help="torch device (d
 _state = {"verbose": 0}
 
 
-def steps_option(value: str) -> int | None:
-    """``--steps``/``--fit-steps``: 'auto' (None: until converged) or a positive number of steps."""
+def _auto_or_int(value: str, minimum: int) -> int | None:
+    """'auto' -> None; else an integer >= ``minimum`` (a usage error otherwise)."""
     if value is None or str(value).strip().lower() == "auto":
         return None
     try:
         n = int(str(value).strip())
     except ValueError:
         raise typer.BadParameter(f"{value!r} is neither 'auto' nor a number of steps") from None
-    if n < 1:
-        raise typer.BadParameter(f"{n} steps: give 'auto' or a number >= 1")
+    if n < minimum:
+        raise typer.BadParameter(f"{n} steps: give 'auto' or a number >= {minimum}")
     return n
+
+
+def steps_option(value: str) -> int | None:
+    """``--steps``/``--fit-steps``: 'auto' (None: until converged) or a positive number of steps."""
+    return _auto_or_int(value, 1)
 
 
 def warmup_option(value: str) -> int | None:
     """``--warmup``: 'auto' (None: 5% of the steps, at most 100) or a number of steps >= 0."""
-    if value is None or str(value).strip().lower() == "auto":
-        return None
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is neither 'auto' nor a number of steps") from None
-    if n < 0:
-        raise typer.BadParameter(f"{n} steps: give 'auto' or a number >= 0")
-    return n
+    return _auto_or_int(value, 0)
 
 
 def format_seconds(s: float) -> str:

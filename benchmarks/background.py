@@ -45,6 +45,19 @@ from stages.render import upsample_labels  # noqa: E402
 VARIANTS = "off,sum,density,density_eta0.5,density_eta0.7,density_ratio2,density_ratio3"
 
 
+def hungarian_miou(conf: np.ndarray) -> float:
+    """mIoU in percent of a (predicted, true) confusion matrix after one-to-one Hungarian matching, over the
+    classes present in the ground truth (score's protocol)."""
+    K = conf.shape[0]
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    m = np.zeros((K, K), np.int64)
+    for p, t in zip(rows, cols):
+        m[t] += conf[p]
+    tp = np.diag(m)
+    iou = tp / np.maximum(m.sum(0) + m.sum(1) - tp, 1)
+    return 100 * float(iou[conf.sum(0) > 0].mean())
+
+
 def load(path: str) -> dict:
     s = ConceptSet([path])
     d = dict(feats=s.means(), pix=s.pixels.astype(np.float64), attn=s.cls_attn.astype(np.float64),
@@ -77,6 +90,11 @@ def image_rule(d: dict, i: int, variant: str) -> tuple[np.ndarray, bool]:
         return bg, True
     if variant.startswith("density_eta"):
         return bg, between_share(m, n, bg) >= float(variant[len("density_eta"):])
+    if variant.startswith("density_rel"):  # density relative to the image's mean attention per patch
+        rel = m * n.sum()
+        return rel < float(variant[len("density_rel"):]), True
+    if variant == "density_global":
+        return d["global_bg"][a:b], True
     if variant.startswith("density_ratio"):
         if bg.all() or not bg.any():
             return bg, False
@@ -85,7 +103,17 @@ def image_rule(d: dict, i: int, variant: str) -> tuple[np.ndarray, bool]:
     raise SystemExit(f"unknown variant {variant!r}")
 
 
+def global_split(d: dict) -> np.ndarray:
+    """Background concepts by one 2-means over the log attention density of every concept of the dataset
+    (relative to each image's mean), instead of one per image."""
+    rel = np.concatenate([concept_attention_density(d["attn"][a:b], d["pix"][a:b]) * d["pix"][a:b].sum()
+                          for a, b in zip(d["co"][:-1], d["co"][1:])])
+    return split_background(np.log(np.maximum(rel, 1e-9)))
+
+
 def masks(d: dict, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    if variant == "density_global" and "global_bg" not in d:
+        d["global_bg"] = global_split(d)
     bg = np.zeros(len(d["feats"]), bool)
     decided = np.zeros(len(d["feats"]), bool)
     for i in range(len(d["names"])):
@@ -121,16 +149,7 @@ def run(tr: dict, te: dict, gts: list, ups: list, halves: dict, K: int, ignore: 
         c = np.bincount(pred[valid] * K + g[valid], minlength=K * K).reshape(K, K)
         conf["all"] += c
         conf["even" if i in halves["even"] else "odd"] += c
-    out = {}
-    for h, c in conf.items():
-        rows, cols = linear_sum_assignment(c, maximize=True)
-        m = np.zeros((K, K), np.int64)
-        for p, t in zip(rows, cols):
-            m[t] += c[p]
-        tp = np.diag(m)
-        iou = tp / np.maximum(m.sum(0) + m.sum(1) - tp, 1)
-        out[h] = 100 * float(iou[c.sum(0) > 0].mean())
-    return out, float((bg_te & dec_te).sum() / max(1, len(bg_te))), float(dec_te.mean())
+    return {h: hungarian_miou(c) for h, c in conf.items()}, float((bg_te & dec_te).sum() / max(1, len(bg_te))), float(dec_te.mean())
 
 
 def kmeans_baseline(features: str, gts: list, halves: dict, K: int, ignore: int | None, seeds: int, names: list) -> None:
@@ -156,13 +175,8 @@ def kmeans_baseline(features: str, gts: list, halves: dict, K: int, ignore: int 
             conf["all"] += c
             conf["even" if i in halves["even"] else "odd"] += c
         for h, c in conf.items():
-            r, col = linear_sum_assignment(c, maximize=True)
-            m = np.zeros((K, K), np.int64)
-            for p, t in zip(r, col):
-                m[t] += c[p]
-            tp = np.diag(m)
-            rows[h].append(100 * float((tp / np.maximum(m.sum(0) + m.sum(1) - tp, 1))[c.sum(0) > 0].mean()))
-    row = {"variant": "dataset-level k-means on the tokens", "K": K, "seeds": seeds}
+            rows[h].append(hungarian_miou(c))
+    row = {"variant": "dataset-level k-means on the features", "K": K, "seeds": seeds}
     for h, v in rows.items():
         row[f"miou_{h}"] = f"{np.mean(v):.1f} +- {np.std(v):.1f}"
     print(json.dumps(row), flush=True)

@@ -102,8 +102,8 @@ def prepared_reads(prepare):
     whitening): per-image k-means on the features the ACG sees, without writing a second store."""
     orig = FeatureStore.read_batch
 
-    def read_batch(self, start, stop, field="tokens", reuse=None):
-        x, mask, lens = orig(self, start, stop, field, reuse)
+    def read_batch(self, start, stop, field="tokens", reuse=None, **kwargs):
+        x, mask, lens = orig(self, start, stop, field, reuse, **kwargs)
         return (prepare(x) if field == "tokens" else x), mask, lens
 
     FeatureStore.read_batch = read_batch
@@ -168,6 +168,7 @@ def main():
     ap.add_argument("--heads", type=int, default=0, help="ACG attention heads (0: acseg's default, one per 128 dims)")
     ap.add_argument("--bg-both", action="store_true", help="classify with and without the background split")
     ap.add_argument("--acg", help="(c) with this fitted checkpoint instead of fitting one")
+    ap.add_argument("--resume-fit", action="store_true", help="(c) continue an interrupted fit from its resume state")
     ap.add_argument("--precision", default="auto", help="conceptualize --precision for (c)")
     ap.add_argument("--weighting", default="pixels", help="classify --weighting for (b) and (c)")
     ap.add_argument("--halves", action="store_true",
@@ -224,7 +225,7 @@ def main():
                                                           whiten=a.whiten),
                           train=TrainConfig(steps=None if a.steps == "auto" else int(a.steps), batch_size=a.batch_size, lr=a.lr, max_tokens=a.max_tokens,
                                             delta=a.delta, seed=a.fit_seed, converge_tol=a.converge_tol),
-                          overwrite=True)
+                          overwrite=True, resume=a.resume_fit)
             modularity = round(res.final_modularity, 4)
             steps_run = res.steps
         fit_s = time.time() - t0

@@ -11,7 +11,7 @@ from stages.acg import (FOLD_CHUNK, ACGConfig, PrototypeCrossAttention, assignme
 
 
 def naive_soft_modularity(x, s, keep_diagonal=True, delta="plain", tau=0.1):
-    """METHOD.md section 4 written out with the full (B, N, N, k) tensor."""
+    """docs/method.md section 4 written out with the full (B, N, N, k) tensor."""
     xn = F.normalize(x, dim=-1)
     a = (xn @ xn.transpose(1, 2)).clamp_min(0)
     if not keep_diagonal:
