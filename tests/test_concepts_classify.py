@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -430,3 +431,21 @@ def test_implicit_fit_announces_itself_and_reuses_only_a_matching_acg(images, tm
     assert load_checkpoint(acg).train["steps"] == 5
     r = cli(["conceptualize", feats, "--fit-steps", "0"])
     assert r.exit_code == 2 and "auto" in r.stderr
+
+
+def test_background_benchmark_runs_on_a_tiny_figure_ground_set(tmp_path):
+    """benchmarks/background.py end to end on planted object photos, so the script cannot rot: one JSON line
+    per rule plus the k-means baseline, and the density split ahead of no split there."""
+    _figure_ground_run(tmp_path, "on")  # writes the store, its per-image k-means concepts and the label maps
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "background.py"
+    c = tmp_path / "c_on.h5"
+    p = subprocess.run([sys.executable, str(script), str(c), str(c), str(tmp_path / "gt"), "-K", "2", "--seeds", "1",
+                        "--variants", "off,sum,density,density_global,density_rel1,density_eta0.7,density_ratio3",
+                        "--features", str(tmp_path / "fg_on.h5")],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["variant"] for r in rows][1:] == ["off", "sum", "density", "density_global", "density_rel1",
+                                                "density_eta0.7", "density_ratio3"]
+    miou = {r["variant"]: float(r["miou_all"].split()[0]) for r in rows}
+    assert miou["density"] > miou["off"] + 10
