@@ -8,7 +8,7 @@ Variants (all in one run, same features, several seeds):
   (bw) the same on the tokens as the --acg checkpoint prepares them
   (c) ACSeg: fit-acg + conceptualize + classify, with acseg's defaults and the variants named on the command line
 
-Usage: python benchmarks/quality.py --train TRAIN.h5 --test TEST.h5 [--seeds 5] [--variants a,b,c]
+Usage: python benchmarks/quality.py --train TRAIN.h5 --test TEST.h5 --gt CAMVID/testannot [--seeds 5] [--variants a,b,c]
        [--weighting pixels|none|sqrt-pixels] [--halves]   (--halves: also the even/odd test images apart)
 Features come from `acseg extract` (offline ViT-S/14, 448 short side). Prints a table and JSON lines.
 """
@@ -38,7 +38,7 @@ from stages.kmeans import kmeans  # noqa: E402
 from stages.render import load_photo, save_label_png, upsample_labels  # noqa: E402
 from stages.score import score  # noqa: E402
 
-GT = ROOT.parent / "shared" / "data" / "camvid_segnet" / "testannot"
+GT = Path()  # the CamVid test label maps (--gt), set by set_gt
 
 
 def set_gt(path: Path) -> None:
@@ -174,7 +174,7 @@ def main():
     ap.add_argument("--halves", action="store_true",
                     help="also score the even- and odd-numbered test images apart (choose on one, check on the other)")
     ap.add_argument("--crf", action="store_true", help="refine every variant's test label maps with the dense CRF")
-    ap.add_argument("--gt", default=str(GT), help="the CamVid test label maps (default: ../shared's)")
+    ap.add_argument("--gt", required=True, help="the CamVid test label maps (SegNet layout: CamVid/testannot)")
     a = ap.parse_args()
     set_gt(Path(a.gt))
     out = Path(a.out)
