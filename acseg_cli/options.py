@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from stages.errors import AcsegError, UsageError
+from stages.humanize import duration
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -53,11 +54,6 @@ def steps_option(value: str) -> int | None:
 def warmup_option(value: str) -> int | None:
     """``--warmup``: 'auto' (None: 5% of the steps, at most 100) or a number of steps >= 0."""
     return _auto_or_int(value, 0)
-
-
-def format_seconds(s: float) -> str:
-    s = max(0, int(round(s)))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def debug_enabled() -> bool:
@@ -230,7 +226,7 @@ class Progress:
             self._last = now
             rate = done / max(1e-9, now - self._t0)
             bound = "at most " if self.total_is_bound else ""
-            eta = f", {bound}{format_seconds((total - done) / rate)} left" if 0 < done < total and rate > 0 else ""
+            eta = f", {bound}{duration((total - done) / rate)} left" if 0 < done < total and rate > 0 else ""
             sys.stderr.write(f"{self.description}: {done}/{total} {self.unit} ({rate:.1f}/s{eta}) {extra}".rstrip() + "\n")
             sys.stderr.flush()
 

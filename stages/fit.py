@@ -26,6 +26,7 @@ from .acg import AdaptiveConceptGenerator, assignment, hard_assignment, modulari
 from .config import ACGConfig, TrainConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore
+from .humanize import duration
 from .store import acquire_output_lock, check_output, release_output_lock
 
 log = logging.getLogger("acseg.fit")
@@ -253,11 +254,6 @@ def preload_budget(device: str, processes: int = 1) -> int:
     except (ValueError, OSError, AttributeError):
         avail = 4 << 30
     return min(1 << 30, avail // 4) // max(1, processes)
-
-
-def duration(seconds: float) -> str:
-    """``seconds`` for people: '42 s', '3.5 min', '1.2 h'."""
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 class Schedule:

@@ -377,3 +377,9 @@ def test_loss_curve_ticks_are_round_and_cover_the_range():
     t = nice_ticks(0.1234, 0.1301, 5)
     assert all(0.1234 <= v <= 0.1301 for v in t) and 3 <= len(t) <= 8
     assert nice_ticks(1.0, 1.0) == [1.0]
+
+
+def test_durations_read_as_people_say_them():
+    from stages.humanize import duration
+    assert [duration(s) for s in (0, 42.4, 89, 90, 210, 5399, 5400, 9000)] == \
+        ["0 s", "42 s", "89 s", "1.5 min", "3.5 min", "90.0 min", "1.5 h", "2.5 h"]
