@@ -262,10 +262,11 @@ class Schedule:
     A fixed schedule (``cfg.steps`` an integer): linear warm-up, then cosine decay to zero at ``cfg.steps``.
     ``--steps auto`` (``cfg.steps`` None): linear warm-up, then the peak rate; every ``converge_window`` steps
     the mean modularity of the last window is compared with the window before; when it rose by less than the
-    fraction ``converge_tol`` of it, the rate falls linearly to zero over ``cooldown_fraction`` of the steps done, and the
-    fit stops there. The cool-down also starts early enough to end at ``max_steps``.
-    ``observe`` must see every step's modularity (averaged over the global batch, so that every process of a
-    distributed fit decides alike); ``state``/``load_state`` carry the decision across a resume."""
+    fraction ``converge_tol`` of it, the rate falls linearly to zero over ``cooldown_fraction`` of the steps
+    done, and the fit stops there. The cool-down also starts early enough to end at ``max_steps``.
+    ``observe`` must see every step's modularity, averaged over the global batch so that every process of a
+    distributed fit decides alike (it keeps the last two windows); ``state``/``load_state`` carry the decision
+    across a resume."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -294,7 +295,6 @@ class Schedule:
     def observe(self, step: int, modularity: float) -> bool:
         """Record step ``step``'s modularity; True when the fit ends after this step."""
         c = self.cfg
-        self.q.append(float(modularity))
         done = step + 1
         if not c.auto:
             if done >= c.steps and not self.reason:
@@ -302,6 +302,7 @@ class Schedule:
             return done >= c.steps
         if self.decay_from is None:
             win, w = c.converge_window, c.warmup_steps
+            self.q = (self.q + [float(modularity)])[-2 * win:]  # the two windows compared, no more
             if done >= w + 2 * win and (done - w) % win == 0 and len(self.q) >= 2 * win:
                 last, prev = float(np.mean(self.q[-win:])), float(np.mean(self.q[-2 * win:-win]))
                 if last - prev < c.converge_tol * abs(prev):
