@@ -147,7 +147,7 @@ def implicit_fit_differences(acg: str, store: FeatureStore, train: TrainConfig) 
     """Why the checkpoint ``acg`` is not what conceptualize would fit on ``store`` with ``train`` and the
     default ACG (an empty list: it is, and may be reused)."""
     try:
-        prev = load_checkpoint(acg)
+        prev = load_checkpoint(acg, mmap=True)  # only its config and provenance are read here
     except AcsegError:
         return ["not a readable ACG checkpoint"]
     why = []
