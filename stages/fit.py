@@ -633,12 +633,12 @@ def plot_loss(history: list[dict], path: Path, size=(720, 400), title: str = "")
     drawn with Pillow; the learning rate as a thin grey line on the same plot, scaled to its height."""
     from PIL import Image, ImageDraw
 
-    from .render import _font
+    from .render import label_font
     W, H = size
     left, right, top, bottom = 85, 20, 30, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    font = _font(12)
+    font = label_font(12)
     d.text((left, 8), title or "fit-acg training loss", fill="black", font=font)
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     d.text(((left + W - right) // 2 - 15, H - 18), "step", fill="black", font=font)

@@ -128,7 +128,8 @@ def save_rgb(path: str | os.PathLike, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _font(size: int = 12):
+def label_font(size: int = 12):
+    """Pillow's default font at ``size`` (a scalable one since Pillow 10.1), for captions, legends and axes."""
     from PIL import ImageFont
     try:
         return ImageFont.load_default(size=size)
@@ -141,13 +142,14 @@ def compose_panels(panels: list[np.ndarray], captions: list[str],
     """Panels of one height side by side, each under its caption, and below them a legend: one colour swatch
     and name per entry of ``legend`` (name, RGB), wrapped to the width."""
     from PIL import ImageDraw
-    font = _font(12)
+    font = label_font(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     cap_h, pad = 18, 4
     H = max(p.shape[0] for p in panels)
     W = sum(p.shape[1] for p in panels)
     rows, x, row = [], 0, []
     for name, rgb in legend or []:
-        w = 14 + 6 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font=font)) + 12
+        w = 14 + 6 + int(measure.textlength(name, font=font)) + 12
         if row and x + w > W:
             rows.append(row)
             row, x = [], 0
