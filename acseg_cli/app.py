@@ -83,8 +83,8 @@ def main() -> None:
     try:
         app()
     except SystemExit as e:
-        from stages.store import BROKEN_WRITES
-        if BROKEN_WRITES:  # after a failed HDF5 write, libhdf5's teardown can crash: leave without it
+        store = sys.modules.get("stages.store")  # never imported here: under a low memory limit h5py may not load
+        if store is not None and store.BROKEN_WRITES:  # after a failed HDF5 write, libhdf5's teardown can crash: leave without it
             _leave(e.code if isinstance(e.code, int) else 1)
         if (e.code is None or isinstance(e.code, int)) and teardown_can_be_skipped():
             _leave(e.code or 0)

@@ -144,6 +144,9 @@ def emit(path: str, as_json: bool = False, **extra) -> None:
 def stage(fn: Callable) -> Callable:
     """Wrap a command: library errors -> one line and exit 1 (2 for usage), Ctrl-C -> 130, closed pipe -> quiet."""
 
+    import inspect
+    has_batch_size = "batch_size" in inspect.signature(fn).parameters  # the advice names only options it has
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -164,7 +167,8 @@ def stage(fn: Callable) -> Callable:
             raise typer.Exit(0)
         except MemoryError:
             _trace()
-            fail("out of memory; lower --batch-size or process fewer images at once", 1)
+            fail("out of memory; " + ("lower --batch-size or process fewer images at once" if has_batch_size
+                                      else "process fewer images at once, or free memory"), 1)
         except OSError as e:
             _trace()
             fail(f"{e.strerror or e} ({e.filename or 'I/O'}); check free disk space and permissions", 1)

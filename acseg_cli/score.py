@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 from typing import Annotated, List, Optional
 
@@ -54,6 +55,10 @@ def command(
         from .options import fail
         fail("missing GT: pass PRED GT (PRED may be '-' to read its path from stdin)", 2)
     pred = resolve_input(pred)
+    if confusion_png_path:  # checked before the scoring: a link, device or input is never replaced
+        from stages.output import check_apart, check_output
+        check_output(Path(confusion_png_path).absolute(), True, option="--confusion-png")
+        check_apart(Path(confusion_png_path), [pred, gt], option="--confusion-png")
     with Progress("score") as bar:
         res = run_score(pred, gt, dataset=dataset, ignore_index=tuple(ignore_index or ()), protocol=protocol,
                         pred_suffix=pred_suffix, gt_suffix=gt_suffix, allow_missing=allow_missing,

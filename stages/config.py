@@ -17,6 +17,17 @@ class ACGConfig:
     center: bool = True  # subtract the training set's mean token before the graph, the ACG and the assignment
     whiten: bool = True  # also whiten the centred tokens (regularised ZCA, training-set covariance; implies centring)
 
+    def validate(self) -> "ACGConfig":
+        """Refuse values the ACG cannot be built or used with (a usage error naming the fit-acg option)."""
+        from . import validate as v
+        v.integer("--prototypes", self.num_prototypes, min=1, max=255,
+                  hint="pass 1..255 (a concept map holds one byte per token)")
+        v.integer("--depth", self.depth, min=1)
+        v.integer("--heads", self.num_heads, min=0, hint="pass 0 (one per 128 feature dims) or a positive number")
+        v.number("--mlp-ratio", self.mlp_ratio, above=0, max=64)
+        v.number("--dropout", self.dropout, min=0, below=1)
+        return self
+
     @property
     def heads(self) -> int:
         if self.num_heads > 0:
@@ -56,6 +67,29 @@ class TrainConfig:
     converge_window: int = 50
     converge_tol: float = 0.01
     cooldown_fraction: float = 0.2
+
+    def validate(self) -> "TrainConfig":
+        """Refuse values a fit cannot run with (a usage error naming the fit-acg option)."""
+        from . import validate as v
+        if self.steps is not None:
+            v.integer("--steps", self.steps, min=1)
+        v.integer("--max-steps", self.max_steps, min=1)
+        v.integer("--batch-size", self.batch_size, min=1)
+        v.number("--lr", self.lr, above=0, max=10)
+        v.number("--weight-decay", self.weight_decay, min=0)
+        if self.warmup is not None:
+            v.integer("--warmup", self.warmup, min=0)
+        v.seed("--seed", self.seed)
+        v.integer("--max-tokens", self.max_tokens, min=0, hint="pass 0 (every token) or a positive number")
+        v.choice("--delta", self.delta, ("plain", "tanh"))
+        v.number("--tau", self.tau, above=0)
+        v.choice("proto_init", self.proto_init, ("kmeans", "random"))
+        v.integer("log_every", self.log_every, min=1)
+        v.integer("--checkpoint-every", self.checkpoint_every, min=0, hint="pass 0 (no resume states) or a positive number")
+        v.integer("converge_window", self.converge_window, min=1)
+        v.number("converge_tol", self.converge_tol, min=0)
+        v.number("cooldown_fraction", self.cooldown_fraction, min=0, max=1)
+        return self
 
     @property
     def auto(self) -> bool:

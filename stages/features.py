@@ -143,7 +143,7 @@ class FeatureStore(Store):
         self._need("cls_attn", 1, tok.shape[0], "f")
         self.offsets = self._check_offsets("offsets", "tokens")
         self.grid = self._need("grid", 2, n, "iu")[:].astype(np.int64)
-        self.image_size = self._need("image_size", 2, n, "iu")[:].astype(np.int64)
+        self.image_size = self._image_sizes()
         self.names = decode_names(self._need("names", 1, n)[:])
         self.sources = decode_names(self._need("sources", 1, n)[:])
         if self.grid.shape[1:] != (2,) or np.any(self.grid <= 0) or np.any(self.grid.prod(1) != np.diff(self.offsets)):

@@ -27,7 +27,8 @@ from .config import ACGConfig, TrainConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore
 from .humanize import duration
-from .store import acquire_output_lock, check_output, release_output_lock
+from .validate import device as validate_device
+from .output import acquire_output_lock, atomic_open, check_apart, check_output, is_regular, release_output_lock, write_atomic
 
 log = logging.getLogger("acseg.fit")
 CHECKPOINT_FORMAT = "acseg-acg-1"
@@ -70,17 +71,12 @@ def save_checkpoint(path: str | os.PathLike, model: AdaptiveConceptGenerator, pr
            "train": json.dumps(train, sort_keys=True), "state_dict": state, "weights_sha256": weights_sha256(state)}
     if extra:
         obj.update(extra)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError ("unexpected pos")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the file could not be written whole"
         raise AcsegError(f"writing {path.name} failed ({reason})",
                          "check free disk space and permissions; the previous file, if any, is untouched") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load_raw(path: str | os.PathLike, mmap: bool = False) -> dict:
@@ -117,15 +113,37 @@ class LoadedACG:
         return weights_sha256(self.raw["state_dict"])
 
 
+def _json_object(obj: dict, key: str, default: str | None = None) -> dict:
+    """A JSON-object field of a checkpoint, refused in one line when it is missing or of another type."""
+    raw = obj.get(key, default)
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise AcsegError(f"the checkpoint's {key!r} is not a JSON object", "pass a checkpoint written by 'acseg fit-acg'")
+    return value
+
+
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> LoadedACG:
     """``mmap``: map the weights from the file (for inference; copy-on-write, so the file is never changed)."""
     obj = _load_raw(path, mmap)
     try:
-        cfg = ACGConfig.from_dict(json.loads(obj["config"]))
+        cfg = ACGConfig.from_dict(_json_object(obj, "config"))
         if cfg.num_heads == 0:  # written before checkpoints recorded the number, when "auto" meant one per 64 dims
             cfg.num_heads = max(1, cfg.dim // 64) if cfg.dim % 64 == 0 else 1
-        prov = json.loads(obj["provenance"])
-        train = json.loads(obj.get("train", "{}"))
+        prov = _json_object(obj, "provenance")
+        train = _json_object(obj, "train", "{}")
+        sd = obj.get("state_dict")
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise AcsegError(f"checkpoint {path} holds no weights table", "pass a checkpoint written by 'acseg fit-acg'")
+        for k, v in sd.items():
+            if v.dtype != torch.float32:
+                raise AcsegError(f"checkpoint {path} holds {k} as {str(v.dtype).replace('torch.', '')}, not float32",
+                                 "pass a checkpoint written by 'acseg fit-acg'")
+            if not bool(torch.isfinite(v).all()):
+                raise AcsegError(f"checkpoint {path} holds NaN or infinite values in {k} (a fit that diverged?)",
+                                 "re-run 'acseg fit-acg', e.g. with a lower --lr")
         with torch.device("meta"):  # no random initialisation of weights about to be replaced
             model = AdaptiveConceptGenerator(cfg)
         model.load_state_dict(obj["state_dict"], strict=True, assign=True)
@@ -430,6 +448,42 @@ def resume_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.resume")
 
 
+def side_paths(out: Path) -> tuple[Path, Path]:
+    """The log and loss curve written beside a checkpoint: ``acg.pt`` -> ``acg.log.jsonl``, ``acg.loss.png``;
+    a name without ``.pt`` keeps its whole name (``acg.v1`` -> ``acg.v1.log.jsonl``), so two outputs never
+    share them."""
+    base = out.name[:-3] if out.name.endswith(".pt") and len(out.name) > 3 else out.name
+    return out.with_name(base + ".log.jsonl"), out.with_name(base + ".loss.png")
+
+
+def _resume_unusable(rp: Path, train: TrainConfig, cfg: ACGConfig, prov: dict, world: int) -> str | None:
+    """Why the resume state ``rp`` cannot continue this fit (None: it can). Its tensors are mapped, not read,
+    so a state that claims a huge tensor costs nothing before it is refused."""
+    if not is_regular(rp):
+        return "is not a regular file"
+    try:
+        state = load_checkpoint(rp, mmap=True)
+    except AcsegError:
+        return "cannot be read"
+    raw = state.raw
+    if not (state.train.get("config") == asdict(train) and state.model.cfg == cfg
+            and state.provenance.get("store", {}).get("content_sha256") == prov["store"]["content_sha256"]
+            and raw.get("world", 1) == world):
+        return "was made with other settings"
+    if not (isinstance(raw.get("optimizer"), dict) and isinstance(raw.get("step"), int)
+            and isinstance(raw.get("torch_rng"), torch.Tensor) and raw["torch_rng"].dtype == torch.uint8
+            and isinstance(raw.get("history", "[]"), str) and isinstance(raw.get("schedule", "{}"), str)):
+        return "lacks part of the optimizer, step or random state"
+    try:
+        opt = torch.optim.AdamW(state.model.parameters())
+        opt.load_state_dict(raw["optimizer"])
+        json.loads(raw.get("history", "[]"))
+        json.loads(raw.get("schedule", "{}"))
+    except Exception:
+        return "holds an optimizer or history that does not fit"
+    return None
+
+
 def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: TrainConfig | None = None,
             device: str | None = None, overwrite: bool = False, resume: bool = False,
             progress: Callable[[int, int, str], None] | None = None, preload: bool | None = None,
@@ -439,13 +493,12 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
     ``announce``: the logging level of the line that estimates the fit's time after its first steps.
     ``preload``: hold every token on the device and gather each batch there (True), or read each batch from
     the file (False); None chooses by ``preload_budget``. The two give the same batches."""
-    train = train or TrainConfig()
-    if (train.steps is not None and train.steps < 1) or train.max_steps < 1 or train.batch_size < 1:
-        raise UsageError("--steps, --max-steps and --batch-size must be >= 1", "fix the options")
-    if train.delta not in ("plain", "tanh"):
-        raise UsageError(f"unknown --delta {train.delta!r}", "choose plain or tanh")
+    train = (train or TrainConfig()).validate()
+    (acg or ACGConfig()).validate()
+    device = validate_device(device)
     out = Path(output).absolute()
     check_output(out, overwrite)
+    check_apart(out, [features])
     store = FeatureStore(features)
     cfg = acg or ACGConfig()
     cfg = ACGConfig(**{**asdict(cfg), "dim": store.dim})
@@ -458,8 +511,10 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
     if min(train.batch_size, store.n_images) < world:
         raise UsageError(f"a batch of {min(train.batch_size, store.n_images)} images cannot be shared by {world} processes",
                          "raise --batch-size or start fewer processes")
-    log_path = out.with_suffix(".log.jsonl")
-    plot_path = out.with_suffix(".loss.png")
+    log_path, plot_path = side_paths(out)
+    for side in (log_path, plot_path):
+        check_output(side, overwrite)
+        check_apart(side, [features])
     if dist and rank == 0:
         log.info("fit-acg on %d processes (%s): global batch %d", world, "nccl" if device.startswith("cuda") else "gloo",
                  min(train.batch_size, store.n_images))
@@ -487,15 +542,10 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         history: list[dict] = []
         sched = Schedule(train)
         rp = resume_path(out)
-        if resume and rp.exists():
-            try:
-                state = load_checkpoint(rp)
-                same = (state.train.get("config") == asdict(train) and state.model.cfg == cfg
-                        and state.provenance.get("store", {}).get("content_sha256") == prov["store"]["content_sha256"]
-                        and int(state.raw.get("world", 1)) == world)
-            except AcsegError:
-                same = False
-            if same:
+        if resume and os.path.lexists(rp):
+            why = _resume_unusable(rp, train, cfg, prov, world)
+            if why is None:
+                state = load_checkpoint(rp, mmap=True)
                 core.load_state_dict(state.model.state_dict())
                 opt.load_state_dict(state.raw["optimizer"])
                 start = int(state.raw["step"])
@@ -504,7 +554,7 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
                 torch.set_rng_state(state.raw["torch_rng"])
                 log.info("resuming %s at step %d", out.name, start)
             else:
-                log.warning("the resume state %s was made with other settings; starting afresh", rp.name)
+                log.warning("the resume state %s %s; starting afresh", rp.name, why)
         model.train()
         if preload is None:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if dist else 1  # torchrun's ranks on this machine
@@ -610,11 +660,9 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
 
 def _write_log(path: Path, history: list[dict]) -> None:
     """One JSON object per logged step; the last one also has ``stop_reason``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
+    with atomic_open(path) as fh:
         for r in history:
             fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -672,4 +720,4 @@ def plot_loss(history: list[dict], path: Path, size=(720, 400), title: str = "")
             d.line(list(zip(px(steps).tolist(), ly.tolist())), fill=(160, 160, 160), width=1)
             d.text((W - right - 170, 8), "grey: learning rate (scaled)", fill=(120, 120, 120), font=font)
         d.line(list(zip(px(steps).tolist(), py(loss).tolist())), fill=(200, 30, 30), width=2)
-    img.save(path)
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))

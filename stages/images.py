@@ -134,14 +134,19 @@ def peek_size(path: str) -> tuple[int, int]:
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB (16-bit and float grayscale are rescaled, alpha composited on black)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(np.min(a)), float(np.max(a))
+        a = np.asarray(im)  # as decoded (2 or 4 bytes a pixel); rescaled a band of rows at a time
         if im.mode.startswith("I;16"):
             lo, hi = 0.0, 65535.0
-        elif hi <= lo:
-            hi = lo + 1.0
-        a = np.clip((a - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
+        else:
+            lo, hi = float(np.min(a)), float(np.max(a))
+            if hi <= lo:
+                hi = lo + 1.0
+        out = np.empty(a.shape, np.uint8)
+        rows = max(1, (1 << 18) // max(1, a.shape[1]))  # 256 K pixels: a few MB of float64 at a time
+        for r in range(0, a.shape[0], rows):
+            b = a[r:r + rows].astype(np.float64)
+            out[r:r + rows] = np.clip((b - lo) / (hi - lo) * 255.0 + 0.5, 0, 255)
+        return Image.fromarray(out, "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
@@ -215,3 +220,29 @@ def safe_output_path(root: Path, name: str, suffix: str) -> Path:
     return out
 
 
+
+
+def output_paths(root: Path, names: list[str], suffix: str) -> list[Path]:
+    """One path per image name under ``root`` (``safe_output_path``), all different: names that differ only
+    by their extension (``a.png``, ``a.jpg``) keep it (``a.png.png``, ``a.jpg.png``), and names given twice
+    get ``~2``, ``~3``."""
+    paths = [safe_output_path(root, n, suffix) for n in names]
+    count: dict[Path, int] = {}
+    for p in paths:
+        count[p] = count.get(p, 0) + 1
+    if len(count) == len(paths):
+        return paths
+    clashing = [i for i, p in enumerate(paths) if count[p] > 1]
+    taken = {p for p in paths if count[p] == 1}
+    for i in clashing:
+        p = safe_output_path(root, names[i] + ".x", suffix)  # keeps the name's own extension
+        k = 1
+        while p in taken:
+            k += 1
+            p = safe_output_path(root, f"{names[i]}~{k}.x", suffix)
+        taken.add(p)
+        paths[i] = p
+    import logging
+    logging.getLogger("acseg").warning("%d images share a name apart from the extension; their outputs keep it "
+                                       "(e.g. %s)", len(clashing), paths[clashing[0]].name)
+    return paths

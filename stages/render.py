@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import ImageError, load_rgb
+from .output import write_atomic
 
 
 def palette(n: int) -> np.ndarray:
@@ -81,9 +82,7 @@ def save_label_png(path: str | os.PathLike, labels: np.ndarray, pal: np.ndarray 
             im.putpalette(flat.ravel().tolist())
     else:
         im = Image.fromarray(labels.astype(np.uint16))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 def boundaries(labels: np.ndarray) -> np.ndarray:
@@ -123,9 +122,7 @@ def display_size(size: tuple[int, int], max_side: int = 640) -> tuple[int, int]:
 def save_rgb(path: str | os.PathLike, arr: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
 def label_font(size: int = 12):

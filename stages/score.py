@@ -16,6 +16,8 @@ from PIL import Image
 
 from .datasets import IGNORE, INVALID, get_dataset, plain_lut
 from .errors import AcsegError, UsageError
+from . import validate as v
+from .output import write_atomic
 
 log = logging.getLogger("acseg.score")
 PROTOCOLS = ("hungarian", "majority", "per-image")
@@ -120,8 +122,8 @@ class _LabelError(Exception):
 
 def _collect(folder: Path, suffix: str) -> dict[str, Path]:
     out = {}
-    for p in sorted(folder.rglob("*.png")):
-        if not p.is_file():
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() != ".png" or not p.is_file():
             continue
         rel = p.relative_to(folder).with_suffix("").as_posix()
         if suffix and rel.endswith(suffix):
@@ -193,10 +195,17 @@ def _score_one(item):
         if g.min() == INVALID:
             bad = np.unique(gt[g == INVALID])[:5].tolist()
             return _invalid_ids(gp, bad)
-        n_pred = int(pred.max()) + 1
-        n_cls = _W["n_classes"] or max(1, int(g.max()) + 1)
-        c = confusion(pred, g, n_pred, n_cls)
-        return ("ok", key, c, int(c.sum()))
+        # only the ids that occur count: one pixel of id 12000 must not make a 12000 x 12000 matrix
+        pred_ids, pred_c = np.unique(pred, return_inverse=True)
+        if _W["n_classes"]:
+            cls_ids, g_c = np.arange(_W["n_classes"]), g
+        else:
+            cls_ids, g_c = np.unique(np.where(g < 0, -1, g), return_inverse=True)
+            if cls_ids[0] < 0:
+                cls_ids, g_c = cls_ids[1:], g_c - 1
+        c = confusion(pred_c.reshape(pred.shape), g_c.reshape(g.shape), len(pred_ids), max(1, len(cls_ids)))
+        c = c[:, :len(cls_ids)]  # an image whose pixels are all ignored has no class
+        return ("ok", key, (pred_ids.astype(np.int64), cls_ids.astype(np.int64), c), int(c.sum()))
     except _LabelError as e:
         return ("error", str(e))
 
@@ -229,7 +238,40 @@ def _score_8bit(key, gp, pred, gt):
     if c.shape[1] < n_cls:
         c = np.pad(c, ((0, 0), (0, n_cls - c.shape[1])))
     c = c[:, :n_cls]
-    return ("ok", key, c, int(c.sum()))
+    cls_ids = np.arange(n_cls)
+    if not _W["n_classes"]:  # without a preset, the classes are the ids that occur
+        keep = np.zeros(n_cls, bool)
+        keep[lut[seen & (lut >= 0)]] = True
+        cls_ids, c = cls_ids[keep], c[:, keep]
+    return ("ok", key, (np.arange(n_pred), cls_ids, c), int(c.sum()))
+
+
+class _Confusion:
+    """The set's confusion over the prediction ids and classes that occur (a sparse id space made dense)."""
+
+    def __init__(self, classes: int | None):
+        self.rows: dict[int, int] = {}
+        self.cols: dict[int, int] = {i: i for i in range(classes or 0)}
+        self.acc = np.zeros((0, len(self.cols)), np.int64)
+
+    def index(self, ids, table: dict) -> np.ndarray:
+        return np.array([table.setdefault(int(i), len(table)) for i in ids], np.int64)
+
+    def add(self, pred_ids, cls_ids, c) -> tuple[np.ndarray, np.ndarray]:
+        r, k = self.index(pred_ids, self.rows), self.index(cls_ids, self.cols)
+        if len(self.rows) > self.acc.shape[0] or len(self.cols) > self.acc.shape[1]:
+            self.acc = _add(np.zeros((len(self.rows), len(self.cols)), np.int64), self.acc)
+        np.add.at(self.acc, (r[:, None], k[None, :]), c)
+        return r, k
+
+    def ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(prediction ids, class ids, their confusion, column permutation), both in increasing order."""
+        pid = np.array(sorted(self.rows), np.int64)
+        cid = np.array(sorted(self.cols), np.int64)
+        rp = np.array([self.rows[i] for i in pid], np.int64)
+        cp = np.array([self.cols[i] for i in cid], np.int64)
+        acc = _add(np.zeros((len(pid), len(cid)), np.int64), self.acc)
+        return pid, cid, acc[rp][:, cp], cp
 
 
 def _add(acc: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -250,6 +292,9 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
         raise UsageError(f"unknown protocol {protocol!r}", f"choose one of: {', '.join(PROTOCOLS)}")
     if resize_pred not in (None, "nearest"):
         raise UsageError(f"unknown --resize-pred {resize_pred!r}", "the only resize is 'nearest'")
+    for i in ignore_index:
+        v.integer("--ignore-index", i, min=0, max=65535, hint="pass a label id 0..65535")
+    v.integer("--workers", workers, min=0, hint="pass 0 (one per core, at most 4) or a number of processes")
     preset = get_dataset(dataset) if dataset else None
     if preset:
         lut = preset.lut()
@@ -264,9 +309,8 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
     if counts["missing_predictions"] or counts["extra_predictions"]:
         log.warning("scoring %d pairs; %d ground-truth files without prediction and %d predictions without ground "
                     "truth left out", counts["paired"], counts["missing_predictions"], counts["extra_predictions"])
-    acc = np.zeros((1, preset.n_classes if preset else 1), np.int64)
-    pi_m = np.zeros((0, 0), np.int64)  # per-image protocol: matched [true, predicted] summed over images
-    pi_u = np.zeros(0, np.int64)
+    acc = _Confusion(preset.n_classes if preset else None)
+    pi: list = []  # per-image protocol: each image's matched [true, predicted] counts, by accumulator column
     n_pixels = 0
     n_img = 0
     if workers > 1 and len(pairs) > 8:
@@ -277,44 +321,46 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
         pool = None
         _init_worker(lut, resize_pred, dataset, preset.n_classes if preset else None)
         results = map(_score_one, pairs)
-    K = preset.n_classes if preset else None
     try:
         for r in results:
             if r[0] == "error":
                 raise AcsegError(*r[1].rsplit("; ", 1))
-            _, key, c, nv = r
-            acc = _add(acc, c)
+            _, key, (pred_ids, cls_ids, c), nv = r
+            _, cols = acc.add(pred_ids, cls_ids, c)
             n_pixels += nv
             n_img += 1
-            if protocol == "per-image":
-                kk = max(K or 0, c.shape[1])
-                cc = np.zeros((c.shape[0], kk), np.int64)
-                cc[:, :c.shape[1]] = c
-                m_i, u_i = matched_confusion(cc, match_hungarian(cc), kk)
-                pi_m = _add(pi_m, m_i)
-                pi_u = _add(pi_u[None], u_i[None])[0]
+            if protocol == "per-image" and c.size:
+                m_i, u_i = matched_confusion(c, match_hungarian(c), c.shape[1])
+                pi.append((cols, m_i, u_i))
             if progress:
                 progress(n_img, len(pairs))
     finally:
         if pool is not None:
             pool.terminate()
-    if K is None:
-        K = acc.shape[1]
-    if acc.shape[1] < K:
-        acc = _add(acc, np.zeros((acc.shape[0], K), np.int64))
-    conf = acc[:, :K]
-    names = list(preset.class_names) if preset else [str(i) for i in range(K)]
+    pred_ids, cls_ids, conf, perm = acc.ordered()
+    K = len(cls_ids)
+    if n_pixels == 0:
+        raise AcsegError("every ground-truth pixel is ignored, so there is nothing to score",
+                         "check --dataset, --ignore-index and the ground-truth folder")
+    names = list(preset.class_names) if preset else [str(int(i)) for i in cls_ids]
     if protocol == "per-image":
-        m = _add(np.zeros((K, K), np.int64), pi_m)[:K, :K]
-        u = _add(np.zeros((1, K), np.int64), pi_u[None])[0, :K]
+        where = np.empty(len(perm), np.int64)
+        where[perm] = np.arange(len(perm))  # accumulator column -> ordered column
+        m = np.zeros((K, K), np.int64)
+        u = np.zeros(K, np.int64)
+        for cols, m_i, u_i in pi:
+            j = where[cols]
+            m[np.ix_(j, j)] += m_i
+            u[j] += u_i
         mapping = {}
         log.warning("per-image matching is a different protocol: its numbers are not comparable with "
                     "dataset-level (hungarian) ones")
     else:
-        mapping = match_hungarian(conf) if protocol == "hungarian" else match_majority(conf)
-        m, u = matched_confusion(conf, mapping, K)
+        rows = match_hungarian(conf) if protocol == "hungarian" else match_majority(conf)
+        m, u = matched_confusion(conf, rows, K)
+        mapping = {int(pred_ids[r]): c for r, c in rows.items()}
     res = metrics(m, u)
-    unmatched_ids = [p for p in range(conf.shape[0]) if p not in mapping and conf[p].sum() > 0]
+    unmatched_ids = [int(p) for r, p in enumerate(pred_ids) if int(p) not in mapping and conf[r].sum() > 0]
     out = {
         **res,
         "class_names": names,
@@ -325,7 +371,8 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
         "matching": {str(k): v for k, v in sorted(mapping.items())},
         "unmatched_pixels": int(u.sum()) if protocol != "per-image" else None,
         "unmatched_ids": unmatched_ids if protocol != "per-image" else [],
-        "n_prediction_ids": int(conf.shape[0]),
+        "n_prediction_ids": int(len(pred_ids)),
+        "prediction_ids": [int(p) for p in pred_ids],
         **counts,
     }
     if include_confusion:
@@ -357,5 +404,5 @@ def confusion_png(result: dict, path: str) -> str:
         dt.text((4, j * cell + cell // 4), names[j][:18], fill="black")
     img.paste(txt.rotate(90, expand=True), (label_w, 0))
     d.text((4, 4), "true \u2193 / predicted \u2192", fill="black")
-    img.save(path)
+    write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))
     return path

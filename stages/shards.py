@@ -24,7 +24,8 @@ import h5py
 import numpy as np
 
 from .errors import AcsegError, UsageError
-from .store import Store, StoreWriter, check_output, decode_names
+from .output import check_apart, check_output
+from .store import Store, StoreWriter, decode_names
 
 log = logging.getLogger("acseg.merge")
 PLAN_NAMES = "shard_plan/names"
@@ -122,11 +123,10 @@ def merge(inputs: list[str], output: str, *, overwrite: bool = False, chunk: int
         raise UsageError("no shard stores given", "pass the shard stores to merge")
     out = Path(output).absolute()
     check_output(out, overwrite)
+    check_apart(out, inputs)
     stores: list[Store] = []
     try:
         for p in inputs:
-            if Path(p).absolute() == out:
-                raise UsageError(f"the output {output} is also an input", "choose another -o")
             stores.append(_open(p))
         return _merge(stores, out, overwrite, chunk)
     finally:
@@ -143,6 +143,8 @@ def _merge(stores: list[Store], out: Path, overwrite: bool, chunk: int) -> Merge
             raise AcsegError(f"{s.path.name} is not a shard (it was not made with --shard)",
                              "merge only the stores of one 'extract --shard i/N' split")
         infos.append(info)
+        if PLAN_NAMES not in s.f or PLAN_BATCH not in s.f:
+            raise AcsegError(f"{s.path.name} is a shard without its shard plan", "the file is damaged; re-run the stage that made it")
         if s.kind != first.kind:
             raise AcsegError(f"{s.path.name} holds {s.kind} but {first.path.name} holds {first.kind}",
                              "merge stores of one kind at a time")

@@ -15,7 +15,6 @@ file keeps a second writer out.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ import numpy as np
 
 from . import __version__
 from .errors import AcsegError
+from .output import acquire_output_lock, check_output, is_regular, lock_path, release_output_lock, temp_path  # noqa: F401
 
 SCHEMA_VERSION = 1
 BROKEN_WRITES: list[str] = []  # HDF5 files whose writes failed in this process (their handles cannot be trusted)
@@ -81,40 +81,6 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lock")
-
-
-def acquire_output_lock(path: Path) -> int:
-    """An exclusive lock beside ``path``, so a second process writing the same output stops at once."""
-    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AcsegError(f"another acseg process is writing {path}", "wait for it to finish or choose another -o") from None
-    return fd
-
-
-def release_output_lock(path: Path, fd: int) -> None:
-    try:
-        os.unlink(lock_path(path))
-    except OSError:
-        pass
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-
-
-def check_output(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output before any work is done."""
-    if path.exists() and not overwrite:
-        raise AcsegError(f"{path} already exists", "pass --overwrite to replace it or choose another -o")
-    if path.is_dir():
-        raise AcsegError(f"{path} is a folder", "give a file name with -o")
-    if not path.parent.is_dir():
-        raise AcsegError(f"folder {path.parent} does not exist", "create it first or choose another -o")
-
-
 class StoreWriter:
     """Append-only writer of one artifact, atomic and resumable.
 
@@ -145,7 +111,7 @@ class StoreWriter:
         self._acquire_lock()
         try:
             try:
-                if self.resume and self.tmp.exists() and self._try_resume():
+                if self.resume and is_regular(self.tmp) and self._try_resume():
                     return self
                 self._create()
             except (OSError, RuntimeError) as e:
@@ -188,10 +154,22 @@ class StoreWriter:
             self._lock_fd = None
 
     def _create(self, path: Path | None = None) -> None:
+        """A new file, made under an unpredictable name and then renamed to ``path`` (the partial file by
+        default) while open: nothing planted at ``path`` is ever opened or written through."""
         path = path or self.tmp
-        if path.exists():
-            path.unlink()
-        f = h5py.File(path, "w")
+        fresh = temp_path(path, ".h5")
+        try:
+            f = h5py.File(fresh, "w")
+            if not os.path.samestat(os.fstat(f.id.get_vfd_handle()), os.lstat(fresh)):
+                f.close()
+                raise AcsegError(f"{fresh} was replaced while acseg created it", "check who else writes into that folder")
+            os.replace(fresh, path)
+        except BaseException:
+            try:
+                os.unlink(fresh)
+            except OSError:
+                pass
+            raise
         self.f = f
         for k, v in self._root_attrs().items():
             f.attrs[k] = v
@@ -237,7 +215,7 @@ class StoreWriter:
             old = h5py.File(self.tmp, "r")
         except Exception:
             return False
-        fresh = self.tmp.with_name(self.tmp.name + ".copy")
+        fresh = None
         try:
             with old:
                 a = old.attrs
@@ -247,6 +225,7 @@ class StoreWriter:
                 n = int(a.get("n_done", -1))
                 if not ok or n < 0:
                     return False
+                fresh = temp_path(self.tmp, ".h5")
                 self._create(path=fresh)
                 f = self.f
                 for k, v in a.items():
@@ -280,7 +259,7 @@ class StoreWriter:
                 except Exception:
                     pass
                 self.f = None
-            if fresh.exists():
+            if fresh is not None and fresh.exists():
                 fresh.unlink()
             return False
 
@@ -311,7 +290,7 @@ class StoreWriter:
         if self.f is not None:
             _ABANDONED.append(self.f)
             self.f = None
-        for p in (self.tmp, self.tmp.with_name(self.tmp.name + ".copy")):
+        for p in (self.tmp,):
             try:
                 p.unlink()
             except OSError:
@@ -437,6 +416,10 @@ class Store:
     """A validated, read-only artifact. Subclasses add kind-specific accessors."""
 
     kind = ""
+    JSON_ATTRS = {"params": dict, "backbone": dict, "parent": dict, "features_provenance": dict, "shard": dict,
+                  "skipped": list}  # the JSON attributes a store may hold, and the type each must have
+    MAX_SIDE = 65535  # largest image side a store may record (a 16-bit PNG's limit)
+    MAX_PIXELS = 1 << 28  # largest image a store may record (268 megapixels; Pillow refuses more than 179 by default)
 
     def __init__(self, path: str | os.PathLike, *, kind: str | None = None):
         self.path = Path(path).absolute()
@@ -468,7 +451,17 @@ class Store:
         if not bool(a.get("complete", False)):
             self.close()
             raise AcsegError(f"{path} is incomplete (its writer was interrupted)", "re-run the stage that made it, with --resume")
-        self.n_images = int(a.get("n_images", -1))
+        try:
+            self.n_images = int(a.get("n_images", -1))
+        except (TypeError, ValueError):
+            self.n_images = -1
+        for key, kind_ in self.JSON_ATTRS.items():
+            if key in a:
+                value = self.attr_json(key)
+                if not isinstance(value, kind_):
+                    self.close()
+                    raise AcsegError(f"{path}: attribute {key} is not a JSON {'object' if kind_ is dict else 'list'}",
+                                     "the file is damaged; re-run the stage that made it")
         self._validate()
 
     def _need(self, name: str, ndim: int | None = None, length: int | None = None, dtype_kind: str | None = None):
@@ -494,6 +487,16 @@ class Store:
             raise AcsegError(f"{self.path}: offsets '{name}' do not index '{total_of}'",
                              "the file is damaged; re-run the stage that made it")
         return off
+
+    def _image_sizes(self) -> np.ndarray:
+        """The ``image_size`` dataset, checked: every side 1..MAX_SIDE and at most MAX_PIXELS pixels, so that a
+        lying size cannot make a stage allocate gigabytes for one label map."""
+        sizes = self._need("image_size", 2, self.n_images, "iu")[:].astype(np.int64)
+        if sizes.size and (sizes.shape[1] != 2 or sizes.min() < 1 or sizes.max() > self.MAX_SIDE
+                           or (sizes[:, 0] * sizes[:, 1]).max() > self.MAX_PIXELS):
+            raise AcsegError(f"{self.path}: image sizes outside 1..{self.MAX_SIDE} per side or above "
+                             f"{self.MAX_PIXELS:,} pixels", "the file is damaged; re-run the stage that made it")
+        return sizes
 
     def _validate(self) -> None:
         if self.n_images < 0:

@@ -109,7 +109,7 @@ def test_precision_is_checked_and_auto_follows_the_hardware(planted, tmp_path, m
             assert st.params["precision"] == want
     assert acg.inference_dtype("fp32", "cpu") == torch.float32 and acg.inference_dtype("bf16", "cpu") == torch.bfloat16
     r = cli(["conceptualize", planted[0], "--acg", planted[3], "-o", str(tmp_path / "c.h5"), "--precision", "fp8"])
-    assert r.exit_code == 2 and "unknown precision 'fp8'" in r.stderr and "fp32" in r.stderr
+    assert r.exit_code == 2 and "unknown --precision 'fp8'" in r.stderr and "fp32" in r.stderr
     assert not (tmp_path / "c.h5").exists()
 
 

@@ -93,7 +93,7 @@ def test_missing_overlapping_and_foreign_shards_are_refused_by_name(split, tmp_p
     assert r.exit_code == 1 and "one split" in r.output
     assert not out.exists() and not list(tmp_path.glob(".m.h5*"))
     r = cli(["merge", shards[0], shards[1], shards[2], "-o", shards[0], "--overwrite"])
-    assert r.exit_code == 2 and "also an input" in r.output
+    assert r.exit_code == 2 and "is the input" in r.output
     r = cli(["extract", d / "imgs", "--shard", "3/3", "-o", tmp_path / "x.h5", *SMALL])
     assert r.exit_code == 2 and "0..N-1" in r.output
     r = cli(["extract", d / "imgs", "--shard", "7/9", "-o", tmp_path / "x.h5", *SMALL, "--batch-size", "8"])
