@@ -40,6 +40,25 @@ def images(tmp_path):
     return d
 
 
+@pytest.fixture(scope="session")
+def valid(tmp_path_factory):
+    """Small valid artifacts of every kind (planted features, a 2-step ACG, concepts, classes): the hostile
+    corpora derive their broken inputs from these."""
+    from planted import planted_images, write_planted_store
+
+    from stages.acg import ACGConfig
+    from stages.classify import classify
+    from stages.conceptualize import conceptualize
+    from stages.fit import TrainConfig, fit_acg
+    d = tmp_path_factory.mktemp("valid")
+    toks, labels, _ = planted_images(n_images=12, seed=1)
+    feats = write_planted_store(d / "feats.h5", toks, labels)
+    acg = fit_acg(feats, d / "acg.pt", acg=ACGConfig(depth=1), train=TrainConfig(steps=2, batch_size=4)).path
+    concepts = conceptualize(feats, str(d / "concepts.h5"), acg=acg).path
+    classes = classify(concepts, str(d / "classes"), n_classes=3).classes_file
+    return {"features": Path(feats), "acg": Path(acg), "concepts": Path(concepts), "classes": Path(classes), "dir": d}
+
+
 TEST_BACKBONE = ["--backbone", "test-vit", "--random-weights", "-q"]
 
 

@@ -12,23 +12,6 @@ from pathlib import Path
 import hostile
 import pytest
 from conftest import TEST_BACKBONE, cli, make_images
-from planted import planted_images, write_planted_store
-
-from stages.acg import ACGConfig
-from stages.classify import classify
-from stages.conceptualize import conceptualize
-from stages.fit import TrainConfig, fit_acg
-
-
-@pytest.fixture(scope="module")
-def valid(tmp_path_factory):
-    d = tmp_path_factory.mktemp("valid")
-    toks, labels, _ = planted_images(n_images=12, seed=1)
-    feats = write_planted_store(d / "feats.h5", toks, labels)
-    acg = fit_acg(feats, d / "acg.pt", acg=ACGConfig(depth=1), train=TrainConfig(steps=2, batch_size=4)).path
-    concepts = conceptualize(feats, str(d / "concepts.h5"), acg=acg).path
-    classes = classify(concepts, str(d / "classes"), n_classes=3).classes_file
-    return {"features": Path(feats), "acg": Path(acg), "concepts": Path(concepts), "classes": Path(classes), "dir": d}
 
 
 def _digest(p: Path) -> str:

@@ -15,23 +15,9 @@ import pytest
 import torch
 from conftest import TEST_BACKBONE, cli, make_images
 from PIL import Image
-from planted import planted_images, write_planted_store
 from test_hostile import _limited, one_error_line
 
-from stages.acg import ACGConfig
 from stages.classify import classify
-from stages.conceptualize import conceptualize
-from stages.fit import TrainConfig, fit_acg
-
-
-@pytest.fixture(scope="module")
-def valid(tmp_path_factory):
-    d = tmp_path_factory.mktemp("safety")
-    toks, labels, _ = planted_images(n_images=12, seed=1)
-    feats = write_planted_store(d / "feats.h5", toks, labels)
-    acg = fit_acg(feats, d / "acg.pt", acg=ACGConfig(depth=1), train=TrainConfig(steps=2, batch_size=4)).path
-    concepts = conceptualize(feats, str(d / "concepts.h5"), acg=acg).path
-    return {"features": Path(feats), "acg": Path(acg), "concepts": Path(concepts), "dir": d}
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +246,13 @@ def test_temporaries_have_unpredictable_names(valid, tmp_path, monkeypatch):
     out = tmp_path / "a.pt"
     r = cli(["fit-acg", valid["features"], "-o", out, "--steps", "2", "--batch-size", "2", "--depth", "1", "-q"])
     assert r.exit_code == 0, r.stderr
-    names = {Path(m).name.split(".")[1] for m in made}
-    assert {"a", "a"} <= names and len(made) >= 3  # checkpoint, log, curve
+    assert sorted(Path(m).name.split(".")[1] for m in made) == ["a", "a", "a"]  # checkpoint, log, curve
     assert all(Path(m).parent == tmp_path for m in made)
+    made.clear()
+    r = cli(["classify", valid["concepts"], "-K", "2", "-o", tmp_path / "labels", "--preview", tmp_path / "prev", "-q"])
+    assert r.exit_code == 0, r.stderr
+    maps = [m for m in made if Path(m).name.startswith(".img_")]
+    assert len(maps) == 2 * 12  # a label map and a preview per image, each through a fresh temporary
 
 
 def test_a_lock_taken_on_a_removed_name_is_taken_again():
