@@ -214,10 +214,10 @@ def _expected_entries(outdir: Path) -> set[str]:
     return expected
 
 
-def _prepare_outdir(outdir: Path, overwrite: bool, inputs: list) -> Path:
+def _prepare_outdir(outdir: Path, overwrite: bool, inputs: list, photos: list) -> Path:
     """Check the output folder (output.py's rules) and make the folder the run writes into."""
     check_output(outdir, overwrite, folder=True)
-    check_apart(outdir, inputs, folder=True)
+    check_apart(outdir, inputs, folder=True, photos=photos)
     if overwrite and outdir.is_dir():
         foreign = foreign_entries(outdir, _expected_entries(outdir))
         if foreign:
@@ -312,20 +312,16 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
 
     # 3. label maps at the original size, into a partial folder renamed when complete
     out = Path(outdir).absolute()
+    inputs = [*paths, centroids, match_gt]
     lock = acquire_output_lock(out)
+    tmp = None
     try:
-        tmp = _prepare_outdir(out, overwrite, [*paths, centroids, match_gt, *sorted({os.path.dirname(s) for s in store.sources})])
-    except BaseException:
-        release_output_lock(out, lock)
-        store.close()
-        raise
-    try:
+        tmp = _prepare_outdir(out, overwrite, inputs, store.sources)
         map_paths = output_paths(tmp, store.names, ".png")
+        preview_paths = output_paths(Path(preview), store.names, ".png") if preview else []
         if preview:
-            check_files_into(Path(preview), output_paths(Path(preview), store.names, ".png"), overwrite,
-                             inputs=[*paths, centroids, match_gt], photos=store.sources)
+            check_files_into(Path(preview), preview_paths, overwrite, inputs=inputs, photos=store.sources)
             check_apart(Path(preview), [out], folder=True, option="--preview")
-        png_paths = []
         params = {"n_classes": n_classes, "background_split": background_split,
                   "background_split_score": split_score if background_split else None,
                   "seed": seed, "n_init": n_init,
@@ -348,7 +344,6 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
                 else:
                     labels = upsample_labels(pmap, tuple(store.image_size[i]), upsample)
                 save_label_png(path, labels)
-                png_paths.append(path)
                 maps.append(pmap.ravel().astype(np.uint16))
                 if len(maps) == 64 or i == n - 1:
                     w.append({"grid": store.grid[start:i + 1], "image_size": store.image_size[start:i + 1],
@@ -360,12 +355,13 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
             w.f.create_dataset("centroids", data=np.asarray(cents, np.float32))
         score_res = None
         if match_gt:
-            score_res = _match_to_gt(tmp, match_gt, dataset, png_paths, n_classes, tuple(ignore_index))
+            score_res = _match_to_gt(tmp, match_gt, dataset, map_paths, n_classes, tuple(ignore_index))
         if preview:
-            _previews(Path(preview), store, png_paths, match_gt, dataset, score_res)
+            _previews(preview_paths, store, map_paths, match_gt, dataset, score_res)
         replace_folder(tmp, out)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and is_write_error(e):
             raise AcsegError(f"writing the label maps into {out.name} failed ({e.strerror or e})",
                              "check free disk space and permissions; the previous output, if any, is untouched") from None
@@ -435,13 +431,12 @@ def _class_names(dataset: str | None, matched: bool):
     return name
 
 
-def _previews(folder: Path, store: ConceptSet, png_paths: list, gt: str | None, dataset: str | None, res) -> None:
+def _previews(targets: list[Path], store: ConceptSet, png_paths: list, gt: str | None, dataset: str | None, res) -> None:
     """One picture per image: photo | prediction (| ground truth), captioned, with a legend of the classes in
     it (named by the preset when the maps were matched to one)."""
     from PIL import Image
     pal = palette(256)
     name = _class_names(dataset, res is not None)
-    targets = output_paths(folder, store.names, ".png")
     for i, p in enumerate(png_paths):
         size = display_size(tuple(store.image_size[i]))
         pred = np.asarray(Image.open(p).resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)

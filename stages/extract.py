@@ -100,10 +100,6 @@ def bound_heap() -> None:
         pass  # not glibc: nothing to tune
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
             random_weights: bool = False, short_side: int | None = None, feature: str = DEFAULT_FEATURE, layer: int = -1,
             batch_size: int = 8, workers: int = 1, device: str | None = None, strict: bool = False,

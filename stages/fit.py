@@ -456,32 +456,32 @@ def side_paths(out: Path) -> tuple[Path, Path]:
     return out.with_name(base + ".log.jsonl"), out.with_name(base + ".loss.png")
 
 
-def _resume_unusable(rp: Path, train: TrainConfig, cfg: ACGConfig, prov: dict, world: int) -> str | None:
-    """Why the resume state ``rp`` cannot continue this fit (None: it can). Its tensors are mapped, not read,
-    so a state that claims a huge tensor costs nothing before it is refused."""
+def _resume(rp: Path, train: TrainConfig, cfg: ACGConfig, prov: dict, world: int, opt) -> tuple[LoadedACG | None, str]:
+    """The resume state ``rp`` if it can continue this fit, with its optimizer state loaded into ``opt`` (the
+    last step, so nothing is changed when it cannot): (state, "") or (None, why not). Its tensors are mapped,
+    not read, so a state that claims a huge tensor costs nothing before it is refused."""
     if not is_regular(rp):
-        return "is not a regular file"
+        return None, "is not a regular file"
     try:
         state = load_checkpoint(rp, mmap=True)
     except AcsegError:
-        return "cannot be read"
+        return None, "cannot be read"
     raw = state.raw
     if not (state.train.get("config") == asdict(train) and state.model.cfg == cfg
             and state.provenance.get("store", {}).get("content_sha256") == prov["store"]["content_sha256"]
             and raw.get("world", 1) == world):
-        return "was made with other settings"
+        return None, "was made with other settings"
     if not (isinstance(raw.get("optimizer"), dict) and isinstance(raw.get("step"), int)
             and isinstance(raw.get("torch_rng"), torch.Tensor) and raw["torch_rng"].dtype == torch.uint8
             and isinstance(raw.get("history", "[]"), str) and isinstance(raw.get("schedule", "{}"), str)):
-        return "lacks part of the optimizer, step or random state"
+        return None, "lacks part of the optimizer, step or random state"
     try:
-        opt = torch.optim.AdamW(state.model.parameters())
-        opt.load_state_dict(raw["optimizer"])
         json.loads(raw.get("history", "[]"))
         json.loads(raw.get("schedule", "{}"))
+        opt.load_state_dict(raw["optimizer"])  # checks the groups and sizes before it changes anything
     except Exception:
-        return "holds an optimizer or history that does not fit"
-    return None
+        return None, "holds an optimizer or history that does not fit"
+    return state, ""
 
 
 def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: TrainConfig | None = None,
@@ -543,11 +543,9 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         sched = Schedule(train)
         rp = resume_path(out)
         if resume and os.path.lexists(rp):
-            why = _resume_unusable(rp, train, cfg, prov, world)
-            if why is None:
-                state = load_checkpoint(rp, mmap=True)
+            state, why = _resume(rp, train, cfg, prov, world, opt)
+            if state is not None:
                 core.load_state_dict(state.model.state_dict())
-                opt.load_state_dict(state.raw["optimizer"])
                 start = int(state.raw["step"])
                 history = json.loads(state.raw.get("history", "[]"))
                 sched.load_state(json.loads(state.raw.get("schedule", "{}")))

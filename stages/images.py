@@ -7,6 +7,7 @@ Decoding applies the EXIF orientation, turns grayscale, palette, RGBA, CMYK and 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -220,8 +221,6 @@ def safe_output_path(root: Path, name: str, suffix: str) -> Path:
     return out
 
 
-
-
 def output_paths(root: Path, names: list[str], suffix: str) -> list[Path]:
     """One path per image name under ``root`` (``safe_output_path``), all different: names that differ only
     by their extension (``a.png``, ``a.jpg``) keep it (``a.png.png``, ``a.jpg.png``), and names given twice
@@ -242,7 +241,6 @@ def output_paths(root: Path, names: list[str], suffix: str) -> list[Path]:
             p = safe_output_path(root, f"{names[i]}~{k}.x", suffix)
         taken.add(p)
         paths[i] = p
-    import logging
     logging.getLogger("acseg").warning("%d images share a name apart from the extension; their outputs keep it "
                                        "(e.g. %s)", len(clashing), paths[clashing[0]].name)
     return paths

@@ -85,18 +85,24 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_apart(output: Path, inputs: Iterable, *, folder: bool = False, option: str = "-o") -> None:
-    """Rule 2: ``output`` is none of ``inputs``; an output folder holds none of them (nor lies inside a folder
-    given as input, where its files could take an input's name)."""
+def check_apart(output: Path, inputs: Iterable, *, folder: bool = False, photos: Iterable = (),
+                option: str = "-o") -> None:
+    """Rule 2: ``output`` is none of ``inputs`` (None entries are skipped); an output folder holds none of them,
+    nor lies inside a folder given as input or a folder of ``photos`` (where its files could take a photo's
+    name, or be taken for photos by the next ``extract``)."""
     out = _real(output)
-    for i in inputs:
+    folders = sorted({os.path.dirname(_real(p)) for p in photos}) if folder else []
+    for i in [*inputs, *folders]:
         if i is None:
             continue
         src = _real(i)
         if out == src:
             raise UsageError(f"{option} {output} is the input {i}", f"write the output elsewhere with {option}")
-        if folder and (_inside(src, out) or (os.path.isdir(src) and _inside(out, src))):
-            raise UsageError(f"{option} {output} {'holds' if _inside(src, out) else 'lies inside'} the input {i}",
+        if not folder:
+            continue
+        holds = _inside(src, out)
+        if holds or (os.path.isdir(src) and _inside(out, src)):
+            raise UsageError(f"{option} {output} {'holds' if holds else 'lies inside'} the input {i}",
                              f"choose a folder apart from the inputs with {option}")
 
 
@@ -209,10 +215,9 @@ def check_files_into(folder: Path, targets: Iterable[Path], overwrite: bool, *, 
     folder = Path(folder)
     if os.path.lexists(folder) and not (os.path.isdir(folder) and not os.path.islink(folder)):
         raise AcsegError(f"{option} {folder} exists and is not a folder", f"choose another {option}")
-    photos = {_real(i) for i in photos}
-    srcs = {_real(i) for i in inputs if i is not None} | photos
-    check_apart(folder, [i for i in inputs if i is not None], folder=True, option=option)
-    check_apart(folder, sorted({os.path.dirname(s) for s in photos}), folder=True, option=option)
+    inputs, photos = [i for i in inputs if i is not None], list(photos)
+    check_apart(folder, inputs, folder=True, photos=photos, option=option)
+    srcs = {_real(i) for i in [*inputs, *photos]}
     for t in targets:
         if _real(t) in srcs:
             raise UsageError(f"{option} would write {t}, an input", f"choose another {option}")
@@ -230,8 +235,7 @@ def check_files_into(folder: Path, targets: Iterable[Path], overwrite: bool, *, 
 def foreign_entries(folder: Path, expected: set[str]) -> list[str]:
     """The entries of ``folder`` (relative POSIX paths) that are not in ``expected`` (relative file paths)
     nor folders leading to one: what an ``--overwrite`` of a folder output must not remove."""
-    dirs = {str(Path(e).parent.as_posix()) for e in expected}
-    dirs |= {p.as_posix() for e in expected for p in Path(e).parents}
+    dirs = {p.as_posix() for e in expected for p in Path(e).parents}
     out = []
     for root, dnames, fnames in os.walk(folder):
         rel = Path(root).relative_to(folder)

@@ -196,18 +196,28 @@ def _score_one(item):
             bad = np.unique(gt[g == INVALID])[:5].tolist()
             return _invalid_ids(gp, bad)
         # only the ids that occur count: one pixel of id 12000 must not make a 12000 x 12000 matrix
-        pred_ids, pred_c = np.unique(pred, return_inverse=True)
+        pred_ids, pred_c = _compact(pred)
         if _W["n_classes"]:
             cls_ids, g_c = np.arange(_W["n_classes"]), g
         else:
-            cls_ids, g_c = np.unique(np.where(g < 0, -1, g), return_inverse=True)
-            if cls_ids[0] < 0:
-                cls_ids, g_c = cls_ids[1:], g_c - 1
-        c = confusion(pred_c.reshape(pred.shape), g_c.reshape(g.shape), len(pred_ids), max(1, len(cls_ids)))
+            cls_ids, g_c = _compact(g)
+        c = confusion(pred_c, g_c, len(pred_ids), max(1, len(cls_ids)))
         c = c[:, :len(cls_ids)]  # an image whose pixels are all ignored has no class
-        return ("ok", key, (pred_ids.astype(np.int64), cls_ids.astype(np.int64), c), int(c.sum()))
+        return ("ok", key, (pred_ids, cls_ids, c), int(c.sum()))
     except _LabelError as e:
         return ("error", str(e))
+
+
+def _compact(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the ids >= 0 that occur in ``a``, in increasing order; ``a`` with each id replaced by its index among
+    them, negative ids (ignored) by -1). One bincount: ids are below 65536 (read_label_map checks)."""
+    shifted = a.astype(np.int64) + 1  # ignored (-1) -> 0
+    seen = np.bincount(shifted.ravel(), minlength=1)
+    seen[0] = 0
+    present = np.flatnonzero(seen)
+    index = np.full(len(seen), -1, np.int64)
+    index[present] = np.arange(len(present))
+    return present - 1, index[shifted]
 
 
 def _invalid_ids(gp, bad) -> tuple:

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import __version__
 from .errors import AcsegError
-from .output import acquire_output_lock, check_output, is_regular, lock_path, release_output_lock, temp_path  # noqa: F401
+from .output import acquire_output_lock, check_output, is_regular, release_output_lock, remove_quietly, temp_path
 
 SCHEMA_VERSION = 1
 BROKEN_WRITES: list[str] = []  # HDF5 files whose writes failed in this process (their handles cannot be trusted)
@@ -113,7 +113,7 @@ class StoreWriter:
             try:
                 if self.resume and is_regular(self.tmp) and self._try_resume():
                     return self
-                self._create()
+                self._create(rename_to=self.tmp)
             except (OSError, RuntimeError) as e:
                 if is_write_error(e):
                     self._write_failed(e)
@@ -153,22 +153,19 @@ class StoreWriter:
             release_output_lock(self.path, self._lock_fd)
             self._lock_fd = None
 
-    def _create(self, path: Path | None = None) -> None:
-        """A new file, made under an unpredictable name and then renamed to ``path`` (the partial file by
-        default) while open: nothing planted at ``path`` is ever opened or written through."""
-        path = path or self.tmp
-        fresh = temp_path(path, ".h5")
+    def _create(self, rename_to: Path | None = None) -> Path:
+        """A new file under an unpredictable name (nothing planted can be opened or written through), renamed
+        while open to ``rename_to`` (None: kept under its own name, e.g. a resume's copy). Returns its path."""
+        fresh = temp_path(self.tmp, ".h5")
         try:
             f = h5py.File(fresh, "w")
             if not os.path.samestat(os.fstat(f.id.get_vfd_handle()), os.lstat(fresh)):
                 f.close()
                 raise AcsegError(f"{fresh} was replaced while acseg created it", "check who else writes into that folder")
-            os.replace(fresh, path)
+            if rename_to is not None:
+                os.replace(fresh, rename_to)
         except BaseException:
-            try:
-                os.unlink(fresh)
-            except OSError:
-                pass
+            remove_quietly(fresh)
             raise
         self.f = f
         for k, v in self._root_attrs().items():
@@ -190,6 +187,7 @@ class StoreWriter:
             else:
                 f.create_dataset(name, data=data)
         f.flush()
+        return rename_to or fresh
 
     def _root_attrs(self) -> dict:
         a = {
@@ -225,8 +223,7 @@ class StoreWriter:
                 n = int(a.get("n_done", -1))
                 if not ok or n < 0:
                     return False
-                fresh = temp_path(self.tmp, ".h5")
-                self._create(path=fresh)
+                fresh = self._create()
                 f = self.f
                 for k, v in a.items():
                     f.attrs[k] = v
@@ -259,8 +256,8 @@ class StoreWriter:
                 except Exception:
                     pass
                 self.f = None
-            if fresh is not None and fresh.exists():
-                fresh.unlink()
+            if fresh is not None:
+                remove_quietly(fresh)
             return False
 
     # -- writing ---------------------------------------------------------------------------------
@@ -290,11 +287,7 @@ class StoreWriter:
         if self.f is not None:
             _ABANDONED.append(self.f)
             self.f = None
-        for p in (self.tmp,):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+        remove_quietly(self.tmp)
 
     def _write_failed(self, e: Exception):
         """A write the disk refused: one clear error."""

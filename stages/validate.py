@@ -13,9 +13,9 @@ from .errors import UsageError
 
 def integer(option: str, value, *, min: int | None = None, max: int | None = None, hint: str = "") -> int:
     """``value`` as an int within [min, max] (bool and non-integral floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not isinstance(value, int) or isinstance(value, bool):
         try:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError
             value = int(value)
         except (TypeError, ValueError, OverflowError):

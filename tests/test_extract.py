@@ -307,7 +307,7 @@ def test_a_full_disk_is_one_error_and_the_previous_output_survives(images, tmp_p
 
 
 def test_a_second_writer_of_the_same_output_is_refused(images, tmp_path):
-    from stages.store import acquire_output_lock, release_output_lock
+    from stages.output import acquire_output_lock, release_output_lock
     out = tmp_path / "f.h5"
     fd = acquire_output_lock(out)  # as another process holding the output
     try:
