@@ -33,7 +33,10 @@ venv: $(STAMP)
 demo: venv
 	@$(MAKE) --no-print-directory -C examples ACSEG=$(BIN)/acseg OUT=$(DEMO_OUT) FIT_FLAGS=--no-whiten $(DEMO_ARGS)
 
+# lint and format check first (ruff, configured in pyproject.toml; `ruff format` fixes the format), then the suite
 test: venv
+	$(BIN)/ruff check --quiet .
+	$(BIN)/ruff format --quiet --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean-demo:

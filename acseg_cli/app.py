@@ -15,9 +15,9 @@ from . import backbones, classify, conceptualize, extract, fit_acg, merge, score
 
 app = typer.Typer(
     name="acseg",
-    help="Unsupervised semantic segmentation by adaptive conceptualization (ACSeg), as Unix-style stages.\n\n"
-         "Each stage reads a file and prints the path of the file it wrote, so stages chain in pipes:\n\n"
-         "  acseg extract imgs/ -o feats.h5 | acseg conceptualize | acseg classify --n-classes 11 -o out/",
+    help="Unsupervised semantic segmentation by adaptive conceptualization (ACSeg), as Unix-style stages.\n\nEach "
+    "stage reads a file and prints the path of the file it wrote, so stages chain in pipes:\n\n  acseg extract "
+    "imgs/ -o feats.h5 | acseg conceptualize | acseg classify --n-classes 11 -o out/",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -32,8 +32,11 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
-                                                          help="Print the version and exit.")] = None):
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+):
     """acseg: ACSeg as Unix-style stages."""
 
 
@@ -56,10 +59,12 @@ def teardown_can_be_skipped() -> bool:
         return False
     if "h5py" in sys.modules:
         import h5py
+
         if any(fid.get_intent() & h5py.h5f.ACC_RDWR for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)):
             return False
     import multiprocessing
     import threading
+
     if multiprocessing.active_children():
         return False
     if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
@@ -70,6 +75,7 @@ def teardown_can_be_skipped() -> bool:
 
 def _leave(code: int) -> None:
     import logging
+
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -84,7 +90,9 @@ def main() -> None:
         app()
     except SystemExit as e:
         store = sys.modules.get("stages.store")  # never imported here: under a low memory limit h5py may not load
-        if store is not None and store.BROKEN_WRITES:  # after a failed HDF5 write, libhdf5's teardown can crash: leave without it
+        if (
+            store is not None and store.BROKEN_WRITES
+        ):  # after a failed HDF5 write, libhdf5's teardown can crash: leave without it
             _leave(e.code if isinstance(e.code, int) else 1)
         if (e.code is None or isinstance(e.code, int)) and teardown_can_be_skipped():
             _leave(e.code or 0)

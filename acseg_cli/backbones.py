@@ -18,8 +18,10 @@ def print_backbones(as_json: bool = False) -> None:
         return
     for r in rows:
         mark = " (default)" if r["default"] else ""
-        sys.stdout.write(f"{r['name']:<20} patch {r['patch']:<3} short side {r['short_side']:<4} "
-                         f"{r['timm_name']:<40} {r['source']}{mark}\n")
+        sys.stdout.write(
+            f"{r['name']:<20} patch {r['patch']:<3} short side {r['short_side']:<4} {r['timm_name']:<40} "
+            f"{r['source']}{mark}\n"
+        )
 
 
 @stage

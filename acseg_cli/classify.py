@@ -7,8 +7,19 @@ from typing import Annotated, List, Optional
 
 import typer
 
-
-from .options import JsonOut, Overwrite, Progress, Quiet, Verbose, emit, fail, info, resolve_inputs, setup_logging, stage
+from .options import (
+    JsonOut,
+    Overwrite,
+    Progress,
+    Quiet,
+    Verbose,
+    emit,
+    fail,
+    info,
+    resolve_inputs,
+    setup_logging,
+    stage,
+)
 
 
 class BackgroundSplit(str, Enum):  # the values of stages.classify.BACKGROUND_SPLITS
@@ -18,23 +29,80 @@ class BackgroundSplit(str, Enum):  # the values of stages.classify.BACKGROUND_SP
 
 @stage
 def command(
-    concepts: Annotated[Optional[List[str]], typer.Argument(
-        help="Concepts store(s): one, or the parts (shards) of one dataset, clustered together; omitted or '-' reads "
-             "the paths from stdin.", show_default=False)] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder for the label maps and classes.h5.")] = None,
-    n_classes: Annotated[Optional[int], typer.Option("--n-classes", "-K", help="Number of classes (including background when split).")] = None,
-    background_split: Annotated[BackgroundSplit, typer.Option("--background-split", help="'on': split off a background class (class 0) per image, the concepts of low CLS-attention density (the paper's step); 'off': every concept goes to the k-means. Off by default: on ACSeg's concepts it lost on street scenes and on figure/ground photos alike.")] = BackgroundSplit.off,
-    no_background_split: Annotated[bool, typer.Option("--no-background-split", hidden=True, help="The same as --background-split off.")] = False,
+    concepts: Annotated[
+        Optional[List[str]],
+        typer.Argument(
+            help="Concepts store(s): one, or the parts (shards) of one dataset, clustered together; omitted or '-' "
+            "reads the paths from stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[str], typer.Option("--output", "-o", help="Output folder for the label maps and classes.h5.")
+    ] = None,
+    n_classes: Annotated[
+        Optional[int], typer.Option("--n-classes", "-K", help="Number of classes (including background when split).")
+    ] = None,
+    background_split: Annotated[
+        BackgroundSplit,
+        typer.Option(
+            "--background-split",
+            help="'on': split off a background class (class 0) per image, the concepts of low CLS-attention density "
+            "(the paper's step); 'off': every concept goes to the k-means. Off by default: on ACSeg's concepts it "
+            "lost on street scenes and on figure/ground photos alike.",
+        ),
+    ] = BackgroundSplit.off,
+    no_background_split: Annotated[
+        bool, typer.Option("--no-background-split", hidden=True, help="The same as --background-split off.")
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
     n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts.")] = 10,
-    weighting: Annotated[str, typer.Option("--weighting", help="Weight of each concept in the k-means: 'pixels' (its pixel count, so the classes fit the pixels the score counts), 'sqrt-pixels' or 'none' (every concept alike).")] = "pixels",
-    upsample: Annotated[str, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")] = "bilinear",
-    centroids: Annotated[Optional[str], typer.Option("--centroids", help="Apply the classes fitted earlier (a classes.h5) instead of clustering.")] = None,
-    match_gt: Annotated[Optional[str], typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching).")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Preset of the ground truth for --match-gt (none: its ids are the classes, as score reads them).")] = None,
-    ignore_index: Annotated[Optional[List[int]], typer.Option("--ignore-index", help="Ground-truth id(s) --match-gt ignores (as score's); without a preset the first one also marks unmatched clusters (default 255).")] = None,
-    preview: Annotated[Optional[str], typer.Option("--preview", help="Write photo / prediction (/ ground truth) pictures here.")] = None,
-    crf: Annotated[bool, typer.Option("--crf", help="Refine each label map with a dense CRF on its photo (needs the optional package pydensecrf2 and the original photos; replaces --upsample).")] = False,
+    weighting: Annotated[
+        str,
+        typer.Option(
+            "--weighting",
+            help="Weight of each concept in the k-means: 'pixels' (its pixel count, so the classes fit the pixels the "
+            "score counts), 'sqrt-pixels' or 'none' (every concept alike).",
+        ),
+    ] = "pixels",
+    upsample: Annotated[
+        str, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")
+    ] = "bilinear",
+    centroids: Annotated[
+        Optional[str],
+        typer.Option("--centroids", help="Apply the classes fitted earlier (a classes.h5) instead of clustering."),
+    ] = None,
+    match_gt: Annotated[
+        Optional[str],
+        typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching)."),
+    ] = None,
+    dataset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Preset of the ground truth for --match-gt (none: its ids are the classes, as score reads them).",
+        ),
+    ] = None,
+    ignore_index: Annotated[
+        Optional[List[int]],
+        typer.Option(
+            "--ignore-index",
+            help="Ground-truth id(s) --match-gt ignores (as score's); without a preset the first one also marks "
+            "unmatched clusters (default 255).",
+        ),
+    ] = None,
+    preview: Annotated[
+        Optional[str], typer.Option("--preview", help="Write photo / prediction (/ ground truth) pictures here.")
+    ] = None,
+    crf: Annotated[
+        bool,
+        typer.Option(
+            "--crf",
+            help="Refine each label map with a dense CRF on its photo (needs the optional package pydensecrf2 and the "
+            "original photos; replaces --upsample).",
+        ),
+    ] = False,
     crf_iterations: Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations of --crf.")] = 10,
     overwrite: Overwrite = False,
     as_json: JsonOut = False,
@@ -53,12 +121,35 @@ def command(
         fail("--crf-iterations must be >= 0; pass 0 (the bilinear map unchanged) or more", 2)
 
     with Progress("classify") as bar:
-        res = classify(concepts, output, n_classes=n_classes, background_split="off" if no_background_split else background_split.value, seed=seed,
-                       n_init=n_init, weighting=weighting, upsample=upsample, centroids=centroids, match_gt=match_gt, dataset=dataset, ignore_index=tuple(ignore_index or ()),
-                       preview=preview, crf=crf, crf_params=CRFParams(iterations=crf_iterations), overwrite=overwrite, progress=bar)
+        res = classify(
+            concepts,
+            output,
+            n_classes=n_classes,
+            background_split="off" if no_background_split else background_split.value,
+            seed=seed,
+            n_init=n_init,
+            weighting=weighting,
+            upsample=upsample,
+            centroids=centroids,
+            match_gt=match_gt,
+            dataset=dataset,
+            ignore_index=tuple(ignore_index or ()),
+            preview=preview,
+            crf=crf,
+            crf_params=CRFParams(iterations=crf_iterations),
+            overwrite=overwrite,
+            progress=bar,
+        )
     msg = f"{res.n_images} label maps with {res.n_classes} classes in {res.path}"
     if res.score:
         msg += f"; matched to ground truth: mIoU {100 * res.score['miou']:.1f}"
     info(msg)
-    emit(res.path, as_json, kind="labelmaps", n_images=res.n_images, n_classes=res.n_classes,
-         classes=res.classes_file, miou=res.score["miou"] if res.score else None)
+    emit(
+        res.path,
+        as_json,
+        kind="labelmaps",
+        n_images=res.n_images,
+        n_classes=res.n_classes,
+        classes=res.classes_file,
+        miou=res.score["miou"] if res.score else None,
+    )

@@ -16,8 +16,10 @@ def help_text(cmd: str) -> str:
     from typer.testing import CliRunner
 
     from .app import app
+
     r = CliRunner(env={"COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1", "_TYPER_FORCE_DISABLE_TERMINAL": "1"}).invoke(
-        app, [cmd, "--help"], prog_name="acseg")
+        app, [cmd, "--help"], prog_name="acseg"
+    )
     lines = [ln.rstrip() for ln in r.stdout.splitlines()]
     return "\n".join(lines).strip("\n") + "\n"
 

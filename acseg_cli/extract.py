@@ -10,28 +10,84 @@ import typer
 from stages.presets import DEFAULT_BACKBONE, DEFAULT_FEATURE
 
 from .backbones import print_backbones
-from .options import Device, JsonOut, Overwrite, Progress, Quiet, Resume, Verbose, emit, fail, info, setup_logging, stage
+from .options import (
+    Device,
+    JsonOut,
+    Overwrite,
+    Progress,
+    Quiet,
+    Resume,
+    Verbose,
+    emit,
+    fail,
+    info,
+    setup_logging,
+    stage,
+)
 
 
 @stage
 def command(
-    inputs: Annotated[Optional[List[str]], typer.Argument(
-        help="Image files, folders (searched recursively) or .txt lists of image paths; '-' reads a list from stdin.",
-        show_default=False)] = None,
+    inputs: Annotated[
+        Optional[List[str]],
+        typer.Argument(
+            help="Image files, folders (searched recursively) or .txt lists of image paths; '-' reads a list from "
+            "stdin.",
+            show_default=False,
+        ),
+    ] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Feature store to write (.h5).")] = None,
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Backbone preset (see --list-backbones).")] = DEFAULT_BACKBONE,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="Local weights file (.pth/.safetensors) for the backbone.")] = None,
-    random_weights: Annotated[bool, typer.Option("--random-weights", help="Random backbone weights (tests only).")] = False,
-    short_side: Annotated[Optional[int], typer.Option("--short-side", help="Resize the short side to this (default: the backbone's, e.g. 448 for patch 14).")] = None,
-    feature: Annotated[str, typer.Option("--feature", help="Pixel features: 'keys' (the block's attention keys, heads side by side) or 'tokens' (the block's output after the final norm).")] = DEFAULT_FEATURE,
-    layer: Annotated[int, typer.Option("--layer", help="Block whose keys or output are the features (0-based; -1 = last).")] = -1,
+    backbone: Annotated[
+        str, typer.Option("--backbone", "-b", help="Backbone preset (see --list-backbones).")
+    ] = DEFAULT_BACKBONE,
+    weights: Annotated[
+        Optional[str], typer.Option("--weights", help="Local weights file (.pth/.safetensors) for the backbone.")
+    ] = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Random backbone weights (tests only).")
+    ] = False,
+    short_side: Annotated[
+        Optional[int],
+        typer.Option(
+            "--short-side", help="Resize the short side to this (default: the backbone's, e.g. 448 for patch 14)."
+        ),
+    ] = None,
+    feature: Annotated[
+        str,
+        typer.Option(
+            "--feature",
+            help="Pixel features: 'keys' (the block's attention keys, heads side by side) or 'tokens' (the block's "
+            "output after the final norm).",
+        ),
+    ] = DEFAULT_FEATURE,
+    layer: Annotated[
+        int, typer.Option("--layer", help="Block whose keys or output are the features (0-based; -1 = last).")
+    ] = -1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option("--workers", help="Decoding worker processes (0 = in the main process).")] = 1,
     device: Device = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Process only shard i of N (0-based, e.g. 3/16) of the input list; join the shard stores with 'acseg merge'.")] = None,
-    max_aspect: Annotated[float, typer.Option("--max-aspect", help="Skip images whose long side exceeds this many times the short side (their patch count, and memory, grow with it).")] = 8.0,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
-    list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbone presets and exit.")] = False,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(
+            "--shard",
+            help="Process only shard i of N (0-based, e.g. 3/16) of the input list; join the shard stores with 'acseg "
+            "merge'.",
+        ),
+    ] = None,
+    max_aspect: Annotated[
+        float,
+        typer.Option(
+            "--max-aspect",
+            help="Skip images whose long side exceeds this many times the short side (their patch count, and memory, "
+            "grow with it).",
+        ),
+    ] = 8.0,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")
+    ] = False,
+    list_backbones: Annotated[
+        bool, typer.Option("--list-backbones", help="List the backbone presets and exit.")
+    ] = False,
     overwrite: Overwrite = False,
     resume: Resume = False,
     as_json: JsonOut = False,
@@ -56,13 +112,35 @@ def command(
     from stages.extract import extract as run_extract
 
     with Progress("extract") as bar:
-        res = run_extract(inputs, output, backbone=backbone, weights=weights, random_weights=random_weights,
-                          short_side=short_side, feature=feature, layer=layer, batch_size=batch_size, workers=workers,
-                          device=device, strict=strict, overwrite=overwrite, resume=resume, list_text=list_text,
-                          shard=shard, max_aspect=max_aspect, progress=bar)
+        res = run_extract(
+            inputs,
+            output,
+            backbone=backbone,
+            weights=weights,
+            random_weights=random_weights,
+            short_side=short_side,
+            feature=feature,
+            layer=layer,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            strict=strict,
+            overwrite=overwrite,
+            resume=resume,
+            list_text=list_text,
+            shard=shard,
+            max_aspect=max_aspect,
+            progress=bar,
+        )
     msg = f"extracted {res.n_images} images"
     if res.n_skipped:
         msg += f", skipped {res.n_skipped} unusable (listed above and in the store's 'skipped' attribute)"
     info(msg)
-    emit(res.path, as_json, kind="features", n_images=res.n_images, n_skipped=res.n_skipped,
-         resumed_from=res.resumed_from)
+    emit(
+        res.path,
+        as_json,
+        kind="features",
+        n_images=res.n_images,
+        n_skipped=res.n_skipped,
+        resumed_from=res.resumed_from,
+    )

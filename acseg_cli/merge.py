@@ -11,9 +11,13 @@ from .options import JsonOut, Overwrite, Quiet, Verbose, emit, fail, info, setup
 
 @stage
 def command(
-    shards: Annotated[Optional[List[str]], typer.Argument(
-        help="The shard stores of one split (features from 'extract --shard i/N', or the concepts made from them).",
-        show_default=False)] = None,
+    shards: Annotated[
+        Optional[List[str]],
+        typer.Argument(
+            help="The shard stores of one split (features from 'extract --shard i/N', or the concepts made from them).",
+            show_default=False,
+        ),
+    ] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Merged store to write (.h5).")] = None,
     overwrite: Overwrite = False,
     as_json: JsonOut = False,

@@ -26,9 +26,12 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stder
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object per artifact instead of its path.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its partial file.")]
-InputArg = Annotated[Optional[str], typer.Argument(help="Input file; omitted or '-' reads its path from stdin.",
-                                                   show_default=False)]
-Device = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda when available, else cpu).")]
+InputArg = Annotated[
+    Optional[str], typer.Argument(help="Input file; omitted or '-' reads its path from stdin.", show_default=False)
+]
+Device = Annotated[
+    Optional[str], typer.Option("--device", help="torch device (default: cuda when available, else cpu).")
+]
 
 _state = {"verbose": 0}
 
@@ -62,7 +65,11 @@ def debug_enabled() -> bool:
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     _state["verbose"] = verbose
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose >= 1 else logging.WARNING)
+    level = (
+        logging.ERROR
+        if quiet
+        else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose >= 1 else logging.WARNING)
+    )
     root = logging.getLogger("acseg")
     root.handlers.clear()
     h = logging.StreamHandler(sys.stderr)
@@ -145,6 +152,7 @@ def stage(fn: Callable) -> Callable:
     """Wrap a command: library errors -> one line and exit 1 (2 for usage), Ctrl-C -> 130, closed pipe -> quiet."""
 
     import inspect
+
     has_batch_size = "batch_size" in inspect.signature(fn).parameters  # the advice names only options it has
 
     @functools.wraps(fn)
@@ -167,8 +175,15 @@ def stage(fn: Callable) -> Callable:
             raise typer.Exit(0)
         except MemoryError:
             _trace()
-            fail("out of memory; " + ("lower --batch-size or process fewer images at once" if has_batch_size
-                                      else "process fewer images at once, or free memory"), 1)
+            fail(
+                "out of memory; "
+                + (
+                    "lower --batch-size or process fewer images at once"
+                    if has_batch_size
+                    else "process fewer images at once, or free memory"
+                ),
+                1,
+            )
         except OSError as e:
             _trace()
             fail(f"{e.strerror or e} ({e.filename or 'I/O'}); check free disk space and permissions", 1)
@@ -182,6 +197,7 @@ def stage(fn: Callable) -> Callable:
 def _trace() -> None:
     if debug_enabled():
         import traceback
+
         traceback.print_exc(file=sys.stderr)
 
 
@@ -210,11 +226,30 @@ class Progress:
 
     def __enter__(self):
         if self.enabled and self.tty:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RP, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-            self._bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
-                           TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[extra]}"),
-                           console=err_console, redirect_stdout=False, redirect_stderr=False, transient=False)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RP,
+            )
+
+            self._bar = RP(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(self.unit),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[extra]}"),
+                console=err_console,
+                redirect_stdout=False,
+                redirect_stderr=False,
+                transient=False,
+            )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=None, extra="")
         return self
@@ -231,11 +266,12 @@ class Progress:
             rate = done / max(1e-9, now - self._t0)
             bound = "at most " if self.total_is_bound else ""
             eta = f", {bound}{duration((total - done) / rate)} left" if 0 < done < total and rate > 0 else ""
-            sys.stderr.write(f"{self.description}: {done}/{total} {self.unit} ({rate:.1f}/s{eta}) {extra}".rstrip() + "\n")
+            sys.stderr.write(
+                f"{self.description}: {done}/{total} {self.unit} ({rate:.1f}/s{eta}) {extra}".rstrip() + "\n"
+            )
             sys.stderr.flush()
 
     def __exit__(self, *exc):
         if self._bar is not None:
             self._bar.__exit__(*exc)
         return False
-

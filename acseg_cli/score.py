@@ -9,13 +9,15 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from stages.score import confusion_png, score as run_score
+from stages.score import confusion_png
+from stages.score import score as run_score
 
 from .options import Progress, Quiet, Verbose, err_console, resolve_input, setup_logging, stage
 
 
 def print_table(res: dict) -> None:
     from rich.table import Table
+
     t = Table(title=f"{res['protocol']} matching, {res['n_images']} images", title_justify="left")
     t.add_column("class")
     t.add_column("IoU", justify="right")
@@ -27,25 +29,50 @@ def print_table(res: dict) -> None:
     t.add_row("pixel accuracy", f"{100 * res['pixel_accuracy']:.1f}", "")
     err_console.print(t)
     if res.get("unmatched_pixels"):
-        err_console.print(f"{len(res['unmatched_ids'])} prediction ids were left unmatched; their "
-                          f"{res['unmatched_pixels']} pixels count as errors (see --protocol majority)")
+        err_console.print(
+            f"{len(res['unmatched_ids'])} prediction ids were left unmatched; their {res['unmatched_pixels']} pixels "
+            f"count as errors (see --protocol majority)"
+        )
 
 
 @stage
 def command(
-    pred: Annotated[Optional[str], typer.Argument(help="Folder of predicted label-map PNGs; '-' reads its path from stdin.",
-                                                  show_default=False)] = None,
-    gt: Annotated[Optional[str], typer.Argument(help="Folder of ground-truth label-map PNGs.", show_default=False)] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Label preset: voc, cocostuff27, cityscapes27, camvid11, ade20k.")] = None,
-    ignore_index: Annotated[Optional[List[int]], typer.Option("--ignore-index", help="Ground-truth id to ignore (repeatable).")] = None,
-    protocol: Annotated[str, typer.Option("--protocol", help="hungarian (one-to-one), majority (many-to-one) or per-image.")] = "hungarian",
-    pred_suffix: Annotated[str, typer.Option("--pred-suffix", help="Suffix of prediction stems to strip before pairing.")] = "",
-    gt_suffix: Annotated[str, typer.Option("--gt-suffix", help="Suffix of ground-truth stems to strip (e.g. _gtFine_labelIds).")] = "",
-    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score the pairs that exist instead of failing.")] = False,
-    resize_pred: Annotated[Optional[str], typer.Option("--resize-pred", help="'nearest' resizes predictions to the ground truth's size.")] = None,
+    pred: Annotated[
+        Optional[str],
+        typer.Argument(help="Folder of predicted label-map PNGs; '-' reads its path from stdin.", show_default=False),
+    ] = None,
+    gt: Annotated[
+        Optional[str], typer.Argument(help="Folder of ground-truth label-map PNGs.", show_default=False)
+    ] = None,
+    dataset: Annotated[
+        Optional[str],
+        typer.Option("--dataset", "-d", help="Label preset: voc, cocostuff27, cityscapes27, camvid11, ade20k."),
+    ] = None,
+    ignore_index: Annotated[
+        Optional[List[int]], typer.Option("--ignore-index", help="Ground-truth id to ignore (repeatable).")
+    ] = None,
+    protocol: Annotated[
+        str, typer.Option("--protocol", help="hungarian (one-to-one), majority (many-to-one) or per-image.")
+    ] = "hungarian",
+    pred_suffix: Annotated[
+        str, typer.Option("--pred-suffix", help="Suffix of prediction stems to strip before pairing.")
+    ] = "",
+    gt_suffix: Annotated[
+        str, typer.Option("--gt-suffix", help="Suffix of ground-truth stems to strip (e.g. _gtFine_labelIds).")
+    ] = "",
+    allow_missing: Annotated[
+        bool, typer.Option("--allow-missing", help="Score the pairs that exist instead of failing.")
+    ] = False,
+    resize_pred: Annotated[
+        Optional[str], typer.Option("--resize-pred", help="'nearest' resizes predictions to the ground truth's size.")
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", help="PNG decoding processes (0: one per core, at most 4).")] = 0,
-    no_confusion: Annotated[bool, typer.Option("--no-confusion", help="Leave the confusion matrices out of the JSON.")] = False,
-    confusion_png_path: Annotated[Optional[str], typer.Option("--confusion-png", help="Draw the matched confusion matrix here.")] = None,
+    no_confusion: Annotated[
+        bool, typer.Option("--no-confusion", help="Leave the confusion matrices out of the JSON.")
+    ] = False,
+    confusion_png_path: Annotated[
+        Optional[str], typer.Option("--confusion-png", help="Draw the matched confusion matrix here.")
+    ] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ):
@@ -53,16 +80,29 @@ def command(
     setup_logging(verbose, quiet)
     if gt is None:
         from .options import fail
+
         fail("missing GT: pass PRED GT (PRED may be '-' to read its path from stdin)", 2)
     pred = resolve_input(pred)
     if confusion_png_path:  # checked before the scoring: a link, device or input is never replaced
         from stages.output import check_apart, check_output
+
         check_output(Path(confusion_png_path).absolute(), True, option="--confusion-png")
         check_apart(Path(confusion_png_path), [pred, gt], option="--confusion-png")
     with Progress("score") as bar:
-        res = run_score(pred, gt, dataset=dataset, ignore_index=tuple(ignore_index or ()), protocol=protocol,
-                        pred_suffix=pred_suffix, gt_suffix=gt_suffix, allow_missing=allow_missing,
-                        resize_pred=resize_pred, workers=workers, include_confusion=True, progress=bar)
+        res = run_score(
+            pred,
+            gt,
+            dataset=dataset,
+            ignore_index=tuple(ignore_index or ()),
+            protocol=protocol,
+            pred_suffix=pred_suffix,
+            gt_suffix=gt_suffix,
+            allow_missing=allow_missing,
+            resize_pred=resize_pred,
+            workers=workers,
+            include_confusion=True,
+            progress=bar,
+        )
     if confusion_png_path:
         confusion_png(res, confusion_png_path)
     if not quiet:

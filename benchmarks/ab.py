@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 
-CHILD = r'''
+CHILD = r"""
 import sys, time, tempfile, json
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
@@ -51,7 +51,7 @@ with torch.inference_mode():
             model.infer(buf[:e - s].copy_(xs[s:e]), inplace=True, low=low[:e - s])
         f.append(m / (time.perf_counter() - t))
 print(json.dumps({"stage": float(np.median(r)), "infer": float(np.median(f))}))
-'''
+"""
 
 
 def main():
@@ -68,15 +68,27 @@ def main():
     res = {"old": [], "new": []}
     for _ in range(a.pairs):
         for side in ("old", "new"):
-            out = subprocess.run([sys.executable, "-c", CHILD, getattr(a, side), a.features, a.acg or "", a.method],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, getattr(a, side), a.features, a.acg or "", a.method],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             res[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     wins = sum(n["stage"] > o["stage"] for o, n in zip(res["old"], res["new"]))
     for side in res:
         stage = [x["stage"] for x in res[side]]
-        print(json.dumps({"side": side, "tree": getattr(a, side), "stage_img_per_s": [round(x) for x in stage],
-                          "stage_median": round(statistics.median(stage), 1),
-                          **({"infer_img_per_s": [round(x["infer"]) for x in res[side]]} if a.method == "acg" else {})}))
+        print(
+            json.dumps(
+                {
+                    "side": side,
+                    "tree": getattr(a, side),
+                    "stage_img_per_s": [round(x) for x in stage],
+                    "stage_median": round(statistics.median(stage), 1),
+                    **({"infer_img_per_s": [round(x["infer"]) for x in res[side]]} if a.method == "acg" else {}),
+                }
+            )
+        )
     print(json.dumps({"pairs": a.pairs, "new_faster_in": wins}))
 
 

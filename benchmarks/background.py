@@ -60,8 +60,14 @@ def hungarian_miou(conf: np.ndarray) -> float:
 
 def load(path: str) -> dict:
     s = ConceptSet([path])
-    d = dict(feats=s.means(), pix=s.pixels.astype(np.float64), attn=s.cls_attn.astype(np.float64),
-             co=s.concept_offsets.copy(), names=list(s.names), maps=[s.concept_map(i) for i in range(s.n_images)])
+    d = dict(
+        feats=s.means(),
+        pix=s.pixels.astype(np.float64),
+        attn=s.cls_attn.astype(np.float64),
+        co=s.concept_offsets.copy(),
+        names=list(s.names),
+        maps=[s.concept_map(i) for i in range(s.n_images)],
+    )
     s.close()
     return d
 
@@ -89,25 +95,29 @@ def image_rule(d: dict, i: int, variant: str) -> tuple[np.ndarray, bool]:
     if variant == "density":
         return bg, True
     if variant.startswith("density_eta"):
-        return bg, between_share(m, n, bg) >= float(variant[len("density_eta"):])
+        return bg, between_share(m, n, bg) >= float(variant[len("density_eta") :])
     if variant.startswith("density_rel"):  # density relative to the image's mean attention per patch
         rel = m * n.sum()
-        return rel < float(variant[len("density_rel"):]), True
+        return rel < float(variant[len("density_rel") :]), True
     if variant == "density_global":
         return d["global_bg"][a:b], True
     if variant.startswith("density_ratio"):
         if bg.all() or not bg.any():
             return bg, False
         ratio = np.average(m[~bg], weights=n[~bg]) / max(1e-12, np.average(m[bg], weights=n[bg]))
-        return bg, ratio >= float(variant[len("density_ratio"):])
+        return bg, ratio >= float(variant[len("density_ratio") :])
     raise SystemExit(f"unknown variant {variant!r}")
 
 
 def global_split(d: dict) -> np.ndarray:
     """Background concepts by one 2-means over the log attention density of every concept of the dataset
     (relative to each image's mean), instead of one per image."""
-    rel = np.concatenate([concept_attention_density(d["attn"][a:b], d["pix"][a:b]) * d["pix"][a:b].sum()
-                          for a, b in zip(d["co"][:-1], d["co"][1:])])
+    rel = np.concatenate(
+        [
+            concept_attention_density(d["attn"][a:b], d["pix"][a:b]) * d["pix"][a:b].sum()
+            for a, b in zip(d["co"][:-1], d["co"][1:])
+        ]
+    )
     return split_background(np.log(np.maximum(rel, 1e-9)))
 
 
@@ -149,11 +159,18 @@ def run(tr: dict, te: dict, gts: list, ups: list, halves: dict, K: int, ignore: 
         c = np.bincount(pred[valid] * K + g[valid], minlength=K * K).reshape(K, K)
         conf["all"] += c
         conf["even" if i in halves["even"] else "odd"] += c
-    return {h: hungarian_miou(c) for h, c in conf.items()}, float((bg_te & dec_te).sum() / max(1, len(bg_te))), float(dec_te.mean())
+    return (
+        {h: hungarian_miou(c) for h, c in conf.items()},
+        float((bg_te & dec_te).sum() / max(1, len(bg_te))),
+        float(dec_te.mean()),
+    )
 
 
-def kmeans_baseline(features: str, gts: list, halves: dict, K: int, ignore: int | None, seeds: int, names: list) -> None:
+def kmeans_baseline(
+    features: str, gts: list, halves: dict, K: int, ignore: int | None, seeds: int, names: list
+) -> None:
     from stages.features import FeatureStore
+
     rows = {h: [] for h in ("all", "even", "odd")}
     with FeatureStore(features) as st:
         index = {n: i for i, n in enumerate(st.names)}

@@ -50,6 +50,7 @@ def same_h5(a: Path, b: Path, skip=("uid", "created", "command", "hash_chain")) 
 
 def same_ckpt(a: Path, b: Path) -> bool:
     import torch
+
     sa = torch.load(a, weights_only=True)["state_dict"]
     sb = torch.load(b, weights_only=True)["state_dict"]
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -57,6 +58,7 @@ def same_ckpt(a: Path, b: Path) -> bool:
 
 def same_dir(a: Path, b: Path) -> bool:
     from PIL import Image
+
     pa = sorted(p.name for p in a.glob("*.png"))
     if pa != sorted(p.name for p in b.glob("*.png")):
         return False
@@ -71,9 +73,11 @@ def valid_or_absent(path: Path, kind: str) -> bool:
     try:
         if kind == "ckpt":
             from stages.fit import load_checkpoint
+
             load_checkpoint(path)
         elif kind == "dir":
             from stages.classify import ClassStore
+
             ClassStore(path / "classes.h5").close()
         else:
             with h5py.File(path) as f:
@@ -107,9 +111,18 @@ def trial_loop(name, args_for, out_for, kind, compare, resume_flag, n, rng, work
     assert p.returncode == 0, p.stderr
     dur = time.time() - t0
     work = max(0.05, t_done - t_write)  # the writing phase: from the partial file to the final name
-    stats = {"stage": name, "trials": 0, "killed_mid_run": 0, "killed_while_writing": 0, "sigint": 0, "resumed_equal": 0,
-             "final_name_invalid": 0, "reference_seconds": round(dur, 2),
-             "writing_phase_seconds": round(work, 2), "failures": []}
+    stats = {
+        "stage": name,
+        "trials": 0,
+        "killed_mid_run": 0,
+        "killed_while_writing": 0,
+        "sigint": 0,
+        "resumed_equal": 0,
+        "final_name_invalid": 0,
+        "reference_seconds": round(dur, 2),
+        "writing_phase_seconds": round(work, 2),
+        "failures": [],
+    }
     for t in range(n):
         out = out_for(workdir / f"{name}-t{t}")
         sig = signal.SIGINT if t % 3 == 2 else signal.SIGKILL
@@ -159,15 +172,46 @@ def main():
         conc = d / "conc.h5"
         assert run(["conceptualize", feats, "--acg", acg, "-o", conc, "-q"]).returncode == 0
         plans = {
-            "extract": (lambda o: ["extract", a.images, "-o", o, *bb, "--batch-size", "1", "--workers", "0"],
-                        lambda base: base.with_suffix(".h5"), "h5", same_h5, ["--resume", "--overwrite"]),
-            "fit-acg": (lambda o: ["fit-acg", feats, "-o", o, "--steps", "150", "--batch-size", "4",
-                                   "--checkpoint-every", "10", "-q"],
-                        lambda base: base.with_suffix(".pt"), "ckpt", same_ckpt, ["--resume", "--overwrite"]),
-            "conceptualize": (lambda o: ["conceptualize", feats, "--acg", acg, "-o", o, "--batch-size", "1", "-q"],
-                              lambda base: base.with_suffix(".h5"), "h5", same_h5, ["--resume", "--overwrite"]),
-            "classify": (lambda o: ["classify", conc, "-K", "4", "-o", o, "-q"],
-                         lambda base: base, "dir", same_dir, ["--overwrite"]),
+            "extract": (
+                lambda o: ["extract", a.images, "-o", o, *bb, "--batch-size", "1", "--workers", "0"],
+                lambda base: base.with_suffix(".h5"),
+                "h5",
+                same_h5,
+                ["--resume", "--overwrite"],
+            ),
+            "fit-acg": (
+                lambda o: [
+                    "fit-acg",
+                    feats,
+                    "-o",
+                    o,
+                    "--steps",
+                    "150",
+                    "--batch-size",
+                    "4",
+                    "--checkpoint-every",
+                    "10",
+                    "-q",
+                ],
+                lambda base: base.with_suffix(".pt"),
+                "ckpt",
+                same_ckpt,
+                ["--resume", "--overwrite"],
+            ),
+            "conceptualize": (
+                lambda o: ["conceptualize", feats, "--acg", acg, "-o", o, "--batch-size", "1", "-q"],
+                lambda base: base.with_suffix(".h5"),
+                "h5",
+                same_h5,
+                ["--resume", "--overwrite"],
+            ),
+            "classify": (
+                lambda o: ["classify", conc, "-K", "4", "-o", o, "-q"],
+                lambda base: base,
+                "dir",
+                same_dir,
+                ["--overwrite"],
+            ),
         }
         for name in a.stages.split(","):
             args_for, out_for, kind, compare, flag = plans[name]

@@ -38,12 +38,13 @@ def arch_of(timm_name: str) -> tuple[int, int]:
 
 def vit_gflops(tokens: int, dim: int, depth: int) -> float:
     """Multiply-adds x 2 of a ViT forward: per block 24 N d^2 (qkv, proj, 4x MLP) + 4 N^2 d (attention)."""
-    return depth * (24 * tokens * dim ** 2 + 4 * tokens ** 2 * dim) / 1e9
+    return depth * (24 * tokens * dim**2 + 4 * tokens**2 * dim) / 1e9
 
 
 def decode_rate(seconds: float = 3.0) -> float:
     """Images per second on one core: decode a 640x480 JPEG, resize to 448x602-ish, normalise."""
     from PIL import Image
+
     rng = np.random.default_rng(0)
     a = (rng.random((480, 640, 3)) * 255).astype(np.uint8)
     a = np.clip(a.astype(np.float32) * 0.3 + np.linspace(0, 180, 640)[None, :, None], 0, 255).astype(np.uint8)
@@ -79,24 +80,41 @@ def main() -> None:
         per_image = tokens * (dim * 2 + 4)  # fp16 tokens + fp32 CLS attention
         gflops = vit_gflops(tokens + 1 + (4 if "reg" in name else 0), dim, depth)
         gpu_img_s = args.gpu_tflops * 1e12 * args.mfu / (gflops * 1e9)
-        rows.append({"preset": name, "grid": f"{gh}x{gw}", "tokens": tokens, "mb_per_image": per_image / 1e6,
-                     "store_gb": per_image * N_IMAGES / 1e9, "gflops": gflops, "gpu_compute_min": N_IMAGES / gpu_img_s / 60})
-    print("| preset | short side | grid (640x480) | tokens | MB / image | store for 118,287 images | GFLOP / image "
-          "| GPU compute, all images (estimate) |")
+        rows.append(
+            {
+                "preset": name,
+                "grid": f"{gh}x{gw}",
+                "tokens": tokens,
+                "mb_per_image": per_image / 1e6,
+                "store_gb": per_image * N_IMAGES / 1e9,
+                "gflops": gflops,
+                "gpu_compute_min": N_IMAGES / gpu_img_s / 60,
+            }
+        )
+    print(
+        "| preset | short side | grid (640x480) | tokens | MB / image | store for 118,287 images | GFLOP / image | GPU "
+        "compute, all images (estimate) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = PRESETS[r["preset"]]
-        print(f"| {r['preset']} | {p.short_side} | {r['grid']} | {r['tokens']:,} | {r['mb_per_image']:.2f} | "
-              f"{r['store_gb']:.0f} GB | {r['gflops']:.0f} | {r['gpu_compute_min']:.1f} min |")
+        print(
+            f"| {r['preset']} | {p.short_side} | {r['grid']} | {r['tokens']:,} | {r['mb_per_image']:.2f} | "
+            f"{r['store_gb']:.0f} GB | {r['gflops']:.0f} | {r['gpu_compute_min']:.1f} min |"
+        )
     for r in rows:
         print(json.dumps(r))
     fv = next(r for r in rows if r["preset"] == "focus-vits14")
-    print(json.dumps({
-        "cpu_hours_focus_vits14_here": round(N_IMAGES / args.cpu_img_s / 3600, 1),
-        "decode_bound_img_s_per_gpu": round(dec * args.workers),
-        "decode_bound_gpu_hours_focus_vits14": round(N_IMAGES / (dec * args.workers) / 3600, 2),
-        "write_mb_s_at_decode_bound": round(dec * args.workers * fv["mb_per_image"], 0),
-    }))
+    print(
+        json.dumps(
+            {
+                "cpu_hours_focus_vits14_here": round(N_IMAGES / args.cpu_img_s / 3600, 1),
+                "decode_bound_img_s_per_gpu": round(dec * args.workers),
+                "decode_bound_gpu_hours_focus_vits14": round(N_IMAGES / (dec * args.workers) / 3600, 2),
+                "write_mb_s_at_decode_bound": round(dec * args.workers * fv["mb_per_image"], 0),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -67,13 +67,24 @@ def make_halves(root: Path) -> None:
 def miou(pred_dir: Path) -> tuple:
     """(mIoU, pixel accuracy) on all test images, then mIoU on each half when --halves is on."""
     r = score(str(pred_dir), str(GT), dataset="camvid11", allow_missing=False, workers=2)
-    halves = tuple(score(str(pred_dir), str(d), dataset="camvid11", allow_missing=True, workers=2,
-                         include_confusion=False)["miou"] for d in HALVES.values())
+    halves = tuple(
+        score(str(pred_dir), str(d), dataset="camvid11", allow_missing=True, workers=2, include_confusion=False)["miou"]
+        for d in HALVES.values()
+    )
     return (r["miou"], r["pixel_accuracy"], *halves)
 
 
-def variant_a(train: str, test: str, out: Path, seed: int, K: int = 11, sample: int = 60000, crf: bool = False,
-              prepare=None, tag: str = "a"):
+def variant_a(
+    train: str,
+    test: str,
+    out: Path,
+    seed: int,
+    K: int = 11,
+    sample: int = 60000,
+    crf: bool = False,
+    prepare=None,
+    tag: str = "a",
+):
     """Dataset-level k-means on L2-normalised tokens: fit on a train sample, label every test token.
     ``prepare`` (an ACG's ``prepare``): the tokens as that model sees them (centred, whitened) first."""
     rng = np.random.default_rng(seed)
@@ -114,8 +125,17 @@ def prepared_reads(prepare):
         FeatureStore.read_batch = orig
 
 
-def concepts_and_classify(train_c: str, test_c: str, out: Path, tag: str, seed: int, K: int, bg: bool,
-                          weighting: str = "pixels", crf: bool = False):
+def concepts_and_classify(
+    train_c: str,
+    test_c: str,
+    out: Path,
+    tag: str,
+    seed: int,
+    K: int,
+    bg: bool,
+    weighting: str = "pixels",
+    crf: bool = False,
+):
     fit_dir = out / f"{tag}_train_s{seed}"
     classify(train_c, str(fit_dir), n_classes=K, background_split=bg, seed=seed, overwrite=True, weighting=weighting)
     d = out / f"{tag}{'_crf' if crf else ''}_s{seed}"
@@ -128,6 +148,7 @@ def oracle(test_c: str) -> float:
     from PIL import Image
 
     from stages.conceptualize import ConceptStore
+
     conf = np.zeros((11, 11), np.int64)
     with ConceptStore(test_c) as st:
         for i in range(st.n_images):
@@ -158,8 +179,12 @@ def main():
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--max-tokens", type=int, default=TrainConfig.max_tokens)
     ap.add_argument("--delta", default="plain")
-    ap.add_argument("--converge-tol", type=float, default=TrainConfig.converge_tol,
-                    help="--steps auto: stop when the modularity rose by less than this fraction over a window")
+    ap.add_argument(
+        "--converge-tol",
+        type=float,
+        default=TrainConfig.converge_tol,
+        help="--steps auto: stop when the modularity rose by less than this fraction over a window",
+    )
     ap.add_argument("--bg", action="store_true", help="background split in classify")
     ap.add_argument("--fit-seed", type=int, default=0)
     ap.add_argument("--tag", default="")
@@ -171,8 +196,11 @@ def main():
     ap.add_argument("--resume-fit", action="store_true", help="(c) continue an interrupted fit from its resume state")
     ap.add_argument("--precision", default="auto", help="conceptualize --precision for (c)")
     ap.add_argument("--weighting", default="pixels", help="classify --weighting for (b) and (c)")
-    ap.add_argument("--halves", action="store_true",
-                    help="also score the even- and odd-numbered test images apart (choose on one, check on the other)")
+    ap.add_argument(
+        "--halves",
+        action="store_true",
+        help="also score the even- and odd-numbered test images apart (choose on one, check on the other)",
+    )
     ap.add_argument("--crf", action="store_true", help="refine every variant's test label maps with the dense CRF")
     ap.add_argument("--gt", required=True, help="the CamVid test label maps (SegNet layout: CamVid/testannot)")
     a = ap.parse_args()
@@ -185,8 +213,14 @@ def main():
 
     def report(name, vals, extra=None):
         m = np.array([v[0] for v in vals]) * 100
-        row = {"variant": name, "miou_mean": round(float(m.mean()), 2), "miou_std": round(float(m.std()), 2),
-               "seeds": len(vals), "pixel_acc": round(float(np.mean([v[1] for v in vals]) * 100), 2), **(extra or {})}
+        row = {
+            "variant": name,
+            "miou_mean": round(float(m.mean()), 2),
+            "miou_std": round(float(m.std()), 2),
+            "seeds": len(vals),
+            "pixel_acc": round(float(np.mean([v[1] for v in vals]) * 100), 2),
+            **(extra or {}),
+        }
         for j, half in enumerate(HALVES):
             h = np.array([v[2 + j] for v in vals]) * 100
             row[f"miou_{half}"] = f"{h.mean():.2f} +- {h.std():.2f}"
@@ -202,7 +236,10 @@ def main():
             sys.exit("variants aw and bw need --acg: the checkpoint whose centring and whitening they apply")
         prepare = load_checkpoint(a.acg).model.eval().prepare
     if "a" in variants:
-        report("a: dataset k-means on tokens K=11" + crf_tag, [variant_a(a.train, a.test, out, s, crf=a.crf) for s in seeds])
+        report(
+            "a: dataset k-means on tokens K=11" + crf_tag,
+            [variant_a(a.train, a.test, out, s, crf=a.crf) for s in seeds],
+        )
     if "aw" in variants:
         with torch.no_grad():
             vals = [variant_a(a.train, a.test, out, s, crf=a.crf, prepare=prepare, tag="aw") for s in seeds]
@@ -213,40 +250,71 @@ def main():
             tec = conceptualize(a.test, str(out / f"{tag}_test.h5"), method="kmeans", k=a.k, overwrite=True)
         vals = [concepts_and_classify(trc, tec.path, out, tag, s, 11, a.bg, a.weighting, a.crf) for s in seeds]
         tokens = f" on tokens prepared as {Path(a.acg).name} prepares them" if tag == "bw" else ""
-        report(f"{tag}: per-image k-means k={a.k}{tokens} + classify weighting={a.weighting}{crf_tag}", vals,
-               {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)})
+        report(
+            f"{tag}: per-image k-means k={a.k}{tokens} + classify weighting={a.weighting}{crf_tag}",
+            vals,
+            {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": round(100 * oracle(tec.path), 1)},
+        )
     if "c" in variants:
         t0 = time.time()
         if a.acg:
             ck, modularity, steps_run = Path(a.acg), None, None
         else:
             ck = out / f"c{a.tag}.pt"
-            res = fit_acg(a.train, str(ck), acg=ACGConfig(num_prototypes=a.k, center=a.center, num_heads=a.heads,
-                                                          whiten=a.whiten),
-                          train=TrainConfig(steps=None if a.steps == "auto" else int(a.steps), batch_size=a.batch_size, lr=a.lr, max_tokens=a.max_tokens,
-                                            delta=a.delta, seed=a.fit_seed, converge_tol=a.converge_tol),
-                          overwrite=True, resume=a.resume_fit)
+            res = fit_acg(
+                a.train,
+                str(ck),
+                acg=ACGConfig(num_prototypes=a.k, center=a.center, num_heads=a.heads, whiten=a.whiten),
+                train=TrainConfig(
+                    steps=None if a.steps == "auto" else int(a.steps),
+                    batch_size=a.batch_size,
+                    lr=a.lr,
+                    max_tokens=a.max_tokens,
+                    delta=a.delta,
+                    seed=a.fit_seed,
+                    converge_tol=a.converge_tol,
+                ),
+                overwrite=True,
+                resume=a.resume_fit,
+            )
             modularity = round(res.final_modularity, 4)
             steps_run = res.steps
         fit_s = time.time() - t0
-        trc = conceptualize(a.train, str(out / f"c{a.tag}_train.h5"), acg=str(ck), overwrite=True,
-                            precision=a.precision).path
+        trc = conceptualize(
+            a.train, str(out / f"c{a.tag}_train.h5"), acg=str(ck), overwrite=True, precision=a.precision
+        ).path
         tec = conceptualize(a.test, str(out / f"c{a.tag}_test.h5"), acg=str(ck), overwrite=True, precision=a.precision)
         orc = round(100 * oracle(tec.path), 1)
-        for bg in ([False, True] if a.bg_both else [a.bg]):
-            vals = [concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg, a.weighting, a.crf) for s in seeds]
-            fitted = (f"acg={ck.name}" if a.acg else f"k={a.k} steps={a.steps} tol={a.converge_tol} fit_seed={a.fit_seed} "
-                      f"batch={a.batch_size} lr={a.lr} tokens<={a.max_tokens} "
-                      f"delta={a.delta} center={a.center} whiten={a.whiten} heads={a.heads or 'auto'}")
-            report(f"c: ACSeg {fitted} bg={bg} precision={a.precision} weighting={a.weighting}{crf_tag} {a.tag}", vals,
-                   {"concepts_per_image": round(tec.mean_concepts, 2), "oracle": orc,
-                    "final_modularity": modularity, "fit_seconds": round(fit_s), "fit_steps_run": steps_run})
+        for bg in [False, True] if a.bg_both else [a.bg]:
+            vals = [
+                concepts_and_classify(trc, tec.path, out, f"c{a.tag}", s, 11, bg, a.weighting, a.crf) for s in seeds
+            ]
+            fitted = (
+                f"acg={ck.name}"
+                if a.acg
+                else f"k={a.k} steps={a.steps} tol={a.converge_tol} fit_seed={a.fit_seed} batch={a.batch_size} "
+                f"lr={a.lr} tokens<={a.max_tokens} delta={a.delta} center={a.center} whiten={a.whiten} "
+                f"heads={a.heads or 'auto'}"
+            )
+            report(
+                f"c: ACSeg {fitted} bg={bg} precision={a.precision} weighting={a.weighting}{crf_tag} {a.tag}",
+                vals,
+                {
+                    "concepts_per_image": round(tec.mean_concepts, 2),
+                    "oracle": orc,
+                    "final_modularity": modularity,
+                    "fit_seconds": round(fit_s),
+                    "fit_steps_run": steps_run,
+                },
+            )
     print()
     print("| variant | mIoU | pixel acc | concepts/img | oracle |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['miou_mean']:.1f} +- {r['miou_std']:.1f} | {r['pixel_acc']:.1f} | "
-              f"{r.get('concepts_per_image', '-')} | {r.get('oracle', '-')} |")
+        print(
+            f"| {r['variant']} | {r['miou_mean']:.1f} +- {r['miou_std']:.1f} | {r['pixel_acc']:.1f} | "
+            f"{r.get('concepts_per_image', '-')} | {r.get('oracle', '-')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def peak_rss_mb(cmd: list[str]) -> float:
     """Peak resident memory of a command, measured by GNU time (os.wait4 would also count the forked
     copy of this process before exec)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True, env=env)
+    p = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
     if p.returncode != 0:
         raise SystemExit(f"{cmd} failed: {p.stderr[-500:]}")
     return int(p.stderr.strip().splitlines()[-1]) / 1024
@@ -49,13 +50,17 @@ def bench_extract(a):
     from stages.backbones import create_backbone, get_preset
     from stages.extract import extract
     from stages.images import discover, load_rgb, resize_normalise, target_grid
+
     items = discover([a.images])[: a.n]
     pre = get_preset(a.backbone)
     bb = create_backbone(a.backbone)
     grids = [target_grid(*load_rgb(it.path).size[::-1], a.short_side, pre.patch) for it in items]
     # bare forward on pre-decoded tensors, batches of equal grids
-    tensors = [torch.from_numpy(resize_normalise(load_rgb(it.path), g, pre.patch, pre.mean, pre.std)) for it, g in zip(items, grids)]
-    batches = [torch.stack(tensors[i:i + a.batch_size]) for i in range(0, len(tensors), a.batch_size)]
+    tensors = [
+        torch.from_numpy(resize_normalise(load_rgb(it.path), g, pre.patch, pre.mean, pre.std))
+        for it, g in zip(items, grids)
+    ]
+    batches = [torch.stack(tensors[i : i + a.batch_size]) for i in range(0, len(tensors), a.batch_size)]
     with torch.inference_mode():
         bb(batches[0][:1])
         t = time.perf_counter()
@@ -67,8 +72,14 @@ def bench_extract(a):
         lst = Path(d) / "list.txt"
         lst.write_text("\n".join(it.path for it in items))
         t = time.perf_counter()
-        extract([str(lst)], str(Path(d) / "f.h5"), backbone=a.backbone, short_side=a.short_side,
-                batch_size=a.batch_size, workers=a.workers)
+        extract(
+            [str(lst)],
+            str(Path(d) / "f.h5"),
+            backbone=a.backbone,
+            short_side=a.short_side,
+            batch_size=a.batch_size,
+            workers=a.workers,
+        )
         e2e = len(items) / (time.perf_counter() - t)
     out(stage="extract", what="acseg extract end to end (incl. model load)", img_per_s=round(e2e, 3), n=len(items))
     with torch.inference_mode():
@@ -83,6 +94,7 @@ def bench_extract(a):
 
 def bench_extract_memory(a):
     from stages.images import discover
+
     items = discover([a.images])
     res = {}
     with tempfile.TemporaryDirectory() as d:
@@ -92,17 +104,32 @@ def bench_extract_memory(a):
             for i in range(n):
                 it = items[i % len(items)]
                 os.symlink(it.path, sub / f"{i:04d}_{Path(it.path).name}")
-            cmd = [sys.executable, "-m", "acseg_cli", "extract", str(sub), "-o", str(Path(d) / f"f{n}.h5"),
-                   "--short-side", str(a.short_side), "-q"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "acseg_cli",
+                "extract",
+                str(sub),
+                "-o",
+                str(Path(d) / f"f{n}.h5"),
+                "--short-side",
+                str(a.short_side),
+                "-q",
+            ]
             t = time.perf_counter()
             res[n] = peak_rss_mb(cmd)
-            out(stage="extract", what=f"peak RSS, {n} images, short side {a.short_side}", peak_rss_mb=round(res[n]),
-                seconds=round(time.perf_counter() - t, 1))
+            out(
+                stage="extract",
+                what=f"peak RSS, {n} images, short side {a.short_side}",
+                peak_rss_mb=round(res[n]),
+                seconds=round(time.perf_counter() - t, 1),
+            )
     out(stage="extract", ratio_peak_memory_500_vs_50=round(res[500] / res[50], 3))
 
 
 def _naive_score(pairs, ignore=11, k=11):
     from PIL import Image
+
     preds, gts = [], []
     for p, g in pairs:
         preds.append(np.asarray(Image.open(p)).ravel())
@@ -119,6 +146,7 @@ def bench_score(a):
     from PIL import Image
 
     from stages.score import pair_files, read_label_map, score
+
     pairs, _ = pair_files(a.pred, a.gt)
 
     def best(f, n=5):  # best of n: this VM's timings vary by 2x from run to run
@@ -128,14 +156,23 @@ def bench_score(a):
             f()
             ts.append(time.perf_counter() - t)
         return min(ts)
+
     dec = best(lambda: [(read_label_map(p, "p"), read_label_map(g, "g")) for _, p, g in pairs])
     sc1 = best(lambda: score(a.pred, a.gt, dataset=a.dataset, workers=1))
     sc2 = best(lambda: score(a.pred, a.gt, dataset=a.dataset, workers=2))
     naive = best(lambda: _naive_score([(p, g) for _, p, g in pairs]), n=1)
-    out(stage="score", n_pairs=len(pairs), decode_only_s=round(dec, 3), score_1_worker_s=round(sc1, 3),
-        score_2_workers_s=round(sc2, 3), naive_flatten_s=round(naive, 3),
-        ratio_score_1_worker_vs_decode=round(sc1 / dec, 3), ratio_score_2_workers_vs_decode=round(sc2 / dec, 3),
-        ratio_naive_vs_score=round(naive / sc1, 2), timing="best of 5")
+    out(
+        stage="score",
+        n_pairs=len(pairs),
+        decode_only_s=round(dec, 3),
+        score_1_worker_s=round(sc1, 3),
+        score_2_workers_s=round(sc2, 3),
+        naive_flatten_s=round(naive, 3),
+        ratio_score_1_worker_vs_decode=round(sc1 / dec, 3),
+        ratio_score_2_workers_vs_decode=round(sc2 / dec, 3),
+        ratio_naive_vs_score=round(naive / sc1, 2),
+        timing="best of 5",
+    )
     with tempfile.TemporaryDirectory() as d:
         rng = np.random.default_rng(0)
         for n in (100, 2000):
@@ -145,16 +182,33 @@ def bench_score(a):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 12, (120, 160), dtype=np.uint8)).save(pd / f"{i:05d}.png")
                 Image.fromarray(rng.integers(0, 12, (120, 160), dtype=np.uint8)).save(gd / f"{i:05d}.png")
-            cmd = [sys.executable, "-m", "acseg_cli", "score", str(pd), str(gd), "-d", "camvid11", "-q", "--no-confusion"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "acseg_cli",
+                "score",
+                str(pd),
+                str(gd),
+                "-d",
+                "camvid11",
+                "-q",
+                "--no-confusion",
+            ]
             t = time.perf_counter()
             rss = peak_rss_mb(cmd)
-            out(stage="score", what=f"synthetic {n} pairs 160x120", peak_rss_mb=round(rss), seconds=round(time.perf_counter() - t, 2))
+            out(
+                stage="score",
+                what=f"synthetic {n} pairs 160x120",
+                peak_rss_mb=round(rss),
+                seconds=round(time.perf_counter() - t, 2),
+            )
 
 
 def bench_fit(a):
     import torch
 
     from stages.acg import assignment, create_acg, modularity_loss
+
     torch.manual_seed(0)
     x = torch.randn(a.batch_size, a.tokens, 384)
     mask = torch.ones(a.batch_size, a.tokens, dtype=torch.bool)
@@ -167,14 +221,21 @@ def bench_fit(a):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
     step()
     t = time.perf_counter()
     for _ in range(a.steps):
         step()
     sps = a.steps / (time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out(stage="fit-acg", batch=a.batch_size, tokens=a.tokens, steps_per_s=round(sps, 3), peak_rss_mb=round(rss),
-        note="process peak RSS, includes torch and the batch")
+    out(
+        stage="fit-acg",
+        batch=a.batch_size,
+        tokens=a.tokens,
+        steps_per_s=round(sps, 3),
+        peak_rss_mb=round(rss),
+        note="process peak RSS, includes torch and the batch",
+    )
 
 
 def bench_fit_store(a):
@@ -187,22 +248,36 @@ def bench_fit_store(a):
 
     from stages.config import ACGConfig, TrainConfig
     from stages.fit import fit_acg
+
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, max_tokens=a.tokens, log_every=max(1, a.steps // 10))
     rates = {"preload": [], "stream": []}
     with tempfile.TemporaryDirectory() as d:
         for _ in range(a.repeats):
             for name in rates:
-                r = fit_acg(a.features, str(Path(d) / f"{name}.pt"), acg=ACGConfig(), train=cfg, device=dev,
-                            overwrite=True, preload=name == "preload")
+                r = fit_acg(
+                    a.features,
+                    str(Path(d) / f"{name}.pt"),
+                    acg=ACGConfig(),
+                    train=cfg,
+                    device=dev,
+                    overwrite=True,
+                    preload=name == "preload",
+                )
                 h = r.history
                 rates[name].append((h[-1]["step"] - h[1]["step"]) / (h[-1]["seconds"] - h[1]["seconds"]))
     med = {k: float(np.median(v)) for k, v in rates.items()}
-    out(stage="fit-acg (whole loop)", device=dev if dev == "cpu" else torch.cuda.get_device_name(),
-        batch=a.batch_size, max_tokens=a.tokens, steps=a.steps, threads=torch.get_num_threads(),
+    out(
+        stage="fit-acg (whole loop)",
+        device=dev if dev == "cpu" else torch.cuda.get_device_name(),
+        batch=a.batch_size,
+        max_tokens=a.tokens,
+        steps=a.steps,
+        threads=torch.get_num_threads(),
         runs={k: [round(x, 3) for x in v] for k, v in rates.items()},
         median_steps_per_s={k: round(v, 3) for k, v in med.items()},
-        ratio_preload_vs_stream_median=round(med["preload"] / med["stream"], 3))
+        ratio_preload_vs_stream_median=round(med["preload"] / med["stream"], 3),
+    )
 
 
 def bench_conceptualize(a):
@@ -213,6 +288,7 @@ def bench_conceptualize(a):
     from stages.acg import DTYPE_NAMES, inference_dtype, nearest_direction
     from stages.conceptualize import conceptualize
     from stages.features import FeatureStore
+
     with FeatureStore(a.features) as st:
         toks = st.read_range(0, st.n_images)
         ntok = int(np.mean([len(t) for t in toks]))
@@ -231,19 +307,23 @@ def bench_conceptualize(a):
         for b in range(x.shape[0]):
             xb = x[b][mask[b]].numpy()
             km = KMeans(k, n_init=1, random_state=seed + b).fit(xb)
-            cents[b], labs[b, :len(xb)] = torch.from_numpy(km.cluster_centers_), torch.from_numpy(km.labels_)
+            cents[b], labs[b, : len(xb)] = torch.from_numpy(km.cluster_centers_), torch.from_numpy(km.labels_)
         return cents, labs
 
     # the ACG's per-image work in memory, as the stage does it (a reused float32 batch centred in place, the
     # reused bf16 copy, the forward, the assignment), against scikit-learn in memory: like for like
     from stages.fit import load_checkpoint
+
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")  # where the stage runs by default
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     model = load_checkpoint(a.acg).model.eval().to(dev).cast_(inference_dtype("auto", dev))
     xs = torch.from_numpy(np.stack([t for t in toks if len(t) == len(toks[0])])).to(dev)
     buf = torch.empty((a.batch_size,) + xs.shape[1:], device=dev)
-    low = (torch.empty(buf.shape, dtype=model.prototypes.dtype, device=dev)
-           if model.prototypes.dtype != torch.float32 and dev == "cpu" else None)
+    low = (
+        torch.empty(buf.shape, dtype=model.prototypes.dtype, device=dev)
+        if model.prototypes.dtype != torch.float32 and dev == "cpu"
+        else None
+    )
 
     def acg_memory_rate():
         sync()
@@ -251,21 +331,27 @@ def bench_conceptualize(a):
         with torch.inference_mode():
             for s in range(0, len(xs), a.batch_size):
                 n = min(a.batch_size, len(xs) - s)
-                xb = buf[:n].copy_(xs[s:s + n])
+                xb = buf[:n].copy_(xs[s : s + n])
                 xc, _, directions = model.infer(xb, inplace=True, low=None if low is None else low[:n])
                 nearest_direction(xc, directions)
         sync()
         return len(xs) / (time.perf_counter() - t)
 
-    rates = {"acg": [], "acg_fp32": [], "sklearn": [], "sklearn_stage": [], "acseg_kmeans_stage": [],
-             "acg_memory": []}
+    rates = {"acg": [], "acg_fp32": [], "sklearn": [], "sklearn_stage": [], "acseg_kmeans_stage": [], "acg_memory": []}
     with tempfile.TemporaryDirectory() as d:
         conceptualize(a.features, str(Path(d) / "warm.h5"), acg=a.acg, device=dev)  # warm caches, page in the store
 
         def acg_rate(prec):
             t = time.perf_counter()
-            r = conceptualize(a.features, str(Path(d) / f"c_{prec}.h5"), acg=a.acg, batch_size=a.batch_size,
-                              precision=prec, overwrite=True, device=dev)
+            r = conceptualize(
+                a.features,
+                str(Path(d) / f"c_{prec}.h5"),
+                acg=a.acg,
+                batch_size=a.batch_size,
+                precision=prec,
+                overwrite=True,
+                device=dev,
+            )
             return r.n_images / (time.perf_counter() - t)
 
         def kmeans_stage_rate(per_image=None):
@@ -275,8 +361,7 @@ def bench_conceptualize(a):
             cmod.batched_kmeans = per_image or saved
             try:
                 t = time.perf_counter()
-                r = conceptualize(a.features, str(Path(d) / "k.h5"), method="kmeans", k=5, overwrite=True,
-                                  device=dev)
+                r = conceptualize(a.features, str(Path(d) / "k.h5"), method="kmeans", k=5, overwrite=True, device=dev)
                 return r.n_images / (time.perf_counter() - t)
             finally:
                 cmod.batched_kmeans = saved
@@ -291,16 +376,23 @@ def bench_conceptualize(a):
             rates["acg_memory"].append(acg_memory_rate())
     med = {k: float(np.median(v)) for k, v in rates.items()}
     best = {k: max(v) for k, v in rates.items()}
-    out(stage="conceptualize", n_images=len(toks), tokens_per_image=ntok, threads=torch.get_num_threads(),
+    out(
+        stage="conceptualize",
+        n_images=len(toks),
+        tokens_per_image=ntok,
+        threads=torch.get_num_threads(),
         device=dev if dev == "cpu" else torch.cuda.get_device_name(),
-        auto_precision=DTYPE_NAMES[inference_dtype("auto", dev)], runs={k: [round(x) for x in v] for k, v in rates.items()},
-        median_img_per_s={k: round(v, 1) for k, v in med.items()}, best_img_per_s={k: round(v, 1) for k, v in best.items()},
+        auto_precision=DTYPE_NAMES[inference_dtype("auto", dev)],
+        runs={k: [round(x) for x in v] for k, v in rates.items()},
+        median_img_per_s={k: round(v, 1) for k, v in med.items()},
+        best_img_per_s={k: round(v, 1) for k, v in best.items()},
         ratio_acg_vs_sklearn_kmeans_median=round(med["acg"] / med["sklearn"], 2),
         ratio_acg_stage_vs_sklearn_stage_median=round(med["acg"] / med["sklearn_stage"], 2),
         ratio_acg_stage_vs_acseg_kmeans_stage_median=round(med["acg"] / med["acseg_kmeans_stage"], 2),
         ratio_acg_memory_vs_sklearn_memory_median=round(med["acg_memory"] / med["sklearn"], 2),
         ratio_acg_vs_sklearn_kmeans_best=round(best["acg"] / best["sklearn"], 2),
-        ratio_acg_fp32_vs_sklearn_kmeans_median=round(med["acg_fp32"] / med["sklearn"], 2))
+        ratio_acg_fp32_vs_sklearn_kmeans_median=round(med["acg_fp32"] / med["sklearn"], 2),
+    )
 
 
 def bench_store_memory(a):
@@ -308,6 +400,7 @@ def bench_store_memory(a):
     ``--times`` over (a larger store written here from the first): memory must not grow with the store."""
     from stages.features import FeatureStore, features_schema
     from stages.store import StoreWriter
+
     res = {}
     with tempfile.TemporaryDirectory() as d, FeatureStore(a.features) as st:
         big = Path(d) / f"x{a.times}.h5"
@@ -316,25 +409,63 @@ def bench_store_memory(a):
             for r in range(a.times):
                 for s in range(0, st.n_images, 64):
                     e = min(st.n_images, s + 64)
-                    w.append({"grid": st.grid[s:e], "image_size": st.image_size[s:e], "sources": st.sources[s:e],
-                              "names": [f"copy{r}/{n}" for n in st.names[s:e]]},
-                             {"tokens": [t.astype(np.float16) for t in st.read_range(s, e)],
-                              "cls_attn": st.read_range(s, e, "cls_attn")})
+                    w.append(
+                        {
+                            "grid": st.grid[s:e],
+                            "image_size": st.image_size[s:e],
+                            "sources": st.sources[s:e],
+                            "names": [f"copy{r}/{n}" for n in st.names[s:e]],
+                        },
+                        {
+                            "tokens": [t.astype(np.float16) for t in st.read_range(s, e)],
+                            "cls_attn": st.read_range(s, e, "cls_attn"),
+                        },
+                    )
         for name, path in (("store", a.features), (f"{a.times}x", str(big))):
             n = st.n_images * (1 if name == "store" else a.times)
-            cmds = {"conceptualize": ["conceptualize", path, "--acg", a.acg, "-o", str(Path(d) / "c.h5"), "--overwrite", "-q"],
-                    "fit-acg --stream": ["fit-acg", path, "-o", str(Path(d) / "a.pt"), "--steps", str(a.steps), "--stream",
-                                         "--overwrite", "-q"]}
+            cmds = {
+                "conceptualize": [
+                    "conceptualize",
+                    path,
+                    "--acg",
+                    a.acg,
+                    "-o",
+                    str(Path(d) / "c.h5"),
+                    "--overwrite",
+                    "-q",
+                ],
+                "fit-acg --stream": [
+                    "fit-acg",
+                    path,
+                    "-o",
+                    str(Path(d) / "a.pt"),
+                    "--steps",
+                    str(a.steps),
+                    "--stream",
+                    "--overwrite",
+                    "-q",
+                ],
+            }
             for stage, args in cmds.items():
                 res[stage, name] = peak_rss_mb([sys.executable, "-m", "acseg_cli", *args])
-                out(stage=stage, images=n, store_mb=round(os.path.getsize(path) / 2**20), peak_rss_mb=round(res[stage, name]))
+                out(
+                    stage=stage,
+                    images=n,
+                    store_mb=round(os.path.getsize(path) / 2**20),
+                    peak_rss_mb=round(res[stage, name]),
+                )
     for stage in ("conceptualize", "fit-acg --stream"):
-        out(stage=stage, **{f"ratio_peak_memory_{a.times}x_vs_1x": round(res[stage, f"{a.times}x"] / res[stage, "store"], 3)})
+        out(
+            stage=stage,
+            **{f"ratio_peak_memory_{a.times}x_vs_1x": round(res[stage, f"{a.times}x"] / res[stage, "store"], 3)},
+        )
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["extract", "extract-memory", "score", "fit", "fit-store", "conceptualize", "store-memory"])
+    ap.add_argument(
+        "what", choices=["extract", "extract-memory", "score", "fit", "fit-store", "conceptualize", "store-memory"]
+    )
     ap.add_argument("--images")
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--backbone", default="focus-vits14")
@@ -349,15 +480,24 @@ def main():
     ap.add_argument("--features")
     ap.add_argument("--acg")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--times", type=int, default=10, help="store-memory: the larger store holds the images this many times")
+    ap.add_argument(
+        "--times", type=int, default=10, help="store-memory: the larger store holds the images this many times"
+    )
     ap.add_argument("--device", help="conceptualize: where the ACG runs (default: cuda when available, else cpu)")
     a = ap.parse_args()
     if a.what in ("fit", "fit-store") and a.batch_size == 8:
         a.batch_size = 32
     if a.what == "conceptualize" and a.batch_size == 8:
         a.batch_size = 64
-    {"extract": bench_extract, "extract-memory": bench_extract_memory, "score": bench_score, "fit": bench_fit, "fit-store": bench_fit_store,
-     "conceptualize": bench_conceptualize, "store-memory": bench_store_memory}[a.what](a)
+    {
+        "extract": bench_extract,
+        "extract-memory": bench_extract_memory,
+        "score": bench_score,
+        "fit": bench_fit,
+        "fit-store": bench_fit_store,
+        "conceptualize": bench_conceptualize,
+        "store-memory": bench_store_memory,
+    }[a.what](a)
 
 
 if __name__ == "__main__":

@@ -62,15 +62,20 @@ class PrototypeCrossAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None = None,
-                mem_map: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        mem: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mem_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``mem_map`` (d, d): attend to ``mem @ mem_map`` without forming it, by moving the map to the k·H
         query rows and the k·H context rows (exact)."""
         B, K, D = query.shape
         H, hd = self.num_heads, self.head_dim
         q = self.q(query).view(B, K, H, hd)
         # queries moved into token space: (B, k*H, d); the key bias is constant over keys and drops out
-        qk = torch.einsum("bkhe,hed->bkhd", q, self.k.weight.view(H, hd, D)).reshape(B, K * H, D) * hd ** -0.5
+        qk = torch.einsum("bkhe,hed->bkhd", q, self.k.weight.view(H, hd, D)).reshape(B, K * H, D) * hd**-0.5
         if mem_map is not None:
             qk = qk @ mem_map.T  # q . (x M) = (q M^T) . x
         scores = torch.bmm(qk, mem.transpose(1, 2))  # (B, k*H, N): the only product with N rows besides ctx
@@ -95,7 +100,7 @@ class PrototypeCrossAttention(nn.Module):
         D, H, hd = self.dim, self.num_heads, self.head_dim
         wide = dtype if dtype in (torch.float64, torch.bfloat16) else torch.float32
         f = lambda t: t.detach().to(wide)
-        wk = f(self.k.weight).view(H, hd, D) * hd ** -0.5
+        wk = f(self.k.weight).view(H, hd, D) * hd**-0.5
         wv = f(self.v.weight).view(H, hd, D)
         if mem_map is not None:
             mt = f(mem_map).T
@@ -132,7 +137,7 @@ class PrototypeCrossAttention(nn.Module):
         q = self.q(query).view(B, K, H, hd).transpose(1, 2)
         k = self.k(mem).view(B, N, H, hd).transpose(1, 2)
         v = self.v(mem).view(B, N, H, hd).transpose(1, 2)
-        s = q @ k.transpose(-2, -1) * hd ** -0.5
+        s = q @ k.transpose(-2, -1) * hd**-0.5
         if mask is not None:
             s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
         o = s.softmax(-1) @ v
@@ -167,7 +172,7 @@ class ACGLayer(nn.Module):
         hd = D // H
         qkv = F.linear(q, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias)
         qkv = qkv.view(B, K, 3, H, hd).permute(2, 0, 3, 1, 4).reshape(3, B * H, K, hd)
-        att = torch.bmm(qkv[0], qkv[1].transpose(1, 2)).mul_(hd ** -0.5).softmax(dim=-1)
+        att = torch.bmm(qkv[0], qkv[1].transpose(1, 2)).mul_(hd**-0.5).softmax(dim=-1)
         out = torch.bmm(att, qkv[2]).view(B, H, K, hd).transpose(1, 2).reshape(B, K, D)
         return self.self_attn.out_proj(out)
 
@@ -227,8 +232,14 @@ class AdaptiveConceptGenerator(nn.Module):
             cached = self._folds = (key, self._compute_folds(dtype))
         return cached[1]
 
-    def infer(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, inplace: bool = False,
-              low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def infer(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        inplace: bool = False,
+        low: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inference in one call, as conceptualize runs it: ``tokens`` (B, N, d) float32 as stored ->
         ``(x, concepts, directions)``: x the centred float32 tokens (``tokens``' memory when ``inplace``),
         the concepts (B, k, d) in float32 (float64 for a float64 model), and directions (B, k, d) with
@@ -253,8 +264,14 @@ class AdaptiveConceptGenerator(nn.Module):
             directions = directions @ self.feature_whiten.T
         return x, concepts, directions
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, centred_only: bool = False,
-                folded: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        centred_only: bool = False,
+        folded: bool = False,
+    ) -> torch.Tensor:
         """tokens (B, N, d) as ``prepare`` returns them, mask (B, N) True where valid -> concepts (B, k, d) in
         the generator's dtype. ``centred_only``: the tokens are centred but not whitened; a whitened model then
         applies its whitening inside the attention (exact, and k·H·d² instead of N·d² per image).
@@ -280,6 +297,7 @@ def create_acg(dim: int = 384, num_prototypes: int = 5, **kw) -> AdaptiveConcept
 # ---------------------------------------------------------------------------------------------
 # Assignment and the modularity loss
 # ---------------------------------------------------------------------------------------------
+
 
 def assignment(tokens: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
     """S_ic = cos(x_i, c_c): (B, N, d) x (B, k, d) -> (B, N, k). No softmax, no temperature."""
@@ -362,9 +380,16 @@ class _SoftModularity(torch.autograd.Function):
         return None, grad * gq[:, None, None], None, None
 
 
-def soft_modularity(tokens: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | None = None, *,
-                    keep_diagonal: bool = True, delta: str = "plain", tau: float = 0.1,
-                    wn: torch.Tensor | None = None) -> torch.Tensor:
+def soft_modularity(
+    tokens: torch.Tensor,
+    s: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    keep_diagonal: bool = True,
+    delta: str = "plain",
+    tau: float = 0.1,
+    wn: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-image soft modularity Q (B,) of assignment ``s`` (B, N, k) on the tokens' cosine graph.
 
     For a one-hot ``s`` this is exactly the weighted Newman modularity of the partition.

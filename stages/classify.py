@@ -18,16 +18,32 @@ from typing import Callable
 import h5py
 import numpy as np
 
+from . import validate as v
 from .conceptualize import ConceptStore
 from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
-from . import validate as v
 from .images import output_paths
 from .kmeans import kmeans
-from .render import (compose_panels, display_size, load_photo, overlay, palette, save_label_png, save_rgb,
-                     upsample_labels)
-from .output import (acquire_output_lock, check_apart, check_files_into, check_output, foreign_entries,
-                     release_output_lock, replace_folder, temp_folder)
+from .output import (
+    acquire_output_lock,
+    check_apart,
+    check_files_into,
+    check_output,
+    foreign_entries,
+    release_output_lock,
+    replace_folder,
+    temp_folder,
+)
+from .render import (
+    compose_panels,
+    display_size,
+    load_photo,
+    overlay,
+    palette,
+    save_label_png,
+    save_rgb,
+    upsample_labels,
+)
 from .store import STR, Group, Schema, Store, StoreWriter, decode_names, is_write_error
 
 log = logging.getLogger("acseg.classify")
@@ -36,10 +52,11 @@ WEIGHTINGS = ("none", "pixels", "sqrt-pixels")
 
 
 def classes_schema() -> Schema:
-    return Schema(kind="classes",
-                  per_image={"grid": (np.int32, (2,)), "image_size": (np.int32, (2,)), "names": (STR, ()),
-                             "sources": (STR, ())},
-                  groups=[Group("offsets", {"class_map": (np.uint16, ())})])
+    return Schema(
+        kind="classes",
+        per_image={"grid": (np.int32, (2,)), "image_size": (np.int32, (2,)), "names": (STR, ()), "sources": (STR, ())},
+        groups=[Group("offsets", {"class_map": (np.uint16, ())})],
+    )
 
 
 class ClassStore(Store):
@@ -55,14 +72,21 @@ class ClassStore(Store):
             raise AcsegError(f"{self.path}: centroids hold NaN or Inf", "the file is damaged; re-run classify")
         self._image_sizes()
         p = self.params
-        if not (isinstance(p.get("n_classes"), int) and not isinstance(p.get("n_classes"), bool)
-                and isinstance(p.get("background_split"), bool)):
-            raise AcsegError(f"{self.path}: its n_classes or background_split is not of the right type",
-                             "the file is damaged; re-run classify")
+        if not (
+            isinstance(p.get("n_classes"), int)
+            and not isinstance(p.get("n_classes"), bool)
+            and isinstance(p.get("background_split"), bool)
+        ):
+            raise AcsegError(
+                f"{self.path}: its n_classes or background_split is not of the right type",
+                "the file is damaged; re-run classify",
+            )
         want = p["n_classes"] - (1 if p["background_split"] else 0)
         if len(self.centroids) < 1 or len(self.centroids) != want:
-            raise AcsegError(f"{self.path}: {len(self.centroids)} centroids for {p.get('n_classes')} classes",
-                             "the file is damaged; re-run classify")
+            raise AcsegError(
+                f"{self.path}: {len(self.centroids)} centroids for {p.get('n_classes')} classes",
+                "the file is damaged; re-run classify",
+            )
 
     def class_map(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -89,6 +113,7 @@ class ConceptSet:
         """Shards of one split go in shard order, whatever order the shell listed them in (``concepts.10.h5``
         sorts before ``concepts.2.h5``), so the result equals classifying their merged store."""
         from .shards import shard_info
+
         infos = [shard_info(s) for s in self.stores]
         if len(self.stores) > 1 and all(infos):
             order = sorted(range(len(infos)), key=lambda j: (infos[j].count, infos[j].index))
@@ -98,11 +123,15 @@ class ConceptSet:
         first = self.stores[0]
         for s in self.stores[1:]:
             if s.provenance != first.provenance:
-                raise AcsegError(f"{s.path.name} and {first.path.name} come from different backbones or feature settings",
-                                 "classify together only concepts of the same backbone and settings")
+                raise AcsegError(
+                    f"{s.path.name} and {first.path.name} come from different backbones or feature settings",
+                    "classify together only concepts of the same backbone and settings",
+                )
             if s.params.get("acg") != first.params.get("acg") or s.params.get("method") != first.params.get("method"):
-                raise AcsegError(f"{s.path.name} and {first.path.name} were conceptualized differently (method or ACG)",
-                                 "conceptualize every part with the same --method and --acg")
+                raise AcsegError(
+                    f"{s.path.name} and {first.path.name} were conceptualized differently (method or ACG)",
+                    "conceptualize every part with the same --method and --acg",
+                )
         self.names = [n for s in self.stores for n in s.names]
         if len(set(self.names)) != len(self.names):
             seen, dup = set(), None
@@ -111,8 +140,10 @@ class ConceptSet:
                     dup = n
                     break
                 seen.add(n)
-            raise AcsegError(f"image {dup!r} appears in more than one of the concepts stores",
-                             "pass each part once (shards of one split never share images)")
+            raise AcsegError(
+                f"image {dup!r} appears in more than one of the concepts stores",
+                "pass each part once (shards of one split never share images)",
+            )
         self.sources = [n for s in self.stores for n in s.sources]
         self.grid = np.concatenate([s.grid for s in self.stores])
         self.image_size = np.concatenate([s.image_size for s in self.stores])
@@ -222,18 +253,33 @@ def _prepare_outdir(outdir: Path, overwrite: bool, inputs: list, photos: list) -
         foreign = foreign_entries(outdir, _expected_entries(outdir))
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-            raise AcsegError(f"{outdir} holds {foreign[0]}{more}, which classify did not write",
-                             "move them away or choose another -o (--overwrite replaces only a classify output)")
+            raise AcsegError(
+                f"{outdir} holds {foreign[0]}{more}, which classify did not write",
+                "move them away or choose another -o (--overwrite replaces only a classify output)",
+            )
     return temp_folder(outdir)
 
 
-def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = None,
-             background_split: str | bool = "off",
-             seed: int = 0, n_init: int = 10, upsample: str = "bilinear", weighting: str = "pixels", centroids: str | None = None,
-             match_gt: str | None = None, dataset: str | None = None, ignore_index: tuple = (),
-             preview: str | None = None,
-             crf: bool = False, crf_params: CRFParams | None = None,
-             overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ClassifyResult:
+def classify(
+    concepts: str | list[str],
+    outdir: str,
+    *,
+    n_classes: int | None = None,
+    background_split: str | bool = "off",
+    seed: int = 0,
+    n_init: int = 10,
+    upsample: str = "bilinear",
+    weighting: str = "pixels",
+    centroids: str | None = None,
+    match_gt: str | None = None,
+    dataset: str | None = None,
+    ignore_index: tuple = (),
+    preview: str | None = None,
+    crf: bool = False,
+    crf_params: CRFParams | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ClassifyResult:
     """Cluster the concepts of ``concepts`` (one store, or several parts of one dataset) into classes and
     write label maps into ``outdir``."""
     v.choice("--upsample", upsample, ("bilinear", "nearest"))
@@ -259,8 +305,10 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         missing = [s for s in store.sources if not Path(s).is_file()]
         if missing:
             store.close()
-            raise AcsegError(f"--crf needs the original photos, and {len(missing)} of {n} are not readable (first: {missing[0]})",
-                             "restore them at the paths the features were extracted from, or drop --crf")
+            raise AcsegError(
+                f"--crf needs the original photos, and {len(missing)} of {n} are not readable (first: {missing[0]})",
+                "restore them at the paths the features were extracted from, or drop --crf",
+            )
 
     # 1. background split per image
     bg = np.zeros(len(feats), bool)
@@ -272,9 +320,11 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         ref_prov = ref.attr_json("features_provenance", {})
         for key in ("backbone", "weights_sha256", "dim", "feature", "layer"):
             if ref_prov.get(key) != store.provenance.get(key):
-                raise AcsegError(f"{Path(centroids).name} was fitted on {key}={ref_prov.get(key)} but "
-                                 f"{Path(concepts).name} has {key}={store.provenance.get(key)}",
-                                 "apply centroids only to concepts from the same backbone and settings")
+                raise AcsegError(
+                    f"{Path(centroids).name} was fitted on {key}={ref_prov.get(key)} but {Path(concepts).name} has "
+                    f"{key}={store.provenance.get(key)}",
+                    "apply centroids only to concepts from the same backbone and settings",
+                )
         background_split = "on" if fit_params["background_split"] else "off"
         if fit_params["background_split"] and "background_split_score" not in fit_params:
             split_score = "summed attention"  # fitted before the split used the density: apply it as fitted
@@ -285,10 +335,15 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         raise UsageError("--n-classes is required (>= 1)", "pass the number of classes, e.g. --n-classes 21")
     background_split = background_split_wanted(background_split)
     if background_split and n_classes < 2:
-        raise UsageError("a background split needs --n-classes >= 2", "raise --n-classes or pass --background-split off")
+        raise UsageError(
+            "a background split needs --n-classes >= 2", "raise --n-classes or pass --background-split off"
+        )
     if background_split:
-        scores = (concept_attention_density(store.cls_attn, store.pixels) if split_score == "concept attention density"
-                  else store.cls_attn)
+        scores = (
+            concept_attention_density(store.cls_attn, store.pixels)
+            if split_score == "concept attention density"
+            else store.cls_attn
+        )
         for i in range(n):
             a, b = co[i], co[i + 1]
             bg[a:b] = split_background(scores[a:b])
@@ -299,13 +354,17 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
     # 2. k-means over the foreground concepts of the dataset (or apply fitted centroids)
     if not centroids:
         if fg.sum() < k_fg:
-            raise AcsegError(f"only {int(fg.sum())} foreground concepts for {k_fg} classes",
-                             "lower --n-classes, use more images, or pass --background-split off")
+            raise AcsegError(
+                f"only {int(fg.sum())} foreground concepts for {k_fg} classes",
+                "lower --n-classes, use more images, or pass --background-split off",
+            )
         w = None if weighting == "none" else store.pixels[fg] if weighting == "pixels" else np.sqrt(store.pixels[fg])
         cents, _, _ = kmeans(feats[fg], k_fg, n_init=n_init, seed=seed, weights=w)
     elif cents.shape[1] != feats.shape[1]:
-        raise AcsegError(f"centroids have dimension {cents.shape[1]} but the concepts {feats.shape[1]}",
-                         "apply centroids only to concepts from the same backbone")
+        raise AcsegError(
+            f"centroids have dimension {cents.shape[1]} but the concepts {feats.shape[1]}",
+            "apply centroids only to concepts from the same backbone",
+        )
     concept_class = np.zeros(len(feats), np.int64)
     if fg.any():
         concept_class[fg] = _nearest(feats[fg], cents) + offset
@@ -322,13 +381,24 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         if preview:
             check_files_into(Path(preview), preview_paths, overwrite, inputs=inputs, photos=store.sources)
             check_apart(Path(preview), [out], folder=True, option="--preview")
-        params = {"n_classes": n_classes, "background_split": background_split,
-                  "background_split_score": split_score if background_split else None,
-                  "seed": seed, "n_init": n_init,
-                  "upsample": upsample, "weighting": weighting, "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
-                  "concept_feature": "concept_mean", "crf": crf_params.to_dict() if crf else None}
-        attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
-                 "features_provenance": store.provenance}
+        params = {
+            "n_classes": n_classes,
+            "background_split": background_split,
+            "background_split_score": split_score if background_split else None,
+            "seed": seed,
+            "n_init": n_init,
+            "upsample": upsample,
+            "weighting": weighting,
+            "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
+            "concept_feature": "concept_mean",
+            "crf": crf_params.to_dict() if crf else None,
+        }
+        attrs = {
+            "params": params,
+            "backbone": store.backbone,
+            "parent": store.identity,
+            "features_provenance": store.provenance,
+        }
         with StoreWriter(tmp / CLASSES_FILE, classes_schema(), attrs) as w:
             maps, start = [], 0  # appended 64 images at a time: each append flushes the file
             for i in range(n):
@@ -338,17 +408,25 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
                 if crf:
                     photo = load_photo(store.sources[i], tuple(store.image_size[i]))
                     if photo is None:
-                        raise AcsegError(f"--crf cannot read the photo {store.sources[i]}",
-                                         "restore it at the path the features were extracted from, or drop --crf")
+                        raise AcsegError(
+                            f"--crf cannot read the photo {store.sources[i]}",
+                            "restore it at the path the features were extracted from, or drop --crf",
+                        )
                     labels = refine(photo, pmap, crf_params)
                 else:
                     labels = upsample_labels(pmap, tuple(store.image_size[i]), upsample)
                 save_label_png(path, labels)
                 maps.append(pmap.ravel().astype(np.uint16))
                 if len(maps) == 64 or i == n - 1:
-                    w.append({"grid": store.grid[start:i + 1], "image_size": store.image_size[start:i + 1],
-                              "names": store.names[start:i + 1], "sources": store.sources[start:i + 1]},
-                             {"class_map": maps})
+                    w.append(
+                        {
+                            "grid": store.grid[start : i + 1],
+                            "image_size": store.image_size[start : i + 1],
+                            "names": store.names[start : i + 1],
+                            "sources": store.sources[start : i + 1],
+                        },
+                        {"class_map": maps},
+                    )
                     maps, start = [], i + 1
                 if progress:
                     progress(i + 1, n)
@@ -363,8 +441,10 @@ def classify(concepts: str | list[str], outdir: str, *, n_classes: int | None = 
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and is_write_error(e):
-            raise AcsegError(f"writing the label maps into {out.name} failed ({e.strerror or e})",
-                             "check free disk space and permissions; the previous output, if any, is untouched") from None
+            raise AcsegError(
+                f"writing the label maps into {out.name} failed ({e.strerror or e})",
+                "check free disk space and permissions; the previous output, if any, is untouched",
+            ) from None
         raise
     finally:
         store.close()
@@ -379,6 +459,7 @@ def _gt_id_of_class(dataset: str | None, class_ids: list, ignore_index: tuple = 
     if dataset is None:
         return np.asarray(class_ids, np.int64), (int(ignore_index[0]) if ignore_index else 255)
     from .datasets import get_dataset
+
     p = get_dataset(dataset)
     lut = p.lut()
     ids = np.full(p.n_classes, -1, np.int64)
@@ -391,22 +472,33 @@ def _gt_id_of_class(dataset: str | None, class_ids: list, ignore_index: tuple = 
     return ids, (p.ignore[0] if p.ignore else 255)
 
 
-def _match_to_gt(folder: Path, gt: str, dataset: str | None, png_paths: list, n_classes: int,
-                 ignore_index: tuple = ()) -> dict:
+def _match_to_gt(
+    folder: Path, gt: str, dataset: str | None, png_paths: list, n_classes: int, ignore_index: tuple = ()
+) -> dict:
     """Hungarian-match cluster ids to the ground truth (score's code) and rewrite maps in class ids.
     Without a preset, the ground truth's ids are the classes, as ``score`` reads them."""
     from PIL import Image
 
     from .score import score
-    res = score(str(folder), gt, dataset=dataset, ignore_index=ignore_index, protocol="hungarian",
-                allow_missing=True, resize_pred="nearest")
-    gid, ignore = _gt_id_of_class(dataset, [int(n) for n in res["class_names"]] if dataset is None else [],
-                                  ignore_index)
+
+    res = score(
+        str(folder),
+        gt,
+        dataset=dataset,
+        ignore_index=ignore_index,
+        protocol="hungarian",
+        allow_missing=True,
+        resize_pred="nearest",
+    )
+    gid, ignore = _gt_id_of_class(
+        dataset, [int(n) for n in res["class_names"]] if dataset is None else [], ignore_index
+    )
     lut = np.full(max(n_classes, 1) + 1, ignore, np.int64)
     for p, c in res["matching"].items():
         if int(p) < len(lut):
             lut[int(p)] = gid[c]
     from .render import palette as pal_fn
+
     pal = pal_fn(256)
     for p in png_paths:
         a = np.asarray(Image.open(p)).astype(np.int64)
@@ -421,20 +513,26 @@ def _class_names(dataset: str | None, matched: bool):
     lut = names = None
     if dataset and matched:
         from .datasets import get_dataset
+
         p = get_dataset(dataset)
         lut, names = p.lut(), p.class_names
+
     def name(i: int) -> str:
         if lut is not None:
             c = int(lut[i]) if i < len(lut) else -2
             return names[c] if c >= 0 else "ignored" if c == -1 else f"id {i}"
         return f"class {i}" if matched else f"cluster {i}"
+
     return name
 
 
-def _previews(targets: list[Path], store: ConceptSet, png_paths: list, gt: str | None, dataset: str | None, res) -> None:
+def _previews(
+    targets: list[Path], store: ConceptSet, png_paths: list, gt: str | None, dataset: str | None, res
+) -> None:
     """One picture per image: photo | prediction (| ground truth), captioned, with a legend of the classes in
     it (named by the preset when the maps were matched to one)."""
     from PIL import Image
+
     pal = palette(256)
     name = _class_names(dataset, res is not None)
     for i, p in enumerate(png_paths):

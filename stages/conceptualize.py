@@ -17,16 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .acg import PRECISIONS, DTYPE_NAMES, inference_dtype, nearest_direction
+from . import validate as v
+from .acg import DTYPE_NAMES, PRECISIONS, inference_dtype, nearest_direction
 from .config import ACGConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore, scratch
 from .fit import TrainConfig, check_compatible, fit_acg, load_checkpoint
-from .kmeans import batched_kmeans
-from .shards import SHARD_ATTR, copy_plan
-from . import validate as v
 from .images import output_paths
+from .kmeans import batched_kmeans
 from .output import check_apart, check_files_into, check_output
+from .shards import SHARD_ATTR, copy_plan
 from .store import STR, Group, Schema, Store, StoreWriter, decode_names
 
 log = logging.getLogger("acseg.conceptualize")
@@ -36,12 +36,26 @@ METHODS = ("acg", "kmeans")
 def concepts_schema(dim: int) -> Schema:
     return Schema(
         kind="concepts",
-        per_image={"grid": (np.int32, (2,)), "image_size": (np.int32, (2,)), "names": (STR, ()),
-                   "sources": (STR, ()), "n_concepts": (np.int32, ())},
-        groups=[Group("offsets", {"concept_map": (np.uint8, ())}),
-                Group("concept_offsets", {"concept_pixels": (np.int32, ()), "concept_mean": (np.float32, (dim,)),
-                                          "concept_vector": (np.float32, (dim,)), "concept_cls_attn": (np.float32, ()),
-                                          "concept_prototype": (np.int16, ())})],
+        per_image={
+            "grid": (np.int32, (2,)),
+            "image_size": (np.int32, (2,)),
+            "names": (STR, ()),
+            "sources": (STR, ()),
+            "n_concepts": (np.int32, ()),
+        },
+        groups=[
+            Group("offsets", {"concept_map": (np.uint8, ())}),
+            Group(
+                "concept_offsets",
+                {
+                    "concept_pixels": (np.int32, ()),
+                    "concept_mean": (np.float32, (dim,)),
+                    "concept_vector": (np.float32, (dim,)),
+                    "concept_cls_attn": (np.float32, ()),
+                    "concept_prototype": (np.int16, ()),
+                },
+            ),
+        ],
     )
 
 
@@ -69,28 +83,40 @@ class ConceptStore(Store):
         self.dim = int(mean.shape[1])
         self._need("concept_vector", 2, C, "f")
         self.cls_attn = self._need("concept_cls_attn", 1, C, "f")[:].astype(np.float64)
-        if np.any(self.grid.prod(1) != np.diff(self.offsets)) or np.any(np.diff(self.concept_offsets) != self.n_concepts):
-            raise AcsegError(f"{self.path}: per-image counts do not match the packed data", "the file is damaged; re-run conceptualize")
+        if np.any(self.grid.prod(1) != np.diff(self.offsets)) or np.any(
+            np.diff(self.concept_offsets) != self.n_concepts
+        ):
+            raise AcsegError(
+                f"{self.path}: per-image counts do not match the packed data",
+                "the file is damaged; re-run conceptualize",
+            )
         # every concept holds at least one patch, and an image's concepts hold all of its patches (classify
         # weights the concepts by these counts)
         total = np.concatenate([[0], np.cumsum(self.pixels)])
-        if (C and self.pixels.min() < 1) or np.any(total[self.concept_offsets[1:]] - total[self.concept_offsets[:-1]]
-                                                   != self.grid.prod(1)):
-            raise AcsegError(f"{self.path}: concept pixel counts do not add up to the images' patches",
-                             "the file is damaged; re-run conceptualize")
+        if (C and self.pixels.min() < 1) or np.any(
+            total[self.concept_offsets[1:]] - total[self.concept_offsets[:-1]] != self.grid.prod(1)
+        ):
+            raise AcsegError(
+                f"{self.path}: concept pixel counts do not add up to the images' patches",
+                "the file is damaged; re-run conceptualize",
+            )
 
     def means(self) -> np.ndarray:
         a = self.f["concept_mean"][:].astype(np.float32)
         if not np.isfinite(a).all():
-            raise AcsegError(f"{self.path}: concept features hold NaN or Inf", "the file is damaged; re-run conceptualize")
+            raise AcsegError(
+                f"{self.path}: concept features hold NaN or Inf", "the file is damaged; re-run conceptualize"
+            )
         return a
 
     def concept_map(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]
         m = self.f["concept_map"][a:b].astype(np.int64).reshape(self.grid[i])
         if m.size and m.max() >= self.n_concepts[i]:
-            raise AcsegError(f"{self.path}: image {i} has concept ids beyond its {self.n_concepts[i]} concepts",
-                             "the file is damaged; re-run conceptualize")
+            raise AcsegError(
+                f"{self.path}: image {i} has concept ids beyond its {self.n_concepts[i]} concepts",
+                "the file is damaged; re-run conceptualize",
+            )
         return m
 
     @property
@@ -111,12 +137,18 @@ class ConceptualizeResult:
 
 def default_output(features: str) -> str:
     p = Path(features).absolute()
-    stem = p.name[:-len(".features.h5")] if p.name.endswith(".features.h5") else p.stem
+    stem = p.name[: -len(".features.h5")] if p.name.endswith(".features.h5") else p.stem
     return str(p.with_name(f"{stem}.concepts.h5"))
 
 
-def summarise_batch(x: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, assign: torch.Tensor, k: int,
-                    mean_map: torch.Tensor | None = None):
+def summarise_batch(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    mask: torch.Tensor,
+    assign: torch.Tensor,
+    k: int,
+    mean_map: torch.Tensor | None = None,
+):
     """Per image of a batch, per prototype: pixel count, L2-normalised mean of the L2-normalised tokens
     (``x`` need not be normalised: each token is weighted by 1/|x_i| inside the product, which saves a pass
     over the batch), CLS-attention sum; and the hard assignment renumbered densely (0..m-1 in prototype order).
@@ -169,12 +201,24 @@ def implicit_fit_differences(acg: str, store: FeatureStore, train: TrainConfig) 
     return why
 
 
-def conceptualize(features: str, output: str | None = None, *, acg: str | None = None, method: str = "acg",
-                  k: int = 5, seed: int = 0, batch_size: int = 64, device: str | None = None,
-                  precision: str = "auto", overwrite: bool = False,
-                  resume: bool = False, fit_train: TrainConfig | None = None, preview: str | None = None,
-                  progress: Callable[[int, int], None] | None = None,
-                  fit_progress: Callable[[int, int, str], None] | None = None) -> ConceptualizeResult:
+def conceptualize(
+    features: str,
+    output: str | None = None,
+    *,
+    acg: str | None = None,
+    method: str = "acg",
+    k: int = 5,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str | None = None,
+    precision: str = "auto",
+    overwrite: bool = False,
+    resume: bool = False,
+    fit_train: TrainConfig | None = None,
+    preview: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    fit_progress: Callable[[int, int, str], None] | None = None,
+) -> ConceptualizeResult:
     """Write a concepts store for every image of ``features``; returns its path and counts."""
     v.choice("--method", method, METHODS)
     v.integer("--batch-size", batch_size, min=1)
@@ -211,15 +255,28 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                 log.warning("no --acg given: reusing %s, fitted earlier on these features with these settings", acg)
             else:
                 if why and not overwrite:
-                    raise AcsegError(f"no --acg given, and {Path(acg).name} beside the output was {'; '.join(why)}",
-                                     f"pass --acg {acg} to use it as it is, or --overwrite to refit it")
+                    raise AcsegError(
+                        f"no --acg given, and {Path(acg).name} beside the output was {'; '.join(why)}",
+                        f"pass --acg {acg} to use it as it is, or --overwrite to refit it",
+                    )
                 if why:
                     log.warning("no --acg given: %s was %s; refitting it (--overwrite)", Path(acg).name, "; ".join(why))
-                log.warning("no --acg given: fitting an ACG on %s first (%s of %d images), saved as %s",
-                            Path(features).name, fit_train.describe(), min(fit_train.batch_size, store.n_images), acg)
-                fit_res = fit_acg(features, acg, train=fit_train, device=device, overwrite=overwrite or why is not None,
-                                  progress=fit_progress,
-                                  announce=logging.WARNING)
+                log.warning(
+                    "no --acg given: fitting an ACG on %s first (%s of %d images), saved as %s",
+                    Path(features).name,
+                    fit_train.describe(),
+                    min(fit_train.batch_size, store.n_images),
+                    acg,
+                )
+                fit_res = fit_acg(
+                    features,
+                    acg,
+                    train=fit_train,
+                    device=device,
+                    overwrite=overwrite or why is not None,
+                    progress=fit_progress,
+                    announce=logging.WARNING,
+                )
                 fitted = True
         loaded = load_checkpoint(acg, mmap=True)
         check_compatible(loaded.provenance, store.provenance(), Path(acg).name, Path(features).name)
@@ -227,21 +284,38 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
         model.cast_(dtype)  # the tokens are prepared (centred, whitened) and assigned in float32
         k = model.cfg.num_prototypes
         wmap = model.feature_whiten if model.cfg.whiten else None
-        acg_info = {"path": str(Path(acg).absolute()), "weights_sha256": loaded.weights_sha256,
-                    "config": json.loads(model.cfg.to_json())}
+        acg_info = {
+            "path": str(Path(acg).absolute()),
+            "weights_sha256": loaded.weights_sha256,
+            "config": json.loads(model.cfg.to_json()),
+        }
     if not 1 <= k <= 255:
         raise UsageError(f"k = {k} concepts is outside 1..255", "choose another -k")
-    feature = ("mean of L2-normalised tokens" if wmap is None
-               else "whitened mean of the L2-normalised centred tokens, L2-normalised")
-    params = {"method": method, "k": k, "seed": seed, "acg": acg_info, "concept_feature": feature,
-              "precision": DTYPE_NAMES[dtype] if method == "acg" else "fp32"}
-    attrs = {"params": params, "backbone": store.backbone, "parent": store.identity,
-             "features_provenance": store.provenance()}
+    feature = (
+        "mean of L2-normalised tokens"
+        if wmap is None
+        else "whitened mean of the L2-normalised centred tokens, L2-normalised"
+    )
+    params = {
+        "method": method,
+        "k": k,
+        "seed": seed,
+        "acg": acg_info,
+        "concept_feature": feature,
+        "precision": DTYPE_NAMES[dtype] if method == "acg" else "fp32",
+    }
+    attrs = {
+        "params": params,
+        "backbone": store.backbone,
+        "parent": store.identity,
+        "features_provenance": store.provenance(),
+    }
     if SHARD_ATTR in store.f.attrs:  # a shard's concepts stay a shard, so 'acseg merge' can join them
         attrs[SHARD_ATTR] = store.attr_json(SHARD_ATTR)
     n = store.n_images
-    with StoreWriter(out, concepts_schema(store.dim), attrs, overwrite=overwrite, resume=resume,
-                     extra=copy_plan(store.f)) as w:
+    with StoreWriter(
+        out, concepts_schema(store.dim), attrs, overwrite=overwrite, resume=resume, extra=copy_plan(store.f)
+    ) as w:
         start = w.resumed_from
         if progress:
             progress(start, n)
@@ -251,16 +325,20 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
             # the ACG's NaN and Inf are looked for in the summaries' token norms (a pass over the batch saved;
             # they pass through the forward harmlessly); k-means++ would stop on them, so it reads checked
             # to a GPU the tokens go as stored (float16: half the bytes) and are converted there
-            x, mask, lens = store.read_batch(s, e, reuse=reuse, check=method != "acg",
-                                             as_stored=_transfer_as_stored(device))
+            x, mask, lens = store.read_batch(
+                s, e, reuse=reuse, check=method != "acg", as_stored=_transfer_as_stored(device)
+            )
             attn = store.read_batch(s, e, "cls_attn", reuse=reuse)[0]
             with torch.inference_mode():
                 xd, md = x.to(device).float(), mask.to(device)
                 if method == "acg":
                     # centred in place (x is ours); a whitened model whitens inside its attention instead of
                     # multiplying every token by its d x d matrix
-                    low = (scratch(reuse, "low", xd.shape, dtype)
-                           if dtype != torch.float32 and xd.device.type == "cpu" else None)
+                    low = (
+                        scratch(reuse, "low", xd.shape, dtype)
+                        if dtype != torch.float32 and xd.device.type == "cpu"
+                        else None
+                    )
                     xd, vec, directions = model.infer(xd, md, inplace=True, low=low)
                     assign = nearest_direction(xd, directions)
                 else:
@@ -274,32 +352,50 @@ def conceptualize(features: str, output: str | None = None, *, acg: str | None =
                 store.check_finite(s, e)
             vec = vec.float().cpu().numpy()
             m = active.sum(1)
-            per = {"grid": store.grid[s:e], "image_size": store.image_size[s:e], "names": store.names[s:e],
-                   "sources": store.sources[s:e], "n_concepts": m}
+            per = {
+                "grid": store.grid[s:e],
+                "image_size": store.image_size[s:e],
+                "names": store.names[s:e],
+                "sources": store.sources[s:e],
+                "n_concepts": m,
+            }
             ids = [np.flatnonzero(a) for a in active]
-            packed = {"concept_map": [labels[b, :lens[b]].astype(np.uint8) for b in range(e - s)],
-                      "concept_pixels": [pix[b, a].astype(np.int32) for b, a in enumerate(ids)],
-                      "concept_mean": [means[b, a] for b, a in enumerate(ids)],
-                      "concept_vector": [vec[b, a] for b, a in enumerate(ids)],
-                      "concept_cls_attn": [cattn[b, a] for b, a in enumerate(ids)],
-                      "concept_prototype": [a.astype(np.int16) for a in ids]}
+            packed = {
+                "concept_map": [labels[b, : lens[b]].astype(np.uint8) for b in range(e - s)],
+                "concept_pixels": [pix[b, a].astype(np.int32) for b, a in enumerate(ids)],
+                "concept_mean": [means[b, a] for b, a in enumerate(ids)],
+                "concept_vector": [vec[b, a] for b, a in enumerate(ids)],
+                "concept_cls_attn": [cattn[b, a] for b, a in enumerate(ids)],
+                "concept_prototype": [a.astype(np.int16) for a in ids],
+            }
             if preview:
                 for b, i in enumerate(range(s, e)):
-                    _preview(preview_paths[i], store.sources[i], packed["concept_map"][b].reshape(store.grid[i]),
-                             store.image_size[i])
+                    _preview(
+                        preview_paths[i],
+                        store.sources[i],
+                        packed["concept_map"][b].reshape(store.grid[i]),
+                        store.image_size[i],
+                    )
             w.append(per, packed)
             if progress:
                 progress(e, n)
         n_done = w.n_done
         counts = w.f["n_concepts"][:]
     store.close()
-    return ConceptualizeResult(str(out), n_done, float(np.mean(counts)) if n_done else 0.0,
-                               acg_info["path"] if acg_info else None, fitted,
-                               fit_res.steps if fit_res else 0, fit_res.stop_reason if fit_res else "")
+    return ConceptualizeResult(
+        str(out),
+        n_done,
+        float(np.mean(counts)) if n_done else 0.0,
+        acg_info["path"] if acg_info else None,
+        fitted,
+        fit_res.steps if fit_res else 0,
+        fit_res.stop_reason if fit_res else "",
+    )
 
 
 def _preview(path: Path, source: str, cmap: np.ndarray, image_size) -> None:
     from .render import display_size, load_photo, overlay, palette, save_rgb, upsample_labels
+
     size = display_size(image_size)
     labels = upsample_labels(cmap, size)
     photo = load_photo(source, size)

@@ -20,8 +20,14 @@ class ACGConfig:
     def validate(self) -> "ACGConfig":
         """Refuse values the ACG cannot be built or used with (a usage error naming the fit-acg option)."""
         from . import validate as v
-        v.integer("--prototypes", self.num_prototypes, min=1, max=255,
-                  hint="pass 1..255 (a concept map holds one byte per token)")
+
+        v.integer(
+            "--prototypes",
+            self.num_prototypes,
+            min=1,
+            max=255,
+            hint="pass 1..255 (a concept map holds one byte per token)",
+        )
         v.integer("--depth", self.depth, min=1)
         v.integer("--heads", self.num_heads, min=0, hint="pass 0 (one per 128 feature dims) or a positive number")
         v.number("--mlp-ratio", self.mlp_ratio, above=0, max=64)
@@ -50,6 +56,7 @@ class TrainConfig:
     less than the fraction ``converge_tol`` over the window before, then a linear cool-down to zero over
     ``cooldown_fraction`` of the steps done; at most ``max_steps`` in all. An integer ``steps`` is a fixed
     schedule: warm-up, then cosine decay to zero at that step."""
+
     steps: int | None = None
     max_steps: int = 2500  # the paper's schedule length: the cap of --steps auto
     batch_size: int = 16
@@ -71,6 +78,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Refuse values a fit cannot run with (a usage error naming the fit-acg option)."""
         from . import validate as v
+
         if self.steps is not None:
             v.integer("--steps", self.steps, min=1)
         v.integer("--max-steps", self.max_steps, min=1)
@@ -85,7 +93,9 @@ class TrainConfig:
         v.number("--tau", self.tau, above=0)
         v.choice("proto_init", self.proto_init, ("kmeans", "random"))
         v.integer("log_every", self.log_every, min=1)
-        v.integer("--checkpoint-every", self.checkpoint_every, min=0, hint="pass 0 (no resume states) or a positive number")
+        v.integer(
+            "--checkpoint-every", self.checkpoint_every, min=0, hint="pass 0 (no resume states) or a positive number"
+        )
         v.integer("converge_window", self.converge_window, min=1)
         v.number("converge_tol", self.converge_tol, min=0)
         v.number("cooldown_fraction", self.cooldown_fraction, min=0, max=1)

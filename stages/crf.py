@@ -19,8 +19,10 @@ from PIL import Image
 from .errors import AcsegError
 from .render import onehot_maps
 
-INSTALL_HINT = ("install the optional dense-CRF package: pip install 'pydensecrf2==1.1' (it builds from source: "
-                "needs a C++ compiler and Python headers)")
+INSTALL_HINT = (
+    "install the optional dense-CRF package: pip install 'pydensecrf2==1.1' (it builds from source: needs a C++ "
+    "compiler and Python headers)"
+)
 
 
 @dataclass
@@ -44,7 +46,9 @@ def require_crf():
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError:
-        raise AcsegError("--crf needs the dense-CRF package pydensecrf2, which is not installed", INSTALL_HINT) from None
+        raise AcsegError(
+            "--crf needs the dense-CRF package pydensecrf2, which is not installed", INSTALL_HINT
+        ) from None
     return dcrf
 
 

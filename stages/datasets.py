@@ -16,13 +16,17 @@ LUT_SIZE = 65536
 INVALID = -2
 IGNORE = -1
 
+# the class tables, laid out by hand
+# fmt: off
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
 CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian",
                   "bicyclist"]
-CITYSCAPES27_CLASSES = ["road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge",
-                        "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky",
-                        "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle"]
+CITYSCAPES27_CLASSES = ["road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
+                        "bridge", "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation",
+                        "terrain", "sky", "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train",
+                        "motorcycle", "bicycle"]
 # STEGO's 27 coarse COCO-Stuff classes (12 thing groups, then 15 stuff groups).
 COCOSTUFF27_CLASSES = ["electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory",
                        "animal", "outdoor", "person", "sports", "vehicle", "ceiling", "floor", "food-stuff",
@@ -57,6 +61,7 @@ ADE20K_CLASSES = [
     'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board', 'shower', 'radiator',
     'glass', 'clock', 'flag'
 ]
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -81,19 +86,29 @@ class DatasetPreset:
         elif self.name == "ade20k":
             lut[1:151] = np.arange(150)
         else:
-            lut[:self.n_classes] = np.arange(self.n_classes)
+            lut[: self.n_classes] = np.arange(self.n_classes)
         for i in self.ignore:
             lut[i] = IGNORE
         return lut
 
 
-DATASETS = {p.name: p for p in [
-    DatasetPreset("voc", tuple(VOC_CLASSES), (255,), "PASCAL VOC 2012: 21 classes, 255 void"),
-    DatasetPreset("cocostuff27", tuple(COCOSTUFF27_CLASSES), (255,), "COCO-Stuff: 182 fine ids -> 27 coarse, 255 unlabelled"),
-    DatasetPreset("cityscapes27", tuple(CITYSCAPES27_CLASSES), (255,), "Cityscapes labelIds - 7 (27 classes), ids 0-6 and 255 void"),
-    DatasetPreset("camvid11", tuple(CAMVID_CLASSES), (11,), "CamVid (SegNet): 11 classes, 11 void"),
-    DatasetPreset("ade20k", tuple(ADE20K_CLASSES), (0,), "ADE20K SceneParsing: 150 classes, 0 void"),
-]}
+DATASETS = {
+    p.name: p
+    for p in [
+        DatasetPreset("voc", tuple(VOC_CLASSES), (255,), "PASCAL VOC 2012: 21 classes, 255 void"),
+        DatasetPreset(
+            "cocostuff27", tuple(COCOSTUFF27_CLASSES), (255,), "COCO-Stuff: 182 fine ids -> 27 coarse, 255 unlabelled"
+        ),
+        DatasetPreset(
+            "cityscapes27",
+            tuple(CITYSCAPES27_CLASSES),
+            (255,),
+            "Cityscapes labelIds - 7 (27 classes), ids 0-6 and 255 void",
+        ),
+        DatasetPreset("camvid11", tuple(CAMVID_CLASSES), (11,), "CamVid (SegNet): 11 classes, 11 void"),
+        DatasetPreset("ade20k", tuple(ADE20K_CLASSES), (0,), "ADE20K SceneParsing: 150 classes, 0 void"),
+    ]
+}
 
 
 def get_dataset(name: str) -> DatasetPreset:

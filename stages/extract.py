@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from . import images as im
+from . import validate as v
 from .backbones import DEFAULT_BACKBONE, DEFAULT_FEATURE, FEATURE_KINDS, create_backbone, get_preset
 from .errors import AcsegError, UsageError
 from .features import features_schema
-from . import validate as v
 from .output import check_output
 from .store import StoreWriter
 
@@ -42,7 +42,7 @@ def plan_batches(grids: list[tuple[int, int]], batch_size: int) -> list[list[int
     for i, g in enumerate(grids):
         if g is not None:
             by_grid.setdefault(tuple(g), []).append(i)
-    batches = [idx[s:s + batch_size] for idx in by_grid.values() for s in range(0, len(idx), batch_size)]
+    batches = [idx[s : s + batch_size] for idx in by_grid.values() for s in range(0, len(idx), batch_size)]
     return sorted(batches, key=lambda b: b[0])
 
 
@@ -74,7 +74,9 @@ class _BatchDataset(torch.utils.data.Dataset):
 def _inputs_digest(items) -> str:
     h = hashlib.sha256()
     for it in items:
-        h.update(it.name.encode("utf-8", "surrogateescape") + b"\0" + it.path.encode("utf-8", "surrogateescape") + b"\0")
+        h.update(
+            it.name.encode("utf-8", "surrogateescape") + b"\0" + it.path.encode("utf-8", "surrogateescape") + b"\0"
+        )
     return h.hexdigest()
 
 
@@ -93,6 +95,7 @@ def bound_heap() -> None:
     images, about 0.2 MB per image at 448 tokens (measured: 500 images 1,292 MB -> 1,042 MB with it)."""
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: buffers above 64 KB are mmap'ed and unmapped when freed
         libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD: return free heap tops above 64 KB
@@ -100,17 +103,35 @@ def bound_heap() -> None:
         pass  # not glibc: nothing to tune
 
 
-def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-            random_weights: bool = False, short_side: int | None = None, feature: str = DEFAULT_FEATURE, layer: int = -1,
-            batch_size: int = 8, workers: int = 1, device: str | None = None, strict: bool = False,
-            overwrite: bool = False, resume: bool = False, max_pixels: int | None = None,
-            list_text: str | None = None, shard: str | None = None, max_aspect: float = 8.0, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+def extract(
+    inputs: list[str],
+    output: str,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    random_weights: bool = False,
+    short_side: int | None = None,
+    feature: str = DEFAULT_FEATURE,
+    layer: int = -1,
+    batch_size: int = 8,
+    workers: int = 1,
+    device: str | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    max_pixels: int | None = None,
+    list_text: str | None = None,
+    shard: str | None = None,
+    max_aspect: float = 8.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExtractResult:
     """Extract features of ``inputs`` (folders, files, list files) into the store ``output``.
 
     ``progress(done, total)`` is called after every batch. Returns the store's path and counts.
     ``shard="i/N"`` processes only the i-th of N contiguous ranges of the planned batches (see shards.py).
     """
     from .shards import parse_shard, plan_datasets, shard_range
+
     shard_spec = parse_shard(shard) if shard is not None else None
     preset = get_preset(backbone)
     if feature not in FEATURE_KINDS:
@@ -125,7 +146,9 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
     device = v.device(device)
     short_side = short_side or preset.short_side
     if short_side < preset.patch:
-        raise UsageError(f"--short-side {short_side} is smaller than the patch size {preset.patch}", "raise --short-side")
+        raise UsageError(
+            f"--short-side {short_side} is smaller than the patch size {preset.patch}", "raise --short-side"
+        )
     out = Path(output).absolute()
     check_output(out, overwrite)
     items = im.discover(inputs, list_text)
@@ -141,37 +164,55 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
             h, w = im.peek_size(it.path)
             if max(h, w) > max_aspect * min(h, w):
                 g = im.target_grid(h, w, short_side, preset.patch)
-                raise im.ImageError(f"aspect ratio {max(h, w) / min(h, w):.0f}:1 is beyond --max-aspect {max_aspect:g} "
-                                    f"({h}x{w} pixels would make {g[0] * g[1]:,} patches); crop it, or raise --max-aspect")
+                raise im.ImageError(
+                    f"aspect ratio {max(h, w) / min(h, w):.0f}:1 is beyond --max-aspect {max_aspect:g} ({h}x{w} pixels "
+                    f"would make {g[0] * g[1]:,} patches); crop it, or raise --max-aspect"
+                )
             grids.append(im.target_grid(h, w, short_side, preset.patch))
         except im.ImageError as e:
             grids.append(None)
             _skip(skipped, it, str(e), strict)
     batches = plan_batches(grids, batch_size)
     if not batches:
-        raise AcsegError(f"none of the {len(items)} inputs is a readable image", "check the files (see the warnings above)")
+        raise AcsegError(
+            f"none of the {len(items)} inputs is a readable image", "check the files (see the warnings above)"
+        )
     first, stop, extra, shard_attr = 0, len(batches), None, None
     if shard_spec:
         si, sn = shard_spec
         first, stop = shard_range(len(batches), si, sn)
         if first == stop:
-            raise UsageError(f"shard {si}/{sn} is empty: the inputs make only {len(batches)} batches for {sn} shards",
-                             "use fewer shards or a smaller --batch-size")
+            raise UsageError(
+                f"shard {si}/{sn} is empty: the inputs make only {len(batches)} batches for {sn} shards",
+                "use fewer shards or a smaller --batch-size",
+            )
         batch_of = np.full(len(items), -1, np.int32)
         for j, b in enumerate(batches):
             batch_of[b] = j
         extra = plan_datasets([it.name for it in items], batch_of)
-        shard_attr = {"index": si, "count": sn, "batches": [first, stop], "n_batches": len(batches),
-                      "header_skipped": len(skipped)}
+        shard_attr = {
+            "index": si,
+            "count": sn,
+            "batches": [first, stop],
+            "n_batches": len(batches),
+            "header_skipped": len(skipped),
+        }
 
     bound_heap()
     bb = create_backbone(backbone, weights=weights, random_weights=random_weights, device=device)
     if not -bb.depth <= layer < bb.depth:
         raise UsageError(f"--layer {layer} is outside 0..{bb.depth - 1} (or -1 for the last)", "pick another --layer")
-    params = {"short_side": short_side, "feature": feature, "layer": layer % bb.depth, "batch_size": batch_size,
-              "resize": "bicubic, short side to short_side, sides rounded to multiples of the patch",
-              "inputs_sha256": _inputs_digest(items), "n_inputs": len(items), "max_aspect": max_aspect,
-              "plan_sha256": _plan_digest(grids, batches)}
+    params = {
+        "short_side": short_side,
+        "feature": feature,
+        "layer": layer % bb.depth,
+        "batch_size": batch_size,
+        "resize": "bicubic, short side to short_side, sides rounded to multiples of the patch",
+        "inputs_sha256": _inputs_digest(items),
+        "n_inputs": len(items),
+        "max_aspect": max_aspect,
+        "plan_sha256": _plan_digest(grids, batches),
+    }
     attrs = {"params": params, "backbone": bb.describe(), "parent": {}}
     if shard_attr:
         params["shard"] = f"{shard_spec[0]}/{shard_spec[1]}"
@@ -188,8 +229,13 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
             log.info("nothing valid to resume for %s; starting afresh", out.name)
         ds = _BatchDataset(items, grids, batches, preset.patch, preset.mean, preset.std, max_pixels)
         todo = list(range(start, stop))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo), batch_size=None, shuffle=False,
-                                             num_workers=workers, pin_memory=(device != "cpu"))
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(ds, todo),
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=(device != "cpu"),
+        )
         done = sum(len(batches[j]) for j in range(first, start))
         if progress:
             progress(done, total)
@@ -216,7 +262,9 @@ def extract(inputs: list[str], output: str, *, backbone: str = DEFAULT_BACKBONE,
             if progress:
                 progress(done, total)
         if w.n_done == 0:
-            raise AcsegError(f"none of the {len(items)} inputs could be decoded", "check the files (see the warnings above)")
+            raise AcsegError(
+                f"none of the {len(items)} inputs could be decoded", "check the files (see the warnings above)"
+            )
         w.set_attr("skipped", skipped)
         w.set_attr("n_skipped", len(skipped))
         resumed = w.resumed_from
@@ -230,5 +278,3 @@ def _skip(skipped: list, item, reason: str, strict: bool) -> None:
         raise AcsegError(f"cannot read image {name}: {reason}", "fix or remove it, or drop --strict to skip it")
     log.warning("skipping %s: %s", name, reason)
     skipped.append({"name": name, "reason": reason})
-
-

@@ -71,8 +71,15 @@ class MappedRows:
     def of(cls, f, ds) -> "MappedRows | None":
         try:
             n, dt = int(ds.shape[0]), np.dtype(ds.dtype)
-            if (n == 0 or ds.ndim < 1 or f.driver != "sec2" or f.userblock_size or dt.kind != "f"
-                    or dt.byteorder == ">" or ds.id.get_create_plist().get_nfilters()):
+            if (
+                n == 0
+                or ds.ndim < 1
+                or f.driver != "sec2"
+                or f.userblock_size
+                or dt.kind != "f"
+                or dt.byteorder == ">"
+                or ds.id.get_create_plist().get_nfilters()
+            ):
                 return None
             row_shape = tuple(ds.shape[1:])
             row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dt.itemsize
@@ -103,13 +110,13 @@ class MappedRows:
 
     def _chunk(self, c: int) -> np.ndarray:
         o = int(self.starts[c])
-        return self.mm[o:o + self.chunk_bytes].view(self.dtype).reshape(self.rows, *self.row_shape)
+        return self.mm[o : o + self.chunk_bytes].view(self.dtype).reshape(self.rows, *self.row_shape)
 
     def pieces(self, a: int, b: int):
         """(row offset into the result, view) pairs covering rows a..b-1, chunk by chunk."""
         for c in range(a // self.rows, (b - 1) // self.rows + 1):
             lo, hi = max(a, c * self.rows), min(b, (c + 1) * self.rows)
-            piece = self._chunk(c)[lo - c * self.rows:hi - c * self.rows]
+            piece = self._chunk(c)[lo - c * self.rows : hi - c * self.rows]
             yield lo - a, piece
             self._count(piece.nbytes)  # after the caller has used it
 
@@ -147,14 +154,17 @@ class FeatureStore(Store):
         self.names = decode_names(self._need("names", 1, n)[:])
         self.sources = decode_names(self._need("sources", 1, n)[:])
         if self.grid.shape[1:] != (2,) or np.any(self.grid <= 0) or np.any(self.grid.prod(1) != np.diff(self.offsets)):
-            raise AcsegError(f"{self.path}: grid sizes do not match the token counts",
-                             "the file is damaged; re-run extract")
+            raise AcsegError(
+                f"{self.path}: grid sizes do not match the token counts", "the file is damaged; re-run extract"
+            )
         if n == 0:
             raise AcsegError(f"{self.path} holds no images", "extract features from at least one readable image")
         bb = self.backbone
         if bb.get("dim") not in (None, self.dim):
-            raise AcsegError(f"{self.path}: backbone dim {bb.get('dim')} but tokens have {self.dim}",
-                             "the file is damaged; re-run extract")
+            raise AcsegError(
+                f"{self.path}: backbone dim {bb.get('dim')} but tokens have {self.dim}",
+                "the file is damaged; re-run extract",
+            )
 
     @property
     def feature_kind(self) -> str:
@@ -163,8 +173,13 @@ class FeatureStore(Store):
     def provenance(self) -> dict:
         """What a model fitted on these features must match to be applied to other features."""
         bb = self.backbone
-        return {"backbone": bb.get("preset"), "weights_sha256": bb.get("weights_sha256"), "dim": self.dim,
-                "feature": self.feature_kind, "layer": self.params.get("layer", -1)}
+        return {
+            "backbone": bb.get("preset"),
+            "weights_sha256": bb.get("weights_sha256"),
+            "dim": self.dim,
+            "feature": self.feature_kind,
+            "layer": self.params.get("layer", -1),
+        }
 
     def _finite(self, a, what: str):
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
@@ -200,7 +215,7 @@ class FeatureStore(Store):
         """Images start..stop-1 in one contiguous read."""
         a = self.offsets[start]
         block = self.stored_rows(start, stop, field, np.float32)
-        return [block[self.offsets[i] - a:self.offsets[i + 1] - a] for i in range(start, stop)]
+        return [block[self.offsets[i] - a : self.offsets[i + 1] - a] for i in range(start, stop)]
 
     def check_finite(self, start: int, stop: int, field: str = "tokens") -> None:
         """Raise if images start..stop-1 of ``field`` hold NaN or Inf (for callers that read with check=False)."""
@@ -216,8 +231,15 @@ class FeatureStore(Store):
             rows = _f32(rows) if np.dtype(dtype) == np.float32 else np.ascontiguousarray(rows, dtype)
         return self._finite(rows, f"{field} of images {start}..{stop - 1}")
 
-    def read_batch(self, start: int, stop: int, field: str = "tokens", reuse: dict | None = None,
-                   check: bool = True, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def read_batch(
+        self,
+        start: int,
+        stop: int,
+        field: str = "tokens",
+        reuse: dict | None = None,
+        check: bool = True,
+        as_stored: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Images start..stop-1 of ``field`` as one (B, N, ...) float32 tensor padded with zeros, its (B, N)
         validity mask and the token counts. Images of one grid size (the usual case) come straight from one
         contiguous read, without a copy. With ``reuse`` (a dict the caller keeps across calls) the read and the
@@ -229,14 +251,14 @@ class FeatureStore(Store):
         block = self._read_block(field, a, b, reuse, as_stored)
         if check:
             self._finite(block, f"{field} of images {start}..{stop - 1}")
-        lens = np.diff(self.offsets[start:stop + 1]).tolist()
+        lens = np.diff(self.offsets[start : stop + 1]).tolist()
         n = max(lens)
         if all(x == n for x in lens):
             return block.view(len(lens), n, *block.shape[1:]), torch.ones(len(lens), n, dtype=torch.bool), lens
         x = block.new_zeros(len(lens), n, *block.shape[1:])
         mask = torch.zeros(len(lens), n, dtype=torch.bool)
         for i, (o, m) in enumerate(zip(self.offsets[start:stop] - a, lens)):
-            x[i, :m] = block[o:o + m]
+            x[i, :m] = block[o : o + m]
             mask[i, :m] = True
         return x, mask, lens
 
@@ -252,7 +274,7 @@ class FeatureStore(Store):
         if m is not None:  # converted chunk by chunk straight from the file's pages into the kept batch
             out = scratch(reuse, (field, "f16" if half else "f32"), shape, torch.float16 if half else torch.float32)
             for o, piece in m.pieces(int(a), int(b)):
-                out[o:o + len(piece)].copy_(torch.from_numpy(piece))
+                out[o : o + len(piece)].copy_(torch.from_numpy(piece))
             return out
         raw = scratch(reuse, (field, "raw"), shape, torch.float16 if ds.dtype == np.float16 else torch.float32)
         ds.read_direct(raw.numpy(), np.s_[a:b])

@@ -27,8 +27,16 @@ from .config import ACGConfig, TrainConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore
 from .humanize import duration
+from .output import (
+    acquire_output_lock,
+    atomic_open,
+    check_apart,
+    check_output,
+    is_regular,
+    release_output_lock,
+    write_atomic,
+)
 from .validate import device as validate_device
-from .output import acquire_output_lock, atomic_open, check_apart, check_output, is_regular, release_output_lock, write_atomic
 
 log = logging.getLogger("acseg.fit")
 CHECKPOINT_FORMAT = "acseg-acg-1"
@@ -51,6 +59,7 @@ class FitResult:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
+
 def weights_sha256(state_dict: dict) -> str:
     """sha256 of a state dict: per tensor in name order, its name, dtype, shape and bytes (as stored)."""
     h = hashlib.sha256()
@@ -61,22 +70,31 @@ def weights_sha256(state_dict: dict) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, model: AdaptiveConceptGenerator, provenance: dict, train: dict,
-                    extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike, model: AdaptiveConceptGenerator, provenance: dict, train: dict, extra: dict | None = None
+) -> None:
     """Atomic write of weights + config + provenance (+ resume state in ``extra``). The weights' hash is
     recorded in the file, so that readers name the model without hashing 58 MB on every load."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    obj = {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_json(), "provenance": json.dumps(provenance, sort_keys=True),
-           "train": json.dumps(train, sort_keys=True), "state_dict": state, "weights_sha256": weights_sha256(state)}
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.cfg.to_json(),
+        "provenance": json.dumps(provenance, sort_keys=True),
+        "train": json.dumps(train, sort_keys=True),
+        "state_dict": state,
+        "weights_sha256": weights_sha256(state),
+    }
     if extra:
         obj.update(extra)
     try:
         write_atomic(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError ("unexpected pos")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the file could not be written whole"
-        raise AcsegError(f"writing {path.name} failed ({reason})",
-                         "check free disk space and permissions; the previous file, if any, is untouched") from None
+        raise AcsegError(
+            f"writing {path.name} failed ({reason})",
+            "check free disk space and permissions; the previous file, if any, is untouched",
+        ) from None
 
 
 def _load_raw(path: str | os.PathLike, mmap: bool = False) -> dict:
@@ -87,10 +105,15 @@ def _load_raw(path: str | os.PathLike, mmap: bool = False) -> dict:
         # weights_only refuses anything that would run code; mmap maps the tensors instead of copying them
         obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        kind = "is not a loadable acseg checkpoint" if "pickle" in type(e).__name__.lower() or "Unpickl" in str(e) \
+        kind = (
+            "is not a loadable acseg checkpoint"
+            if "pickle" in type(e).__name__.lower() or "Unpickl" in str(e)
             else "cannot be read"
-        raise AcsegError(f"checkpoint {path} {kind} ({type(e).__name__}); nothing in it was executed",
-                         "pass a checkpoint written by 'acseg fit-acg'") from None
+        )
+        raise AcsegError(
+            f"checkpoint {path} {kind} ({type(e).__name__}); nothing in it was executed",
+            "pass a checkpoint written by 'acseg fit-acg'",
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise AcsegError(f"{path} is not an acseg ACG checkpoint", "pass a checkpoint written by 'acseg fit-acg'")
     return obj
@@ -121,7 +144,9 @@ def _json_object(obj: dict, key: str, default: str | None = None) -> dict:
     except ValueError:
         value = None
     if not isinstance(value, dict):
-        raise AcsegError(f"the checkpoint's {key!r} is not a JSON object", "pass a checkpoint written by 'acseg fit-acg'")
+        raise AcsegError(
+            f"the checkpoint's {key!r} is not a JSON object", "pass a checkpoint written by 'acseg fit-acg'"
+        )
     return value
 
 
@@ -136,22 +161,31 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> LoadedACG:
         train = _json_object(obj, "train", "{}")
         sd = obj.get("state_dict")
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise AcsegError(f"checkpoint {path} holds no weights table", "pass a checkpoint written by 'acseg fit-acg'")
+            raise AcsegError(
+                f"checkpoint {path} holds no weights table", "pass a checkpoint written by 'acseg fit-acg'"
+            )
         for k, v in sd.items():
             if v.dtype != torch.float32:
-                raise AcsegError(f"checkpoint {path} holds {k} as {str(v.dtype).replace('torch.', '')}, not float32",
-                                 "pass a checkpoint written by 'acseg fit-acg'")
+                raise AcsegError(
+                    f"checkpoint {path} holds {k} as {str(v.dtype).replace('torch.', '')}, not float32",
+                    "pass a checkpoint written by 'acseg fit-acg'",
+                )
             if not bool(torch.isfinite(v).all()):
-                raise AcsegError(f"checkpoint {path} holds NaN or infinite values in {k} (a fit that diverged?)",
-                                 "re-run 'acseg fit-acg', e.g. with a lower --lr")
+                raise AcsegError(
+                    f"checkpoint {path} holds NaN or infinite values in {k} (a fit that diverged?)",
+                    "re-run 'acseg fit-acg', e.g. with a lower --lr",
+                )
         with torch.device("meta"):  # no random initialisation of weights about to be replaced
             model = AdaptiveConceptGenerator(cfg)
         model.load_state_dict(obj["state_dict"], strict=True, assign=True)
     except AcsegError:
         raise
     except Exception as e:
-        raise AcsegError(f"checkpoint {path} does not match the ACG architecture ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]})", "re-run 'acseg fit-acg' with this acseg version") from None
+        raise AcsegError(
+            f"checkpoint {path} does not match the ACG architecture ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]})",
+            "re-run 'acseg fit-acg' with this acseg version",
+        ) from None
     return LoadedACG(model.eval(), prov, train, obj)
 
 
@@ -160,13 +194,16 @@ def check_compatible(ckpt_prov: dict, store_prov: dict, ckpt_name: str, store_na
     for key in ("backbone", "weights_sha256", "dim", "feature", "layer"):
         a, b = ckpt_prov.get(key), store_prov.get(key)
         if a != b:
-            raise AcsegError(f"{ckpt_name} was trained on {key}={a} but {store_name} has {key}={b}",
-                             "use a checkpoint fitted on features of the same backbone and settings, or re-run fit-acg")
+            raise AcsegError(
+                f"{ckpt_name} was trained on {key}={a} but {store_name} has {key}={b}",
+                "use a checkpoint fitted on features of the same backbone and settings, or re-run fit-acg",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------
+
 
 def batch_indices(n_images: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """The images of one step: a pure function of (seed, step), so a resumed run sees the same batches."""
@@ -181,8 +218,8 @@ def collate(token_list: list[np.ndarray]):
     x = np.zeros((len(token_list), n, d), np.float32)
     mask = np.zeros((len(token_list), n), bool)
     for i, t in enumerate(token_list):
-        x[i, :len(t)] = t
-        mask[i, :len(t)] = True
+        x[i, : len(t)] = t
+        mask[i, : len(t)] = True
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
@@ -239,8 +276,8 @@ class ResidentTokens:
         index = np.zeros((len(rows), n), np.int64)
         mask = np.zeros((len(rows), n), bool)
         for j, r in enumerate(rows):
-            index[j, :len(r)] = r
-            mask[j, :len(r)] = True
+            index[j, : len(r)] = r
+            mask[j, : len(r)] = True
         index, mask = torch.from_numpy(index).to(self.device), torch.from_numpy(mask).to(self.device)
         rows = self.tokens.index_select(0, index.view(-1))
         shape = (*index.shape, self.tokens.shape[1])
@@ -253,7 +290,7 @@ class ResidentTokens:
             buf = self._buffers.get(step % 2)
             if buf is None or buf.numel() < rows.numel():
                 buf = self._buffers[step % 2] = torch.empty(rows.numel())
-            x = buf[:rows.numel()].view(shape)
+            x = buf[: rows.numel()].view(shape)
             x.view(rows.shape).copy_(rows)
         if not bool(mask.all()):
             x.masked_fill_(~mask[..., None], 0.0)
@@ -320,13 +357,15 @@ class Schedule:
             return done >= c.steps
         if self.decay_from is None:
             win, w = c.converge_window, c.warmup_steps
-            self.q = (self.q + [float(modularity)])[-2 * win:]  # the two windows compared, no more
+            self.q = (self.q + [float(modularity)])[-2 * win :]  # the two windows compared, no more
             if done >= w + 2 * win and (done - w) % win == 0 and len(self.q) >= 2 * win:
-                last, prev = float(np.mean(self.q[-win:])), float(np.mean(self.q[-2 * win:-win]))
+                last, prev = float(np.mean(self.q[-win:])), float(np.mean(self.q[-2 * win : -win]))
                 if last - prev < c.converge_tol * abs(prev):
-                    self._cooldown(done, f"converged: the mean modularity of steps {done - win + 1}-{done} "
-                                         f"({last:.4f}) was not {100 * c.converge_tol:g}% above that of the {win} "
-                                         f"steps before ({prev:.4f})")
+                    self._cooldown(
+                        done,
+                        f"converged: the mean modularity of steps {done - win + 1}-{done} ({last:.4f}) was not "
+                        f"{100 * c.converge_tol:g}% above that of the {win} steps before ({prev:.4f})",
+                    )
             if self.decay_from is None and done + round(c.cooldown_fraction * done) >= c.max_steps:
                 self._cooldown(done, f"reached the cap of {c.max_steps} steps before converging")
         return done >= min(c.max_steps, self.decay_from + self.decay_len) if self.decay_from is not None else False
@@ -344,6 +383,7 @@ class Schedule:
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+
 
 def mean_token(store: FeatureStore, chunk: int = 256, dist: "Dist | None" = None) -> np.ndarray:
     """The mean token of the whole store, read in chunks (under torchrun each rank reads every W-th chunk)."""
@@ -371,7 +411,7 @@ def whitening(store: FeatureStore, center: np.ndarray, seed: int, images: int = 
     cov = np.zeros((store.dim, store.dim), np.float64)
     count = 0
     for s in range(0, len(idx), 32):
-        x = np.concatenate(store.read_many(idx[s:s + 32])) - center
+        x = np.concatenate(store.read_many(idx[s : s + 32])) - center
         cov += (x.T @ x).astype(np.float64)
         count += len(x)
     cov /= max(1, count)
@@ -391,6 +431,7 @@ class Dist:
 
     def sum(self, a: np.ndarray) -> np.ndarray:
         import torch.distributed as td
+
         t = torch.from_numpy(np.ascontiguousarray(a, np.float64))
         if td.get_backend() == "nccl":
             t = t.cuda()
@@ -399,6 +440,7 @@ class Dist:
 
     def barrier(self) -> None:
         import torch.distributed as td
+
         td.barrier()
 
 
@@ -408,14 +450,17 @@ def setup_distributed(device: str | None) -> tuple[Dist | None, str]:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None, device
     import torch.distributed as td
+
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda")
     if use_cuda:
         per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count()
         if per_node > gpus:  # every rank sees the same numbers, so all stop here alike
-            raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU"
-                             f"{'' if gpus == 1 else 's'} (one process per GPU)",
-                             f"pass --nproc-per-node {gpus}, or --device cpu to train on the CPU with gloo")
+            raise UsageError(
+                f"torchrun started {per_node} processes on this machine but it has {gpus} GPU"
+                f"{'' if gpus == 1 else 's'} (one process per GPU)",
+                f"pass --nproc-per-node {gpus}, or --device cpu to train on the CPU with gloo",
+            )
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     else:
@@ -429,6 +474,7 @@ def init_prototypes(model: AdaptiveConceptGenerator, store: FeatureStore, seed: 
     """Seed the prototypes with k-means centroids of a token sample (scaled like the random init), and start
     the output head as the identity, so every prototype begins on a distinct part of feature space."""
     from .kmeans import kmeans
+
     rng = np.random.default_rng([seed, 7])
     idx = rng.choice(store.n_images, size=min(store.n_images, 64), replace=False)
     toks = np.concatenate(store.read_many(idx)) - model.feature_center.numpy()
@@ -467,13 +513,21 @@ def _resume(rp: Path, train: TrainConfig, cfg: ACGConfig, prov: dict, world: int
     except AcsegError:
         return None, "cannot be read"
     raw = state.raw
-    if not (state.train.get("config") == asdict(train) and state.model.cfg == cfg
-            and state.provenance.get("store", {}).get("content_sha256") == prov["store"]["content_sha256"]
-            and raw.get("world", 1) == world):
+    if not (
+        state.train.get("config") == asdict(train)
+        and state.model.cfg == cfg
+        and state.provenance.get("store", {}).get("content_sha256") == prov["store"]["content_sha256"]
+        and raw.get("world", 1) == world
+    ):
         return None, "was made with other settings"
-    if not (isinstance(raw.get("optimizer"), dict) and isinstance(raw.get("step"), int)
-            and isinstance(raw.get("torch_rng"), torch.Tensor) and raw["torch_rng"].dtype == torch.uint8
-            and isinstance(raw.get("history", "[]"), str) and isinstance(raw.get("schedule", "{}"), str)):
+    if not (
+        isinstance(raw.get("optimizer"), dict)
+        and isinstance(raw.get("step"), int)
+        and isinstance(raw.get("torch_rng"), torch.Tensor)
+        and raw["torch_rng"].dtype == torch.uint8
+        and isinstance(raw.get("history", "[]"), str)
+        and isinstance(raw.get("schedule", "{}"), str)
+    ):
         return None, "lacks part of the optimizer, step or random state"
     try:
         json.loads(raw.get("history", "[]"))
@@ -484,10 +538,19 @@ def _resume(rp: Path, train: TrainConfig, cfg: ACGConfig, prov: dict, world: int
     return state, ""
 
 
-def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: TrainConfig | None = None,
-            device: str | None = None, overwrite: bool = False, resume: bool = False,
-            progress: Callable[[int, int, str], None] | None = None, preload: bool | None = None,
-            announce: int = logging.INFO) -> FitResult:
+def fit_acg(
+    features: str,
+    output: str,
+    *,
+    acg: ACGConfig | None = None,
+    train: TrainConfig | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+    preload: bool | None = None,
+    announce: int = logging.INFO,
+) -> FitResult:
     """Train an ACG on the store ``features``; write the checkpoint, a JSON-lines log and a loss plot.
 
     ``announce``: the logging level of the line that estimates the fit's time after its first steps.
@@ -509,15 +572,21 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
     dist, device = setup_distributed(device)
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     if min(train.batch_size, store.n_images) < world:
-        raise UsageError(f"a batch of {min(train.batch_size, store.n_images)} images cannot be shared by {world} processes",
-                         "raise --batch-size or start fewer processes")
+        raise UsageError(
+            f"a batch of {min(train.batch_size, store.n_images)} images cannot be shared by {world} processes",
+            "raise --batch-size or start fewer processes",
+        )
     log_path, plot_path = side_paths(out)
     for side in (log_path, plot_path):
         check_output(side, overwrite)
         check_apart(side, [features])
     if dist and rank == 0:
-        log.info("fit-acg on %d processes (%s): global batch %d", world, "nccl" if device.startswith("cuda") else "gloo",
-                 min(train.batch_size, store.n_images))
+        log.info(
+            "fit-acg on %d processes (%s): global batch %d",
+            world,
+            "nccl" if device.startswith("cuda") else "gloo",
+            min(train.batch_size, store.n_images),
+        )
 
     lock_fd = acquire_output_lock(out) if rank == 0 else None  # rank 0 alone writes
     try:
@@ -533,10 +602,12 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         model = core
         if dist:
             from torch.nn.parallel import DistributedDataParallel
+
             # static graph: the key biases get no gradient by design (constant over keys, they drop out of the
             # exact low-rank attention), every step the same
-            model = DistributedDataParallel(core, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
-                                            static_graph=True)
+            model = DistributedDataParallel(
+                core, device_ids=[dist.local_rank] if device.startswith("cuda") else None, static_graph=True
+            )
         opt = torch.optim.AdamW(core.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         start = 0
         history: list[dict] = []
@@ -603,44 +674,76 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
                 active_sum = float(active.sum(1).float().sum().item())
                 if dist:
                     active_sum = float(dist.sum(np.array([active_sum]))[0])
-                rec = {"step": step, **last, "active_concepts": active_sum / n_global, "lr": lr,
-                       "seconds": round(time.monotonic() - t0, 3)}
+                rec = {
+                    "step": step,
+                    **last,
+                    "active_concepts": active_sum / n_global,
+                    "lr": lr,
+                    "seconds": round(time.monotonic() - t0, 3),
+                }
                 if stop:  # the last line of the log says where and why the fit stopped
                     rec["stop_reason"] = sched.reason or f"stopped at step {step + 1}"
                 history.append(rec)
             if rank == 0 and step == start + 2 and not stop:  # the first step pays for start-up; time two more
                 per_step = (time.monotonic() - t_first) / 2
                 left = (limit - step - 1) * per_step
-                msg = (f"fit-acg: about {per_step:.2f} s per step here, so {duration(left)} for the remaining "
-                       f"{limit - step - 1} steps" if not train.auto else
-                       f"fit-acg: about {per_step:.2f} s per step here; until converged, typically a few hundred "
-                       f"steps ({duration(300 * per_step)} for 300), at most {duration(left)} (the cap of {limit})")
+                msg = (
+                    f"fit-acg: about {per_step:.2f} s per step here, so {duration(left)} for the remaining "
+                    f"{limit - step - 1} steps"
+                    if not train.auto
+                    else f"fit-acg: about {per_step:.2f} s per step here; until converged, typically a few hundred "
+                    f"steps ({duration(300 * per_step)} for 300), at most {duration(left)} (the cap of {limit})"
+                )
                 log.log(announce, msg)
             if step == start:
                 t_first = time.monotonic()
             if progress and rank == 0:
-                phase = "" if not train.auto else " (until converged)" if sched.decay_from is None else " (cooling down)"
+                phase = (
+                    "" if not train.auto else " (until converged)" if sched.decay_from is None else " (cooling down)"
+                )
                 total = limit if sched.decay_from is None else min(limit, sched.decay_from + sched.decay_len)
                 progress(step + 1, total, f"loss {last['loss']:.4f} Q {last['modularity']:.4f}{phase}")
             if rank == 0 and train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and not stop:
-                save_checkpoint(rp, core, prov, {"config": asdict(train)},
-                                extra={"optimizer": opt.state_dict(), "step": step + 1, "history": json.dumps(history),
-                                       "torch_rng": torch.get_rng_state(), "world": world,
-                                       "schedule": json.dumps(sched.state())})
+                save_checkpoint(
+                    rp,
+                    core,
+                    prov,
+                    {"config": asdict(train)},
+                    extra={
+                        "optimizer": opt.state_dict(),
+                        "step": step + 1,
+                        "history": json.dumps(history),
+                        "torch_rng": torch.get_rng_state(),
+                        "world": world,
+                        "schedule": json.dumps(sched.state()),
+                    },
+                )
         pool.shutdown()
         core.eval()
         steps_done = step + 1
         reason = sched.reason or f"stopped at step {steps_done}"
         if rank == 0:
             log.info("fit-acg stopped after %d steps: %s", steps_done, reason)
-            save_checkpoint(out, core, prov, {"config": asdict(train), "final": last, "steps": steps_done,
-                                              "stop_reason": reason, "processes": world})
+            save_checkpoint(
+                out,
+                core,
+                prov,
+                {
+                    "config": asdict(train),
+                    "final": last,
+                    "steps": steps_done,
+                    "stop_reason": reason,
+                    "processes": world,
+                },
+            )
             try:
                 _write_log(log_path, history)
                 plot_loss(history, plot_path, title=f"fit-acg {out.name}: {steps_done} steps, loss {last['loss']:.4f}")
             except OSError as e:
-                raise AcsegError(f"{out.name} is written, but writing its log or loss curve failed ({e.strerror or e})",
-                                 "check free disk space; the checkpoint itself is complete") from None
+                raise AcsegError(
+                    f"{out.name} is written, but writing its log or loss curve failed ({e.strerror or e})",
+                    "check free disk space; the checkpoint itself is complete",
+                ) from None
             if rp.exists():
                 rp.unlink()
         if dist:
@@ -651,9 +754,11 @@ def fit_acg(features: str, output: str, *, acg: ACGConfig | None = None, train: 
         store.close()
         if dist:
             import torch.distributed as td
+
             td.destroy_process_group()
-    return FitResult(str(out), steps_done, last["loss"], last["modularity"], str(log_path), str(plot_path), start,
-                     history, reason)
+    return FitResult(
+        str(out), steps_done, last["loss"], last["modularity"], str(log_path), str(plot_path), start, history, reason
+    )
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
@@ -680,6 +785,7 @@ def plot_loss(history: list[dict], path: Path, size=(720, 400), title: str = "")
     from PIL import Image, ImageDraw
 
     from .render import label_font
+
     W, H = size
     left, right, top, bottom = 85, 20, 30, 50
     img = Image.new("RGB", size, "white")

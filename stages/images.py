@@ -62,8 +62,10 @@ def discover(inputs: list[str], list_file_text: str | None = None) -> list[Image
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted((q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()),
-                           key=lambda q: q.relative_to(p).as_posix())
+            found = sorted(
+                (q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()),
+                key=lambda q: q.relative_to(p).as_posix(),
+            )
             for q in found:
                 add_file(q, _relname(q, p))
         elif p.suffix.lower() in {".txt", ".lst"} and p.is_file():
@@ -75,8 +77,10 @@ def discover(inputs: list[str], list_file_text: str | None = None) -> list[Image
     seen: dict[str, str] = {}
     for it in items:
         if it.name in seen and seen[it.name] != it.path:
-            raise AcsegError(f"two inputs share the name {it.name!r} ({seen[it.name]} and {it.path})",
-                             "pass their common parent folder instead, so names keep their subfolders")
+            raise AcsegError(
+                f"two inputs share the name {it.name!r} ({seen[it.name]} and {it.path})",
+                "pass their common parent folder instead, so names keep their subfolders",
+            )
         seen[it.name] = it.path
     # the same file listed twice is kept once
     uniq: dict[str, ImageItem] = {}
@@ -95,6 +99,7 @@ def _exif_transposes(im: Image.Image) -> bool:
 def _regular_file(path: str) -> None:
     """Open only regular files: a FIFO or device named .png would block or never end."""
     import stat
+
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -145,8 +150,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
         out = np.empty(a.shape, np.uint8)
         rows = max(1, (1 << 18) // max(1, a.shape[1]))  # 256 K pixels: a few MB of float64 at a time
         for r in range(0, a.shape[0], rows):
-            b = a[r:r + rows].astype(np.float64)
-            out[r:r + rows] = np.clip((b - lo) / (hi - lo) * 255.0 + 0.5, 0, 255)
+            b = a[r : r + rows].astype(np.float64)
+            out[r : r + rows] = np.clip((b - lo) / (hi - lo) * 255.0 + 0.5, 0, 255)
         return Image.fromarray(out, "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -241,6 +246,9 @@ def output_paths(root: Path, names: list[str], suffix: str) -> list[Path]:
             p = safe_output_path(root, f"{names[i]}~{k}.x", suffix)
         taken.add(p)
         paths[i] = p
-    logging.getLogger("acseg").warning("%d images share a name apart from the extension; their outputs keep it "
-                                       "(e.g. %s)", len(clashing), paths[clashing[0]].name)
+    logging.getLogger("acseg").warning(
+        "%d images share a name apart from the extension; their outputs keep it (e.g. %s)",
+        len(clashing),
+        paths[clashing[0]].name,
+    )
     return paths

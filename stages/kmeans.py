@@ -32,14 +32,18 @@ def _sqdist_kn(x: torch.Tensor, c: torch.Tensor, xx_t: torch.Tensor) -> torch.Te
     return d.transpose(-2, -1).contiguous()
 
 
-def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | None = None,
-              xx: torch.Tensor | None = None) -> torch.Tensor:
+def kmeans_pp(
+    x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | None = None, xx: torch.Tensor | None = None
+) -> torch.Tensor:
     """k-means++ seeding of one point set (n, d) -> (k, d), optionally with sample weights (xx: _sqnorm(x)).
     ``gen`` is a CPU generator: the draws are made on the CPU wherever ``x`` lives (same numbers)."""
     n = x.shape[0]
     xx = _sqnorm(x) if xx is None else xx
-    idx = [int(torch.randint(n, (1,), generator=gen)) if w is None
-           else int(torch.multinomial((w / w.sum()).cpu(), 1, generator=gen))]
+    idx = [
+        int(torch.randint(n, (1,), generator=gen))
+        if w is None
+        else int(torch.multinomial((w / w.sum()).cpu(), 1, generator=gen))
+    ]
     d2 = _sqdist(x, x[idx], xx).squeeze(-1)
     for _ in range(1, k):
         pw = d2 if w is None else d2 * w
@@ -49,12 +53,20 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | N
         else:
             j = int(torch.multinomial((pw / total).cpu(), 1, generator=gen))
         idx.append(j)
-        d2 = torch.minimum(d2, _sqdist(x, x[j:j + 1], xx).squeeze(-1))
+        d2 = torch.minimum(d2, _sqdist(x, x[j : j + 1], xx).squeeze(-1))
     return x[idx].clone()
 
 
-def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int = 50, seed: int = 0,
-           tol: float = 1e-6, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+def kmeans(
+    x: torch.Tensor | np.ndarray,
+    k: int,
+    *,
+    n_init: int = 3,
+    iters: int = 50,
+    seed: int = 0,
+    tol: float = 1e-6,
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Lloyd's k-means on (n, d) points, optionally weighted. Returns (centroids (k, d), labels (n,), inertia)."""
     x = torch.as_tensor(np.asarray(x, np.float32))
     n = x.shape[0]
@@ -90,8 +102,9 @@ def kmeans(x: torch.Tensor | np.ndarray, k: int, *, n_init: int = 3, iters: int 
     return best
 
 
-def batched_kmeans(x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0,
-                   work: dict | None = None):
+def batched_kmeans(
+    x: torch.Tensor, mask: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0, work: dict | None = None
+):
     """Independent k-means per image on padded (B, N, d) tokens; returns (centroids (B,k,d), labels (B,N)).
 
     One restart, k-means++ seeding per image; padded tokens take no part; each image iterates until its own
@@ -150,7 +163,7 @@ def _gather_rows(xl: torch.Tensor, keep: torch.Tensor, x: torch.Tensor, work: di
             buf = torch.empty(x.shape[0] * x[0].numel(), dtype=x.dtype, device=x.device)
             if work is not None:
                 work["kmeans_rows"] = buf
-        return torch.index_select(x, 0, keep, out=buf[:n * x[0].numel()].view(n, *x.shape[1:]))
+        return torch.index_select(x, 0, keep, out=buf[: n * x[0].numel()].view(n, *x.shape[1:]))
     for i, j in enumerate(keep.tolist()):
         if i != j:
             xl[i].copy_(xl[j])

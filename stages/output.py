@@ -71,8 +71,10 @@ def check_output(path: Path, overwrite: bool, *, folder: bool = False, option: s
         if not folder and kind != "a regular file":
             raise AcsegError(f"{path} is {kind}, which acseg never replaces", f"choose another {option}")
         if not overwrite and not (folder and not any(os.scandir(path))):
-            raise AcsegError(f"{path} already exists" + (" and is not empty" if folder else ""),
-                             f"pass --overwrite to replace it or choose another {option}")
+            raise AcsegError(
+                f"{path} already exists" + (" and is not empty" if folder else ""),
+                f"pass --overwrite to replace it or choose another {option}",
+            )
     if not path.parent.is_dir():
         raise AcsegError(f"folder {path.parent} does not exist", f"create it first or choose another {option}")
 
@@ -85,8 +87,9 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_apart(output: Path, inputs: Iterable, *, folder: bool = False, photos: Iterable = (),
-                option: str = "-o") -> None:
+def check_apart(
+    output: Path, inputs: Iterable, *, folder: bool = False, photos: Iterable = (), option: str = "-o"
+) -> None:
     """Rule 2: ``output`` is none of ``inputs`` (None entries are skipped); an output folder holds none of them,
     nor lies inside a folder given as input or a folder of ``photos`` (where its files could take a photo's
     name, or be taken for photos by the next ``extract``)."""
@@ -102,8 +105,10 @@ def check_apart(output: Path, inputs: Iterable, *, folder: bool = False, photos:
             continue
         holds = _inside(src, out)
         if holds or (os.path.isdir(src) and _inside(out, src)):
-            raise UsageError(f"{option} {output} {'holds' if holds else 'lies inside'} the input {i}",
-                             f"choose a folder apart from the inputs with {option}")
+            raise UsageError(
+                f"{option} {output} {'holds' if holds else 'lies inside'} the input {i}",
+                f"choose a folder apart from the inputs with {option}",
+            )
 
 
 def temp_path(dest: Path, suffix: str = ".tmp") -> Path:
@@ -175,8 +180,9 @@ def acquire_output_lock(path: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise AcsegError(f"another acseg process is writing {path}",
-                             "wait for it to finish or choose another -o") from None
+            raise AcsegError(
+                f"another acseg process is writing {path}", "wait for it to finish or choose another -o"
+            ) from None
         try:
             same = os.path.samestat(os.fstat(fd), os.lstat(lp))
         except FileNotFoundError:
@@ -207,8 +213,15 @@ def output_lock(path: Path) -> Iterator[None]:
         release_output_lock(path, fd)
 
 
-def check_files_into(folder: Path, targets: Iterable[Path], overwrite: bool, *, inputs: Iterable = (),
-                     photos: Iterable = (), option: str = "--preview") -> None:
+def check_files_into(
+    folder: Path,
+    targets: Iterable[Path],
+    overwrite: bool,
+    *,
+    inputs: Iterable = (),
+    photos: Iterable = (),
+    option: str = "--preview",
+) -> None:
     """Before writing ``targets`` into ``folder`` (made if absent): the folder holds none of the input files
     ``inputs`` and ``photos`` and lies in no folder of ``photos`` (rule 2: a preview taking a photo's name),
     and an existing target is replaced only with ``overwrite`` and only when it is a regular file (rule 1)."""
@@ -228,8 +241,10 @@ def check_files_into(folder: Path, targets: Iterable[Path], overwrite: bool, *, 
         if not stat.S_ISREG(mode):
             raise AcsegError(f"{t} is {_kind_of(mode)}, which acseg never replaces", f"choose another {option}")
         if not overwrite:
-            raise AcsegError(f"{option} {folder} already holds {Path(t).name}",
-                             f"pass --overwrite to replace what is there, or choose another {option}")
+            raise AcsegError(
+                f"{option} {folder} already holds {Path(t).name}",
+                f"pass --overwrite to replace what is there, or choose another {option}",
+            )
 
 
 def foreign_entries(folder: Path, expected: set[str]) -> list[str]:

@@ -65,7 +65,7 @@ def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "b
         y0 = ys.floor().long()
         y1 = (y0 + 1).clamp(max=h - 1)
         wy = (ys - y0.float())[:, None]
-        out[r0:r0 + len(ys)] = argmax_channels(cols[:, y0] * (1 - wy) + cols[:, y1] * wy).numpy()
+        out[r0 : r0 + len(ys)] = argmax_channels(cols[:, y0] * (1 - wy) + cols[:, y1] * wy).numpy()
     return ids[out]
 
 
@@ -78,7 +78,7 @@ def save_label_png(path: str | os.PathLike, labels: np.ndarray, pal: np.ndarray 
         if pal is not None:
             im = im.convert("P")
             flat = np.zeros((256, 3), np.uint8)
-            flat[:min(256, len(pal))] = pal[:256]
+            flat[: min(256, len(pal))] = pal[:256]
             im.putpalette(flat.ravel().tolist())
     else:
         im = Image.fromarray(labels.astype(np.uint16))
@@ -128,17 +128,20 @@ def save_rgb(path: str | os.PathLike, arr: np.ndarray) -> None:
 def label_font(size: int = 12):
     """Pillow's default font at ``size`` (a scalable one since Pillow 10.1), for captions, legends and axes."""
     from PIL import ImageFont
+
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one bitmap size
         return ImageFont.load_default()
 
 
-def compose_panels(panels: list[np.ndarray], captions: list[str],
-                   legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> np.ndarray:
+def compose_panels(
+    panels: list[np.ndarray], captions: list[str], legend: list[tuple[str, tuple[int, int, int]]] | None = None
+) -> np.ndarray:
     """Panels of one height side by side, each under its caption, and below them a legend: one colour swatch
     and name per entry of ``legend`` (name, RGB), wrapped to the width."""
     from PIL import ImageDraw
+
     font = label_font(12)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     cap_h, pad = 18, 4

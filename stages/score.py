@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import validate as v
 from .datasets import IGNORE, INVALID, get_dataset, plain_lut
 from .errors import AcsegError, UsageError
-from . import validate as v
 from .output import write_atomic
 
 log = logging.getLogger("acseg.score")
@@ -27,6 +27,7 @@ LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I", "1")
 # ---------------------------------------------------------------------------------------------
 # Matching and metrics on a confusion matrix (rows: prediction ids, columns: classes)
 # ---------------------------------------------------------------------------------------------
+
 
 def match_hungarian(conf: np.ndarray) -> dict[int, int]:
     """One-to-one prediction id -> class maximising matched pixels.
@@ -94,14 +95,17 @@ def confusion(pred: np.ndarray, gt_classes: np.ndarray, n_pred: int, n_classes: 
 # Reading label maps
 # ---------------------------------------------------------------------------------------------
 
+
 def read_label_map(path: str, what: str) -> np.ndarray:
     """A PNG of ids, read as indices (never converted to RGB)."""
     try:
         with Image.open(path) as im:
             mode = im.mode
             if mode not in LABEL_MODES:
-                raise _LabelError(f"{what} {path} is a {mode} image, not a label map; label maps hold one id per pixel "
-                                  "(8-bit L or P, or 16-bit): write ids, not colours")
+                raise _LabelError(
+                    f"{what} {path} is a {mode} image, not a label map; label maps hold one id per pixel "
+                    "(8-bit L or P, or 16-bit): write ids, not colours"
+                )
             a = np.array(im)
     except _LabelError:
         raise
@@ -134,8 +138,9 @@ def _collect(folder: Path, suffix: str) -> dict[str, Path]:
     return out
 
 
-def pair_files(pred_dir: str, gt_dir: str, pred_suffix: str = "", gt_suffix: str = "",
-               allow_missing: bool = False) -> tuple[list[tuple[str, str, str]], dict]:
+def pair_files(
+    pred_dir: str, gt_dir: str, pred_suffix: str = "", gt_suffix: str = "", allow_missing: bool = False
+) -> tuple[list[tuple[str, str, str]], dict]:
     """Pairs (key, pred path, gt path) by relative path and stem; never by sorted order."""
     pd, gd = Path(pred_dir), Path(gt_dir)
     for d, what in ((pd, "prediction"), (gd, "ground-truth")):
@@ -145,11 +150,15 @@ def pair_files(pred_dir: str, gt_dir: str, pred_suffix: str = "", gt_suffix: str
             raise AcsegError(f"{what} path {d} is not a folder", "pass a folder of label-map PNGs")
     preds, gts = _collect(pd, pred_suffix), _collect(gd, gt_suffix)
     if not gts:
-        raise AcsegError(f"no ground-truth PNGs in {gd}" + (f" ending in {gt_suffix}" if gt_suffix else ""),
-                         "check the folder and --gt-suffix")
+        raise AcsegError(
+            f"no ground-truth PNGs in {gd}" + (f" ending in {gt_suffix}" if gt_suffix else ""),
+            "check the folder and --gt-suffix",
+        )
     if not preds:
-        raise AcsegError(f"no prediction PNGs in {pd}" + (f" ending in {pred_suffix}" if pred_suffix else ""),
-                         "check the folder and --pred-suffix")
+        raise AcsegError(
+            f"no prediction PNGs in {pd}" + (f" ending in {pred_suffix}" if pred_suffix else ""),
+            "check the folder and --pred-suffix",
+        )
     common = sorted(set(preds) & set(gts))
     missing = sorted(set(gts) - set(preds))
     extra = sorted(set(preds) - set(gts))
@@ -185,8 +194,11 @@ def _score_one(item):
         gt = read_label_map(gp, "ground truth")
         if pred.shape != gt.shape:
             if _W["resize"] != "nearest":
-                return ("error", f"prediction {pp} is {pred.shape[1]}x{pred.shape[0]} but its ground truth is "
-                                 f"{gt.shape[1]}x{gt.shape[0]}; pass --resize-pred nearest to resize predictions")
+                return (
+                    "error",
+                    f"prediction {pp} is {pred.shape[1]}x{pred.shape[0]} but its ground truth is "
+                    f"{gt.shape[1]}x{gt.shape[0]}; pass --resize-pred nearest to resize predictions",
+                )
             im = Image.fromarray(pred.astype(np.int32), "I").resize((gt.shape[1], gt.shape[0]), Image.NEAREST)
             pred = np.asarray(im)
         if pred.dtype == np.uint8 and gt.dtype == np.uint8:
@@ -202,7 +214,7 @@ def _score_one(item):
         else:
             cls_ids, g_c = _compact(g)
         c = confusion(pred_c, g_c, len(pred_ids), max(1, len(cls_ids)))
-        c = c[:, :len(cls_ids)]  # an image whose pixels are all ignored has no class
+        c = c[:, : len(cls_ids)]  # an image whose pixels are all ignored has no class
         return ("ok", key, (pred_ids, cls_ids, c), int(c.sum()))
     except _LabelError as e:
         return ("error", str(e))
@@ -221,8 +233,11 @@ def _compact(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _invalid_ids(gp, bad) -> tuple:
-    return ("error", f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
-                     "choose the right --dataset or add --ignore-index")
+    return (
+        "error",
+        f"ground truth {gp} has label ids {bad} that are not classes of {_W['dataset'] or 'this setup'}; "
+        "choose the right --dataset or add --ignore-index",
+    )
 
 
 def _score_8bit(key, gp, pred, gt):
@@ -287,16 +302,27 @@ class _Confusion:
 def _add(acc: np.ndarray, c: np.ndarray) -> np.ndarray:
     if c.shape[0] > acc.shape[0] or c.shape[1] > acc.shape[1]:
         grown = np.zeros((max(acc.shape[0], c.shape[0]), max(acc.shape[1], c.shape[1])), np.int64)
-        grown[:acc.shape[0], :acc.shape[1]] = acc
+        grown[: acc.shape[0], : acc.shape[1]] = acc
         acc = grown
-    acc[:c.shape[0], :c.shape[1]] += c
+    acc[: c.shape[0], : c.shape[1]] += c
     return acc
 
 
-def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_index: tuple = (),
-          protocol: str = "hungarian", pred_suffix: str = "", gt_suffix: str = "", allow_missing: bool = False,
-          resize_pred: str | None = None, workers: int = 1, include_confusion: bool = True,
-          progress=None) -> dict:
+def score(
+    pred_dir: str,
+    gt_dir: str,
+    *,
+    dataset: str | None = None,
+    ignore_index: tuple = (),
+    protocol: str = "hungarian",
+    pred_suffix: str = "",
+    gt_suffix: str = "",
+    allow_missing: bool = False,
+    resize_pred: str | None = None,
+    workers: int = 1,
+    include_confusion: bool = True,
+    progress=None,
+) -> dict:
     """Score a folder of predicted label maps against a folder of ground truth. Returns the result dict."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {protocol!r}", f"choose one of: {', '.join(PROTOCOLS)}")
@@ -315,17 +341,27 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
     pairs, counts = pair_files(pred_dir, gt_dir, pred_suffix, gt_suffix, allow_missing)
     if workers <= 0:
         import os
+
         workers = min(4, os.cpu_count() or 1)
     if counts["missing_predictions"] or counts["extra_predictions"]:
-        log.warning("scoring %d pairs; %d ground-truth files without prediction and %d predictions without ground "
-                    "truth left out", counts["paired"], counts["missing_predictions"], counts["extra_predictions"])
+        log.warning(
+            "scoring %d pairs; %d ground-truth files without prediction and %d predictions without ground truth left "
+            "out",
+            counts["paired"],
+            counts["missing_predictions"],
+            counts["extra_predictions"],
+        )
     acc = _Confusion(preset.n_classes if preset else None)
     pi: list = []  # per-image protocol: each image's matched [true, predicted] counts, by accumulator column
     n_pixels = 0
     n_img = 0
     if workers > 1 and len(pairs) > 8:
         ctx = mp.get_context("fork")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(lut, resize_pred, dataset, preset.n_classes if preset else None))
+        pool = ctx.Pool(
+            workers,
+            initializer=_init_worker,
+            initargs=(lut, resize_pred, dataset, preset.n_classes if preset else None),
+        )
         results = pool.imap(_score_one, pairs, chunksize=8)
     else:
         pool = None
@@ -350,8 +386,10 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
     pred_ids, cls_ids, conf, perm = acc.ordered()
     K = len(cls_ids)
     if n_pixels == 0:
-        raise AcsegError("every ground-truth pixel is ignored, so there is nothing to score",
-                         "check --dataset, --ignore-index and the ground-truth folder")
+        raise AcsegError(
+            "every ground-truth pixel is ignored, so there is nothing to score",
+            "check --dataset, --ignore-index and the ground-truth folder",
+        )
     names = list(preset.class_names) if preset else [str(int(i)) for i in cls_ids]
     if protocol == "per-image":
         where = np.empty(len(perm), np.int64)
@@ -363,8 +401,10 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
             m[np.ix_(j, j)] += m_i
             u[j] += u_i
         mapping = {}
-        log.warning("per-image matching is a different protocol: its numbers are not comparable with "
-                    "dataset-level (hungarian) ones")
+        log.warning(
+            "per-image matching is a different protocol: its numbers are not comparable with dataset-level (hungarian) "
+            "ones"
+        )
     else:
         rows = match_hungarian(conf) if protocol == "hungarian" else match_majority(conf)
         m, u = matched_confusion(conf, rows, K)
@@ -394,6 +434,7 @@ def score(pred_dir: str, gt_dir: str, *, dataset: str | None = None, ignore_inde
 def confusion_png(result: dict, path: str) -> str:
     """Draw the matched confusion matrix (rows: true class, normalised per row) as a PNG."""
     from PIL import ImageDraw
+
     m = np.asarray(result["matched_confusion"], np.float64)
     names = result["class_names"]
     K = m.shape[0]
@@ -406,8 +447,10 @@ def confusion_png(result: dict, path: str) -> str:
         d.text((4, label_w + i * cell + cell // 4), names[i][:18], fill="black")
         for j in range(K):
             v = int(255 * (1 - rows[i, j]))
-            d.rectangle([label_w + j * cell, label_w + i * cell, label_w + (j + 1) * cell - 1,
-                         label_w + (i + 1) * cell - 1], fill=(v, v, 255))
+            d.rectangle(
+                [label_w + j * cell, label_w + i * cell, label_w + (j + 1) * cell - 1, label_w + (i + 1) * cell - 1],
+                fill=(v, v, 255),
+            )
     txt = Image.new("RGB", (label_w, K * cell), "white")
     dt = ImageDraw.Draw(txt)
     for j in range(K):

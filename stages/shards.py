@@ -40,7 +40,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise UsageError(f"--shard {text!r} is not of the form i/N", "write e.g. --shard 0/4 (shards 0..N-1)")
     i, n = int(m.group(1)), int(m.group(2))
     if n < 1 or not 0 <= i < n:
-        raise UsageError(f"--shard {text}: the index must be in 0..N-1 and N >= 1", "write e.g. --shard 3/4 for the last of 4")
+        raise UsageError(
+            f"--shard {text}: the index must be in 0..N-1 and N >= 1", "write e.g. --shard 3/4 for the last of 4"
+        )
     return i, n
 
 
@@ -78,8 +80,15 @@ def shard_info(store: Store) -> ShardInfo | None:
     try:
         s = json.loads(raw)
         b0, b1 = (int(x) for x in s["batches"])
-        info = ShardInfo(str(store.path), int(s["index"]), int(s["count"]), b0, b1, int(s["n_batches"]),
-                         int(s.get("header_skipped", 0)))
+        info = ShardInfo(
+            str(store.path),
+            int(s["index"]),
+            int(s["count"]),
+            b0,
+            b1,
+            int(s["n_batches"]),
+            int(s.get("header_skipped", 0)),
+        )
     except (TypeError, ValueError, KeyError):
         raise AcsegError(f"{store.path}: its shard attribute is damaged", "re-run the stage that made it") from None
     return info
@@ -97,6 +106,7 @@ def _open(path: str) -> Store:
     """Open a features or concepts store, whichever it is."""
     from .conceptualize import ConceptStore
     from .features import FeatureStore
+
     try:
         with h5py.File(path, "r") as f:
             kind = f.attrs.get("kind")
@@ -109,6 +119,7 @@ def _open(path: str) -> Store:
 
 def _describe(names: list[str], limit: int = 5) -> str:
     from .images import display_name
+
     shown = ", ".join(display_name(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -140,34 +151,48 @@ def _merge(stores: list[Store], out: Path, overwrite: bool, chunk: int) -> Merge
     for s in stores:
         info = shard_info(s)
         if info is None:
-            raise AcsegError(f"{s.path.name} is not a shard (it was not made with --shard)",
-                             "merge only the stores of one 'extract --shard i/N' split")
+            raise AcsegError(
+                f"{s.path.name} is not a shard (it was not made with --shard)",
+                "merge only the stores of one 'extract --shard i/N' split",
+            )
         infos.append(info)
         if PLAN_NAMES not in s.f or PLAN_BATCH not in s.f:
-            raise AcsegError(f"{s.path.name} is a shard without its shard plan", "the file is damaged; re-run the stage that made it")
+            raise AcsegError(
+                f"{s.path.name} is a shard without its shard plan", "the file is damaged; re-run the stage that made it"
+            )
         if s.kind != first.kind:
-            raise AcsegError(f"{s.path.name} holds {s.kind} but {first.path.name} holds {first.kind}",
-                             "merge stores of one kind at a time")
+            raise AcsegError(
+                f"{s.path.name} holds {s.kind} but {first.path.name} holds {first.kind}",
+                "merge stores of one kind at a time",
+            )
         if s.backbone != first.backbone:
-            raise AcsegError(f"{s.path.name} and {first.path.name} come from different backbones",
-                             "merge only shards extracted with the same backbone and weights")
+            raise AcsegError(
+                f"{s.path.name} and {first.path.name} come from different backbones",
+                "merge only shards extracted with the same backbone and weights",
+            )
         a = {k: v for k, v in s.params.items() if k != "shard"}
         b = {k: v for k, v in first.params.items() if k != "shard"}
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise AcsegError(f"{s.path.name} and {first.path.name} were made with different settings ({', '.join(diff)})",
-                             "merge only shards of one split, made with the same options")
+            raise AcsegError(
+                f"{s.path.name} and {first.path.name} were made with different settings ({', '.join(diff)})",
+                "merge only shards of one split, made with the same options",
+            )
         if (info.count, info.n_batches) != (infos[0].count, infos[0].n_batches):
-            raise AcsegError(f"{s.path.name} is shard {info.index}/{info.count} of {info.n_batches} batches but "
-                             f"{first.path.name} is {infos[0].index}/{infos[0].count} of {infos[0].n_batches}",
-                             "merge only the shards of one split (same inputs, same N)")
+            raise AcsegError(
+                f"{s.path.name} is shard {info.index}/{info.count} of {info.n_batches} batches but {first.path.name} "
+                f"is {infos[0].index}/{infos[0].count} of {infos[0].n_batches}",
+                "merge only the shards of one split (same inputs, same N)",
+            )
 
     plan_names = decode_names(first.f[PLAN_NAMES][:])
     plan_batch = first.f[PLAN_BATCH][:].astype(np.int64)
     for s in stores[1:]:
         if decode_names(s.f[PLAN_NAMES][:]) != plan_names or not np.array_equal(s.f[PLAN_BATCH][:], plan_batch):
-            raise AcsegError(f"{s.path.name} and {first.path.name} were planned over different input lists",
-                             "merge only shards of one split (extract each with the same inputs and --shard i/N)")
+            raise AcsegError(
+                f"{s.path.name} and {first.path.name} were planned over different input lists",
+                "merge only shards of one split (extract each with the same inputs and --shard i/N)",
+            )
     count = infos[0].count
 
     # Coverage: each shard index once, each planned image in the store of its shard, no name twice.
@@ -176,9 +201,11 @@ def _merge(stores: list[Store], out: Path, overwrite: bool, chunk: int) -> Merge
         if info.index in by_index:
             other = by_index[info.index]
             names = [plan_names[i] for i in np.flatnonzero((plan_batch >= info.b0) & (plan_batch < info.b1))]
-            raise AcsegError(f"shard {info.index}/{count} is given twice ({Path(other.path).name} and "
-                             f"{Path(info.path).name}): its images {_describe(names)} would appear twice",
-                             "pass each shard once")
+            raise AcsegError(
+                f"shard {info.index}/{count} is given twice ({Path(other.path).name} and {Path(info.path).name}): its "
+                f"images {_describe(names)} would appear twice",
+                "pass each shard once",
+            )
         by_index[info.index] = info
     missing = sorted(set(range(count)) - set(by_index))
     if missing:
@@ -186,8 +213,11 @@ def _merge(stores: list[Store], out: Path, overwrite: bool, chunk: int) -> Merge
         for m in missing:
             b0, b1 = shard_range(infos[0].n_batches, m, count)
             lost += [plan_names[i] for i in np.flatnonzero((plan_batch >= b0) & (plan_batch < b1))]
-        raise AcsegError(f"shard(s) {', '.join(f'{m}/{count}' for m in missing)} missing: {len(lost)} images would be "
-                         f"lost ({_describe(lost)})", "extract the missing shards first, then merge all of them")
+        raise AcsegError(
+            f"shard(s) {', '.join(f'{m}/{count}' for m in missing)} missing: {len(lost)} images would be lost "
+            f"({_describe(lost)})",
+            "extract the missing shards first, then merge all of them",
+        )
     order = sorted(range(len(stores)), key=lambda j: infos[j].index)
     batch_of = dict(zip(plan_names, plan_batch.tolist()))
     seen: dict[str, str] = {}
@@ -196,10 +226,15 @@ def _merge(stores: list[Store], out: Path, overwrite: bool, chunk: int) -> Merge
         for name in s.names:
             b = batch_of.get(name)
             if b is None or not info.b0 <= b < info.b1:
-                raise AcsegError(f"{s.path.name} holds image {_describe([name])}, which its shard "
-                                 f"{info.index}/{count} does not plan", "the store is damaged or renamed; re-run that shard")
+                raise AcsegError(
+                    f"{s.path.name} holds image {_describe([name])}, which its shard {info.index}/{count} does not "
+                    f"plan",
+                    "the store is damaged or renamed; re-run that shard",
+                )
             if name in seen:
-                raise AcsegError(f"image {_describe([name])} is in {seen[name]} and {s.path.name}", "pass each shard once")
+                raise AcsegError(
+                    f"image {_describe([name])} is in {seen[name]} and {s.path.name}", "pass each shard once"
+                )
             seen[name] = s.path.name
 
     if first.kind == "features":
@@ -212,9 +247,9 @@ def _read_split(ds, offsets, idx: list[int]) -> list[np.ndarray]:
     or a chunk, the usual case), one read per image otherwise."""
     if idx and idx == list(range(idx[0], idx[-1] + 1)):
         a = offsets[idx[0]]
-        block = ds[a:offsets[idx[-1] + 1]]
-        return [block[offsets[i] - a:offsets[i + 1] - a] for i in idx]
-    return [ds[offsets[i]:offsets[i + 1]] for i in idx]
+        block = ds[a : offsets[idx[-1] + 1]]
+        return [block[offsets[i] - a : offsets[i + 1] - a] for i in idx]
+    return [ds[offsets[i] : offsets[i + 1]] for i in idx]
 
 
 def _base_attrs(s: Store, parent) -> dict:
@@ -229,24 +264,32 @@ def _merge_features(stores, order, infos, out, overwrite, plan_names, plan_batch
     """Replay every planned batch in order, so the merged store (content hash included) equals an
     unsharded run's."""
     from .features import features_schema
+
     first = stores[0]
-    skipped = json.loads(first.f.attrs.get("skipped", "[]"))[:infos[0].header_skipped]
+    skipped = json.loads(first.f.attrs.get("skipped", "[]"))[: infos[0].header_skipped]
     attrs = _base_attrs(first, {})
     with StoreWriter(out, features_schema(first.dim), attrs, overwrite=overwrite) as w:
         for j in order:
             s, info = stores[j], infos[j]
-            skipped += json.loads(s.f.attrs.get("skipped", "[]"))[info.header_skipped:]
+            skipped += json.loads(s.f.attrs.get("skipped", "[]"))[info.header_skipped :]
             per_batch: dict[int, list[int]] = {}
             for i, name in enumerate(s.names):
                 per_batch.setdefault(batch_of[name], []).append(i)
             for b in range(info.b0, info.b1):  # batches whose images all failed still count (as in extract)
                 idx = per_batch.get(b, [])
-                per = {"grid": [s.grid[i] for i in idx], "image_size": [s.image_size[i] for i in idx],
-                       "names": [s.names[i] for i in idx], "sources": [s.sources[i] for i in idx]}
+                per = {
+                    "grid": [s.grid[i] for i in idx],
+                    "image_size": [s.image_size[i] for i in idx],
+                    "names": [s.names[i] for i in idx],
+                    "sources": [s.sources[i] for i in idx],
+                }
                 toks = _read_split(s.f["tokens"], s.offsets, idx)
                 attn = _read_split(s.f["cls_attn"], s.offsets, idx)
-                w.append(per, {"tokens": toks, "cls_attn": attn},
-                         attrs={"batches_done": b + 1, "skipped": skipped, "n_skipped": len(skipped)})
+                w.append(
+                    per,
+                    {"tokens": toks, "cls_attn": attn},
+                    attrs={"batches_done": b + 1, "skipped": skipped, "n_skipped": len(skipped)},
+                )
         n = w.n_done
     log.info("merged %d shards: %d images", len(stores), n)
     return MergeResult(str(out), "features", n, len(stores))
@@ -254,6 +297,7 @@ def _merge_features(stores, order, infos, out, overwrite, plan_names, plan_batch
 
 def _merge_concepts(stores, order, infos, out, overwrite, chunk, plan_names, plan_batch) -> MergeResult:
     from .conceptualize import concepts_schema
+
     first = stores[0]
     parents = [stores[j].attr_json("parent", {}) for j in order]
     attrs = _base_attrs(first, {"shards": parents})

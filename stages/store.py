@@ -88,8 +88,17 @@ class StoreWriter:
     partial file is kept (so ``resume=True`` can continue it) and the lock released.
     """
 
-    def __init__(self, path: str | os.PathLike, schema: Schema, attrs: dict, *, overwrite: bool = False,
-                 resume: bool = False, chunk_rows: int = 4096, extra: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        schema: Schema,
+        attrs: dict,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        chunk_rows: int = 4096,
+        extra: dict[str, np.ndarray] | None = None,
+    ):
         self.path = Path(path).absolute()
         self.extra = extra or {}  # fixed datasets written at creation (e.g. a shard's plan), outside the schema
         self.schema = schema
@@ -161,7 +170,9 @@ class StoreWriter:
             f = h5py.File(fresh, "w")
             if not os.path.samestat(os.fstat(f.id.get_vfd_handle()), os.lstat(fresh)):
                 f.close()
-                raise AcsegError(f"{fresh} was replaced while acseg created it", "check who else writes into that folder")
+                raise AcsegError(
+                    f"{fresh} was replaced while acseg created it", "check who else writes into that folder"
+                )
             if rename_to is not None:
                 os.replace(fresh, rename_to)
         except BaseException:
@@ -173,14 +184,23 @@ class StoreWriter:
         f.attrs["complete"] = False
         f.attrs["n_done"] = 0
         for name, (dtype, shape) in self.schema.per_image.items():
-            f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                             chunks=(max(1, min(1024, self.chunk_rows)), *shape))
+            f.create_dataset(
+                name,
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                dtype=dtype,
+                chunks=(max(1, min(1024, self.chunk_rows)), *shape),
+            )
         for g in self.schema.groups:
             f.create_dataset(g.offsets, data=np.zeros(1, np.int64), maxshape=(None,), chunks=(1024,))
             for name, (dtype, shape) in g.fields.items():
-                rows = max(1, self.chunk_rows if not shape else max(1, (1 << 20) // (np.dtype(dtype).itemsize * int(np.prod(shape)))))
-                f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                                 chunks=(rows, *shape))
+                rows = max(
+                    1,
+                    self.chunk_rows
+                    if not shape
+                    else max(1, (1 << 20) // (np.dtype(dtype).itemsize * int(np.prod(shape)))),
+                )
+                f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape))
         for name, data in self.extra.items():
             if data.dtype == object:
                 f.create_dataset(name, data=np.array(encode_strs(data), dtype=object), dtype=STR)
@@ -199,7 +219,9 @@ class StoreWriter:
             "uid": uuid.uuid4().hex,
         }
         for k, v in self.attrs.items():
-            a[k] = v if isinstance(v, (str, int, float, bool, np.integer, np.floating)) else json.dumps(v, sort_keys=True)
+            a[k] = (
+                v if isinstance(v, (str, int, float, bool, np.integer, np.floating)) else json.dumps(v, sort_keys=True)
+            )
         return a
 
     def _try_resume(self) -> bool:
@@ -231,7 +253,7 @@ class StoreWriter:
                     f[name].resize(n, axis=0)
                     f[name][:] = old[name][:n]
                 for g in self.schema.groups:
-                    off = old[g.offsets][:n + 1]
+                    off = old[g.offsets][: n + 1]
                     if len(off) != n + 1:
                         raise ValueError("offsets too short")
                     f[g.offsets].resize(n + 1, axis=0)
@@ -241,7 +263,7 @@ class StoreWriter:
                         f[name].resize(end, axis=0)
                         step = 1 << 20
                         for s0 in range(0, end, step):
-                            f[name][s0:min(end, s0 + step)] = old[name][s0:min(end, s0 + step)]
+                            f[name][s0 : min(end, s0 + step)] = old[name][s0 : min(end, s0 + step)]
                 f.flush()
             self.f.close()
             os.replace(fresh, self.tmp)
@@ -266,8 +288,9 @@ class StoreWriter:
         assert self.f is not None
         return int(self.f.attrs["n_done"])
 
-    def append(self, per_image: dict[str, Sequence], packed: dict[str, Sequence[np.ndarray]],
-               attrs: dict | None = None) -> None:
+    def append(
+        self, per_image: dict[str, Sequence], packed: dict[str, Sequence[np.ndarray]], attrs: dict | None = None
+    ) -> None:
         """Append one batch of images, set ``attrs`` and flush. ``packed`` maps field -> one array per image.
 
         A failed write (full disk, file-size limit, I/O error) becomes one clear error; the partial file is
@@ -292,8 +315,10 @@ class StoreWriter:
     def _write_failed(self, e: Exception):
         """A write the disk refused: one clear error."""
         self._abandon()
-        raise AcsegError(f"writing {self.path.name} failed ({_write_reason(e)})",
-                         "check free disk space and permissions; the previous output, if any, is untouched") from None
+        raise AcsegError(
+            f"writing {self.path.name} failed ({_write_reason(e)})",
+            "check free disk space and permissions; the previous output, if any, is untouched",
+        ) from None
 
     def _ds(self, name: str) -> h5py.Dataset:
         if self._handles_file is not self.f:
@@ -313,7 +338,7 @@ class StoreWriter:
                 break
             d = self._ds(name)
             d.resize(n + b, axis=0)
-            d[n:n + b] = encode_strs(per_image[name]) if d.dtype == STR else per_image[name]
+            d[n : n + b] = encode_strs(per_image[name]) if d.dtype == STR else per_image[name]
         for g in self.schema.groups:
             off = self._ds(g.offsets)
             start = int(off[n])
@@ -328,11 +353,11 @@ class StoreWriter:
                 d = self._ds(name)
                 data = np.concatenate(parts, axis=0) if len(parts) else np.zeros((0,) + d.shape[1:], d.dtype)
                 d.resize(start + len(data), axis=0)
-                d[start:start + len(data)] = data
+                d[start : start + len(data)] = data
                 self._hash.update(np.ascontiguousarray(data.astype(d.dtype, copy=False)).tobytes())
             ends = start + np.cumsum(np.asarray(lens, np.int64))
             off.resize(n + 1 + b, axis=0)
-            off[n + 1:n + 1 + b] = ends
+            off[n + 1 : n + 1 + b] = ends
         for k, v in (attrs or {}).items():
             self.set_attr(k, v)
         f.attrs["n_done"] = n + b
@@ -367,12 +392,15 @@ def _install_unraisable_filter() -> None:
 
     def hook(unraisable) -> None:
         text = f"{unraisable.exc_value} {unraisable.err_msg or ''} {unraisable.object!r}"
-        if isinstance(unraisable.exc_value, (RuntimeError, OSError)) and ("write failed" in text or "__dealloc__" in text
-                                                                          and BROKEN_WRITES):
+        if isinstance(unraisable.exc_value, (RuntimeError, OSError)) and (
+            "write failed" in text or "__dealloc__" in text and BROKEN_WRITES
+        ):
             import logging
+
             logging.getLogger("acseg.store").debug("ignored while freeing a failed HDF5 file: %s", unraisable.exc_value)
             return
         prev(unraisable)
+
     hook._acseg = True
     sys.unraisablehook = hook
     prev_except = sys.excepthook
@@ -381,12 +409,14 @@ def _install_unraisable_filter() -> None:
         if isinstance(value, (RuntimeError, OSError)) and "write failed" in str(value):
             return
         prev_except(kind, value, tb)
+
     sys.excepthook = excepthook
 
 
 def _write_reason(e: Exception) -> str:
     """The OS's words from an HDF5 write error (``error message = 'File too large'``), else its first line."""
     import re
+
     text = str(e)
     m = re.search(r"error message = '([^']+)'", text)
     if m:
@@ -409,8 +439,14 @@ class Store:
     """A validated, read-only artifact. Subclasses add kind-specific accessors."""
 
     kind = ""
-    JSON_ATTRS = {"params": dict, "backbone": dict, "parent": dict, "features_provenance": dict, "shard": dict,
-                  "skipped": list}  # the JSON attributes a store may hold, and the type each must have
+    JSON_ATTRS = {
+        "params": dict,
+        "backbone": dict,
+        "parent": dict,
+        "features_provenance": dict,
+        "shard": dict,
+        "skipped": list,
+    }  # the JSON attributes a store may hold, and the type each must have
     MAX_SIDE = 65535  # largest image side a store may record (a 16-bit PNG's limit)
     MAX_PIXELS = 1 << 28  # largest image a store may record (268 megapixels; Pillow refuses more than 179 by default)
 
@@ -436,14 +472,19 @@ class Store:
         sv = int(a.get("schema_version", -1))
         if sv > SCHEMA_VERSION:
             self.close()
-            raise AcsegError(f"{path} has schema version {sv}, newer than this acseg understands ({SCHEMA_VERSION})",
-                             "upgrade acseg")
+            raise AcsegError(
+                f"{path} has schema version {sv}, newer than this acseg understands ({SCHEMA_VERSION})", "upgrade acseg"
+            )
         if sv != SCHEMA_VERSION:
             self.close()
-            raise AcsegError(f"{path} has schema version {sv}; this acseg reads {SCHEMA_VERSION}", "re-run the stage that made it")
+            raise AcsegError(
+                f"{path} has schema version {sv}; this acseg reads {SCHEMA_VERSION}", "re-run the stage that made it"
+            )
         if not bool(a.get("complete", False)):
             self.close()
-            raise AcsegError(f"{path} is incomplete (its writer was interrupted)", "re-run the stage that made it, with --resume")
+            raise AcsegError(
+                f"{path} is incomplete (its writer was interrupted)", "re-run the stage that made it, with --resume"
+            )
         try:
             self.n_images = int(a.get("n_images", -1))
         except (TypeError, ValueError):
@@ -453,42 +494,63 @@ class Store:
                 value = self.attr_json(key)
                 if not isinstance(value, kind_):
                     self.close()
-                    raise AcsegError(f"{path}: attribute {key} is not a JSON {'object' if kind_ is dict else 'list'}",
-                                     "the file is damaged; re-run the stage that made it")
+                    raise AcsegError(
+                        f"{path}: attribute {key} is not a JSON {'object' if kind_ is dict else 'list'}",
+                        "the file is damaged; re-run the stage that made it",
+                    )
         self._validate()
 
     def _need(self, name: str, ndim: int | None = None, length: int | None = None, dtype_kind: str | None = None):
         if name not in self.f:
-            raise AcsegError(f"{self.path} lacks dataset '{name}'", "the file is damaged; re-run the stage that made it")
+            raise AcsegError(
+                f"{self.path} lacks dataset '{name}'", "the file is damaged; re-run the stage that made it"
+            )
         d = self.f[name]
         if not isinstance(d, h5py.Dataset):
-            raise AcsegError(f"{self.path}: '{name}' is not a dataset", "the file is damaged; re-run the stage that made it")
+            raise AcsegError(
+                f"{self.path}: '{name}' is not a dataset", "the file is damaged; re-run the stage that made it"
+            )
         if ndim is not None and d.ndim != ndim:
-            raise AcsegError(f"{self.path}: dataset '{name}' has {d.ndim} dimensions, expected {ndim}",
-                             "the file is damaged; re-run the stage that made it")
+            raise AcsegError(
+                f"{self.path}: dataset '{name}' has {d.ndim} dimensions, expected {ndim}",
+                "the file is damaged; re-run the stage that made it",
+            )
         if length is not None and d.shape[0] != length:
-            raise AcsegError(f"{self.path}: dataset '{name}' has {d.shape[0]} rows, expected {length}",
-                             "the file is damaged; re-run the stage that made it")
+            raise AcsegError(
+                f"{self.path}: dataset '{name}' has {d.shape[0]} rows, expected {length}",
+                "the file is damaged; re-run the stage that made it",
+            )
         if dtype_kind is not None and d.dtype.kind not in dtype_kind:
-            raise AcsegError(f"{self.path}: dataset '{name}' has dtype {d.dtype}", "the file is damaged; re-run the stage that made it")
+            raise AcsegError(
+                f"{self.path}: dataset '{name}' has dtype {d.dtype}",
+                "the file is damaged; re-run the stage that made it",
+            )
         return d
 
     def _check_offsets(self, name: str, total_of: str) -> np.ndarray:
         off = self._need(name, 1, self.n_images + 1, "iu")[:].astype(np.int64)
         total = self._need(total_of).shape[0]
         if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != total:
-            raise AcsegError(f"{self.path}: offsets '{name}' do not index '{total_of}'",
-                             "the file is damaged; re-run the stage that made it")
+            raise AcsegError(
+                f"{self.path}: offsets '{name}' do not index '{total_of}'",
+                "the file is damaged; re-run the stage that made it",
+            )
         return off
 
     def _image_sizes(self) -> np.ndarray:
         """The ``image_size`` dataset, checked: every side 1..MAX_SIDE and at most MAX_PIXELS pixels, so that a
         lying size cannot make a stage allocate gigabytes for one label map."""
         sizes = self._need("image_size", 2, self.n_images, "iu")[:].astype(np.int64)
-        if sizes.size and (sizes.shape[1] != 2 or sizes.min() < 1 or sizes.max() > self.MAX_SIDE
-                           or (sizes[:, 0] * sizes[:, 1]).max() > self.MAX_PIXELS):
-            raise AcsegError(f"{self.path}: image sizes outside 1..{self.MAX_SIDE} per side or above "
-                             f"{self.MAX_PIXELS:,} pixels", "the file is damaged; re-run the stage that made it")
+        if sizes.size and (
+            sizes.shape[1] != 2
+            or sizes.min() < 1
+            or sizes.max() > self.MAX_SIDE
+            or (sizes[:, 0] * sizes[:, 1]).max() > self.MAX_PIXELS
+        ):
+            raise AcsegError(
+                f"{self.path}: image sizes outside 1..{self.MAX_SIDE} per side or above {self.MAX_PIXELS:,} pixels",
+                "the file is damaged; re-run the stage that made it",
+            )
         return sizes
 
     def _validate(self) -> None:
@@ -502,7 +564,9 @@ class Store:
         try:
             return json.loads(v)
         except (TypeError, ValueError):
-            raise AcsegError(f"{self.path}: attribute {key} is not valid JSON", "the file is damaged; re-run the stage that made it") from None
+            raise AcsegError(
+                f"{self.path}: attribute {key} is not valid JSON", "the file is damaged; re-run the stage that made it"
+            ) from None
 
     @property
     def params(self) -> dict:
@@ -515,8 +579,12 @@ class Store:
     @property
     def identity(self) -> dict:
         """What a child artifact records as its parent."""
-        return {"path": str(self.path), "uid": str(self.f.attrs.get("uid", "")),
-                "content_sha256": str(self.f.attrs.get("content_sha256", "")), "kind": self.kind}
+        return {
+            "path": str(self.path),
+            "uid": str(self.f.attrs.get("uid", "")),
+            "content_sha256": str(self.f.attrs.get("content_sha256", "")),
+            "kind": self.kind,
+        }
 
     def close(self) -> None:
         try:

@@ -19,13 +19,23 @@ def integer(option: str, value, *, min: int | None = None, max: int | None = Non
                 raise ValueError
             value = int(value)
         except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"{option} {value!r} is not a whole number", hint or f"pass a whole number to {option}") from None
+            raise UsageError(
+                f"{option} {value!r} is not a whole number", hint or f"pass a whole number to {option}"
+            ) from None
     _within(option, value, min, max, hint)
     return value
 
 
-def number(option: str, value, *, min: float | None = None, max: float | None = None, above: float | None = None,
-           below: float | None = None, hint: str = "") -> float:
+def number(
+    option: str,
+    value,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    hint: str = "",
+) -> float:
     """``value`` as a finite float within [min, max] and (above, below)."""
     try:
         value = float(value)
@@ -43,8 +53,9 @@ def number(option: str, value, *, min: float | None = None, max: float | None = 
 
 def _within(option: str, value, lo, hi, hint: str) -> None:
     if lo is not None and value < lo or hi is not None and value > hi:
-        rng = (f"{lo:g}..{hi:g}" if lo is not None and hi is not None else f">= {lo:g}" if lo is not None
-               else f"<= {hi:g}")
+        rng = (
+            f"{lo:g}..{hi:g}" if lo is not None and hi is not None else f">= {lo:g}" if lo is not None else f"<= {hi:g}"
+        )
         raise UsageError(f"{option} {value:g} is outside {rng}", hint or f"pass a value {rng} to {option}")
 
 
@@ -65,6 +76,7 @@ def device(value: str | None) -> str:
     """A torch device this machine has: ``None`` -> cuda when available, else cpu. A name torch does not know,
     or a GPU the machine lacks, is a usage error."""
     import torch
+
     if value is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -74,7 +86,9 @@ def device(value: str | None) -> str:
     if d.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise UsageError(f"--device {value}: this machine has no CUDA GPU", "pass --device cpu, or leave --device out")
+            raise UsageError(
+                f"--device {value}: this machine has no CUDA GPU", "pass --device cpu, or leave --device out"
+            )
         if d.index is not None and d.index >= n:
             raise UsageError(f"--device {value}: this machine has {n} CUDA GPU(s)", f"pass cuda:0 .. cuda:{n - 1}")
     elif d.type not in ("cpu", "mps"):

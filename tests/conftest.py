@@ -50,6 +50,7 @@ def valid(tmp_path_factory):
     from stages.classify import classify
     from stages.conceptualize import conceptualize
     from stages.fit import TrainConfig, fit_acg
+
     d = tmp_path_factory.mktemp("valid")
     toks, labels, _ = planted_images(n_images=12, seed=1)
     feats = write_planted_store(d / "feats.h5", toks, labels)
@@ -66,6 +67,7 @@ def cli(args, input=None):
     from typer.testing import CliRunner
 
     from acseg_cli.app import app
+
     return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 

@@ -45,6 +45,7 @@ def _png_claiming(width: int, height: int) -> bytes:
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
@@ -52,6 +53,7 @@ def _png_claiming(width: int, height: int) -> bytes:
 # -- images: every one must be skipped with a reason, or decoded, never crash the run ----------------------
 def images() -> dict:
     """name -> (file name, maker(path), usable): usable images are decoded, the others skipped."""
+
     def write(data):
         return lambda p: p.write_bytes(data)
 
@@ -80,11 +82,23 @@ def images() -> dict:
         "text named .jpg": ("text.jpg", write(b"hello, I am not a photo\n" * 10), False),
         "HTML named .png": ("page.png", write(b"<!doctype html><html><body>404</body></html>"), False),
         "decompression bomb": ("bomb.png", write(_png_claiming(40000, 40000)), False),
-        "huge dimensions (1 x 20000)": ("strip.png", lambda p: Image.fromarray(np.zeros((1, 20000, 3), np.uint8)).save(p), False),
+        "huge dimensions (1 x 20000)": (
+            "strip.png",
+            lambda p: Image.fromarray(np.zeros((1, 20000, 3), np.uint8)).save(p),
+            False,
+        ),
         "FIFO named .png": ("fifo.png", fifo, False),
         "CMYK JPEG": ("cmyk.jpg", lambda p: Image.fromarray(_rgb()).convert("CMYK").save(p), True),
-        "16-bit grayscale PNG": ("gray16.png", lambda p: Image.fromarray((RNG.random((40, 60)) * 65535).astype(np.uint16)).save(p), True),
-        "palette with transparency": ("pal.png", lambda p: Image.fromarray(_rgb()).convert("P").save(p, transparency=0), True),
+        "16-bit grayscale PNG": (
+            "gray16.png",
+            lambda p: Image.fromarray((RNG.random((40, 60)) * 65535).astype(np.uint16)).save(p),
+            True,
+        ),
+        "palette with transparency": (
+            "pal.png",
+            lambda p: Image.fromarray(_rgb()).convert("P").save(p, transparency=0),
+            True,
+        ),
         "EXIF-rotated JPEG": ("rot.jpg", exif_rot, True),
         "EXIF orientation 99": ("badexif.jpg", exif_bad, True),
         "animated GIF": ("anim.gif", gif, True),
@@ -130,6 +144,7 @@ def _edit(fn):
         with h5py.File(dst, "r+") as f:
             fn(f)
         return dst
+
     return make
 
 
@@ -137,6 +152,7 @@ def _replace(name, data):
     def fn(f):
         del f[name]
         f.create_dataset(name, data=data)
+
     return fn
 
 
@@ -145,6 +161,7 @@ def _scale(name, value):
         a = f[name][:]
         a.reshape(-1)[:: max(1, a.size // 7)] = value
         f[name][:] = a
+
     return fn
 
 
@@ -200,9 +217,14 @@ def stores(kind: str) -> dict:
         "n_images lies": _edit(lambda f: f.attrs.__setitem__("n_images", int(f.attrs["n_images"]) + 3)),
         "attribute not JSON": _edit(lambda f: f.attrs.__setitem__("params", "{not json")),
         "empty store": empty_store,
-        **({"concept pixel counts of zero": _edit(lambda f: f["concept_pixels"].__setitem__(slice(None), 0)),
-            "a negative concept pixel count": _edit(lambda f: f["concept_pixels"].__setitem__(0, -5))}
-           if kind == "concepts" else {}),  # classify weights the concepts by these counts
+        **(
+            {
+                "concept pixel counts of zero": _edit(lambda f: f["concept_pixels"].__setitem__(slice(None), 0)),
+                "a negative concept pixel count": _edit(lambda f: f["concept_pixels"].__setitem__(0, -5)),
+            }
+            if kind == "concepts"
+            else {}
+        ),  # classify weights the concepts by these counts
     }
 
 
@@ -235,6 +257,7 @@ def checkpoints() -> dict:
             fn(obj)
             torch.save(obj, dst)
             return dst
+
         return make
 
     def drop_key(obj):
@@ -266,6 +289,7 @@ def checkpoints() -> dict:
 # -- score inputs -------------------------------------------------------------------------------------------
 def label_folders() -> dict:
     """name -> maker(pred_dir, gt_dir) writing a broken prediction/ground-truth pair of folders (camvid11)."""
+
     def gt(d, n=2, size=(24, 32)):
         d.mkdir(parents=True, exist_ok=True)
         for i in range(n):

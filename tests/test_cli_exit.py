@@ -36,8 +36,12 @@ PROBE = textwrap.dedent("""
 def test_teardown_is_skipped_only_when_nothing_is_open(tmp_path):
     with h5py.File(tmp_path / "r.h5", "w") as f:
         f["x"] = np.arange(3)
-    r = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "w.h5"), str(tmp_path / "r.h5")],
-                       capture_output=True, text=True, env=cli_env())
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path / "w.h5"), str(tmp_path / "r.h5")],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[False, True, False, True, False, True]"
 
@@ -46,10 +50,15 @@ def test_a_real_process_still_prints_exits_and_writes_whole(tmp_path):
     """Through the console entry point: the path on stdout, the exit code, a complete store; an error still
     exits 1 with its one line."""
     from planted import planted_images, write_planted_store
+
     toks, labels, _ = planted_images(n_images=6)
     feats = write_planted_store(tmp_path / "f.h5", toks, labels)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "acseg_cli", *map(str, a)], capture_output=True,  # noqa: E731
-                                    text=True, env=cli_env())
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "acseg_cli", *map(str, a)],
+        capture_output=True,  # noqa: E731
+        text=True,
+        env=cli_env(),
+    )
     r = run("conceptualize", feats, "--method", "kmeans", "-o", tmp_path / "c.h5", "-q")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "c.h5")

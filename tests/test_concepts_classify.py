@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEST_BACKBONE, cli, cli_env
-from planted import planted_images, write_planted_store
 from PIL import Image
+from planted import planted_images, write_planted_store
 
 from stages.acg import ACGConfig, assignment
 from stages.classify import ClassStore, classify, split_background
@@ -26,8 +26,9 @@ def planted(tmp_path_factory):
     d = tmp_path_factory.mktemp("pc")
     toks, labels, classes = planted_images(n_images=40, seed=3)
     path = write_planted_store(d / "feats.h5", toks, labels)
-    acg = fit_acg(path, d / "acg.pt", acg=ACGConfig(depth=2),
-                  train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=10)).path
+    acg = fit_acg(
+        path, d / "acg.pt", acg=ACGConfig(depth=2), train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=10)
+    ).path
     return path, labels, classes, acg, d
 
 
@@ -35,8 +36,9 @@ def planted_gt(gt, labels, classes):
     """The planted classes as ground-truth PNGs at 16 pixels per patch."""
     gt.mkdir()
     for i, (lab, cls) in enumerate(zip(labels, classes)):
-        Image.fromarray(cls[lab].astype(np.uint8)).resize((lab.shape[1] * 16, lab.shape[0] * 16), Image.NEAREST) \
-            .save(gt / f"img_{i:03d}.png")
+        Image.fromarray(cls[lab].astype(np.uint8)).resize((lab.shape[1] * 16, lab.shape[0] * 16), Image.NEAREST).save(
+            gt / f"img_{i:03d}.png"
+        )
     return gt
 
 
@@ -49,7 +51,7 @@ def test_concept_counts_adapt_and_maps_are_dense(planted, tmp_path):
             m = st.concept_map(i)
             n = st.n_concepts[i]
             assert sorted(np.unique(m)) == list(range(n))
-            assert st.pixels[st.concept_offsets[i]:st.concept_offsets[i + 1]].sum() == m.size
+            assert st.pixels[st.concept_offsets[i] : st.concept_offsets[i + 1]].sum() == m.size
             right += n == len(classes[i])
         assert right / st.n_images >= 0.9
         assert st.f.attrs["kind"] == "concepts"
@@ -62,8 +64,12 @@ def test_whitened_acg_keeps_planted_counts_and_classes(planted, tmp_path):
     """--whiten must not lift the 27 noise directions of the planted store to the level of its 5 signal ones
     (with the regulariser at 1e-3 of the largest eigenvalue only 19 of 40 images kept their count)."""
     path, labels, classes, _, d = planted
-    acg = fit_acg(path, tmp_path / "w.pt", acg=ACGConfig(depth=2, whiten=True),
-                  train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=10)).path
+    acg = fit_acg(
+        path,
+        tmp_path / "w.pt",
+        acg=ACGConfig(depth=2, whiten=True),
+        train=TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=10),
+    ).path
     res = conceptualize(path, str(tmp_path / "c.h5"), acg=acg, precision="fp32")
     model = load_checkpoint(acg).model
     with ConceptStore(res.path) as st, FeatureStore(path) as fs:
@@ -74,7 +80,7 @@ def test_whitened_acg_keeps_planted_counts_and_classes(planted, tmp_path):
             z = model.prepare(torch.from_numpy(fs.tokens(i)))[None]
             with torch.no_grad():
                 a = assignment(z, model(z))[0].argmax(-1).numpy()
-            ids = st.f["concept_prototype"][st.concept_offsets[i]:st.concept_offsets[i + 1]]
+            ids = st.f["concept_prototype"][st.concept_offsets[i] : st.concept_offsets[i + 1]]
             agree.append(np.mean(ids[st.concept_map(i).ravel()] == a))
         assert np.mean(agree) >= 0.999
     gt = planted_gt(tmp_path / "gt", labels, classes)
@@ -102,6 +108,7 @@ def test_bf16_concepts_agree_with_fp32(planted, tmp_path):
 
 def test_precision_is_checked_and_auto_follows_the_hardware(planted, tmp_path, monkeypatch):
     import stages.acg as acg
+
     for native, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(acg, "native_bf16", lambda device, native=native: native)
         res = conceptualize(planted[0], str(tmp_path / f"{want}.h5"), acg=planted[3])  # precision "auto"
@@ -121,6 +128,7 @@ def test_one_bad_value_in_a_later_batch_is_refused(planted, tmp_path, bad, metho
     reader's message, and nothing under the output's name (the partial file keeps the batches before, for
     --resume); the good store goes through."""
     import shutil
+
     path, acg = planted[0], planted[3]
     broken = tmp_path / "broken.h5"
     shutil.copy(path, broken)
@@ -136,8 +144,10 @@ def test_one_bad_value_in_a_later_batch_is_refused(planted, tmp_path, bad, metho
     assert not out.exists()
     with h5py.File(tmp_path / ".c.h5.partial") as f:  # kept for --resume: the three good batches, nothing after
         assert len(f["n_concepts"]) == 12 and not f.attrs["complete"]
-    r = cli(["conceptualize", broken, "--method", method, "-o", out, "-q", "--batch-size", "4"]
-            + (["--acg", acg] if method == "acg" else []))
+    r = cli(
+        ["conceptualize", broken, "--method", method, "-o", out, "-q", "--batch-size", "4"]
+        + (["--acg", acg] if method == "acg" else [])
+    )
     assert r.exit_code == 1 and "holds NaN or Inf values" in r.stderr and not out.exists()
     assert conceptualize(path, str(out), method=method, batch_size=4, **kw).n_images == 40
 
@@ -147,6 +157,7 @@ def test_batches_sent_as_stored_give_the_same_concepts(planted, tmp_path, monkey
     """To a GPU the batches go as float16 and are converted there, and the summaries are made there. Forced
     on the CPU, that route writes exactly the same concepts store as the usual one."""
     import stages.conceptualize as cmod
+
     path, acg = planted[0], planted[3]
     kw = dict(method=method, precision=precision, batch_size=16, **({"acg": acg} if method == "acg" else {}))
     a = conceptualize(path, str(tmp_path / "a.h5"), **kw)
@@ -214,6 +225,7 @@ def test_classify_recovers_planted_classes(planted, tmp_path):
 def test_weighted_kmeans_weights_the_centroids():
     """Each point counts with its weight: a heavy point pulls its cluster's centroid (classify --weighting)."""
     from stages.kmeans import kmeans
+
     x = np.array([[0.0], [1.0], [10.0]], np.float32)
     plain, _, _ = kmeans(x, 2, n_init=3, seed=0)
     heavy, _, _ = kmeans(x, 2, n_init=3, seed=0, weights=np.array([1.0, 99.0, 1.0]))
@@ -224,6 +236,7 @@ def test_weighted_kmeans_weights_the_centroids():
 def test_kmeans_distances_with_precomputed_norms():
     """The squared distances k-means uses, with the points' norms computed once, are the pairwise ones."""
     from stages.kmeans import _sqdist, _sqdist_kn, _sqnorm
+
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(3, 50, 8, generator=g), torch.randn(3, 4, 8, generator=g)
     ref = torch.cdist(x, c) ** 2
@@ -237,6 +250,7 @@ def test_batched_kmeans_recovers_planted_clusters_per_image():
     """Each image is clustered on its own valid tokens: padding takes no part, and images that settle early
     leave the batch without disturbing the others: every image ends at a fixed point of Lloyd's iteration."""
     from stages.kmeans import batched_kmeans
+
     g = torch.Generator().manual_seed(1)
     B, N, d = 12, 80, 6
     centres = torch.randn(B, 3, d, generator=g) * 2  # each image its own classes
@@ -274,6 +288,7 @@ def test_background_split():
 
 def test_background_split_choices():
     from stages.classify import background_split_wanted
+
     assert background_split_wanted("on") is True and background_split_wanted("off") is False
     assert background_split_wanted(True) is True and background_split_wanted(False) is False
     with pytest.raises(UsageError):
@@ -282,6 +297,7 @@ def test_background_split_choices():
 
 def test_the_split_ranks_concepts_by_attention_density_not_sum():
     from stages.classify import concept_attention_density
+
     summed = np.array([0.30, 0.35, 0.35])  # a small salient object, two large ground regions
     pixels = np.array([9, 27, 28])
     assert split_background(summed).tolist() == [True, False, False]  # the sum calls the object background
@@ -290,6 +306,7 @@ def test_the_split_ranks_concepts_by_attention_density_not_sum():
 
 def _figure_ground_run(tmp_path, mode):
     from planted import write_figure_ground_store
+
     feats, fg = write_figure_ground_store(tmp_path / f"fg_{mode}.h5")
     gt = tmp_path / "gt"
     if not gt.exists():
@@ -364,9 +381,11 @@ def test_the_users_pipe_in_real_subprocesses(images, tmp_path):
     env = cli_env()
     feats = tmp_path / "feats.h5"
     acg = [sys.executable, "-m", "acseg_cli"]
-    sh = (f"{' '.join(acg)} extract {images} -o {feats} {' '.join(TEST_BACKBONE)} | "
-          f"{' '.join(acg)} conceptualize --fit-steps 20 | "
-          f"{' '.join(acg)} classify -K 3 -o {tmp_path / 'out'} -q")
+    sh = (
+        f"{' '.join(acg)} extract {images} -o {feats} {' '.join(TEST_BACKBONE)} | "
+        f"{' '.join(acg)} conceptualize --fit-steps 20 | "
+        f"{' '.join(acg)} classify -K 3 -o {tmp_path / 'out'} -q"
+    )
     p = subprocess.run(["bash", "-o", "pipefail", "-c", sh], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{tmp_path / 'out'}\n"
@@ -394,7 +413,8 @@ def test_previews_are_drawn_for_people(images, tmp_path):
     assert pv.shape == (18 + H + 22, 2 * W, 3)
     assert (pv[:18] < 128).any(), "the captions are drawn"
     from stages.render import palette
-    legend = pv[18 + H:]
+
+    legend = pv[18 + H :]
     pred = np.asarray(Image.open(tmp_path / "o" / pics[0].name))
     for j in np.unique(pred):  # a swatch of each class in the picture, in its colour
         assert (legend == palette(256)[j]).all(-1).sum() >= 100, j
@@ -402,6 +422,7 @@ def test_previews_are_drawn_for_people(images, tmp_path):
 
 def test_legend_names_come_from_the_preset_when_matched():
     from stages.classify import _class_names
+
     voc = _class_names("voc", matched=True)
     assert voc(0) == "background" and voc(13) == "horse" and voc(255) == "ignored"
     assert _class_names(None, matched=True)(1) == "class 1"
@@ -428,6 +449,7 @@ def test_implicit_fit_announces_itself_and_reuses_only_a_matching_acg(images, tm
     r = cli(["conceptualize", feats, "--fit-steps", "5", "--overwrite"])  # refitted, and it says why
     assert r.exit_code == 0 and "refitting" in r.stderr and "steps=4 (now 5)" in r.stderr
     from stages.fit import load_checkpoint
+
     assert load_checkpoint(acg).train["steps"] == 5
     r = cli(["conceptualize", feats, "--fit-steps", "0"])
     assert r.exit_code == 2 and "auto" in r.stderr
@@ -439,13 +461,37 @@ def test_background_benchmark_runs_on_a_tiny_figure_ground_set(tmp_path):
     _figure_ground_run(tmp_path, "on")  # writes the store, its per-image k-means concepts and the label maps
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "background.py"
     c = tmp_path / "c_on.h5"
-    p = subprocess.run([sys.executable, str(script), str(c), str(c), str(tmp_path / "gt"), "-K", "2", "--seeds", "1",
-                        "--variants", "off,sum,density,density_global,density_rel1,density_eta0.7,density_ratio3",
-                        "--features", str(tmp_path / "fg_on.h5")],
-                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(c),
+            str(c),
+            str(tmp_path / "gt"),
+            "-K",
+            "2",
+            "--seeds",
+            "1",
+            "--variants",
+            "off,sum,density,density_global,density_rel1,density_eta0.7,density_ratio3",
+            "--features",
+            str(tmp_path / "fg_on.h5"),
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in p.stdout.splitlines()]
-    assert [r["variant"] for r in rows][1:] == ["off", "sum", "density", "density_global", "density_rel1",
-                                                "density_eta0.7", "density_ratio3"]
+    assert [r["variant"] for r in rows][1:] == [
+        "off",
+        "sum",
+        "density",
+        "density_global",
+        "density_rel1",
+        "density_eta0.7",
+        "density_ratio3",
+    ]
     miou = {r["variant"]: float(r["miou_all"].split()[0]) for r in rows}
     assert miou["density"] > miou["off"] + 10

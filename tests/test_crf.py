@@ -7,14 +7,15 @@ import h5py
 import numpy as np
 import pytest
 from conftest import TEST_BACKBONE, cli
-from planted import planted_images, write_planted_store
 from PIL import Image
+from planted import planted_images, write_planted_store
 
 from stages.crf import CRFParams, refine
 from stages.render import upsample_labels
 
 try:
     import pydensecrf.densecrf  # noqa: F401
+
     HAVE_CRF = True
 except ImportError:
     HAVE_CRF = False
@@ -94,6 +95,7 @@ def test_crf_without_the_package_says_how_to_get_it(planted_store, tmp_path, mon
 
 def test_crf_needs_the_original_photos(planted_store, tmp_path, monkeypatch):
     import stages.classify
+
     monkeypatch.setattr(stages.classify, "require_crf", lambda: None)  # runs with or without the package
     conc = tmp_path / "c.h5"
     assert cli(["conceptualize", planted_store, "--method", "kmeans", "-k", "3", "-o", conc, "-q"]).exit_code == 0

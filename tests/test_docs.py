@@ -34,11 +34,13 @@ def test_readme_has_exactly_two_setup_commands():
 
 def _doc_files():
     from conftest import ROOT
+
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_every_relative_link_in_the_docs_resolves():
     from conftest import ROOT
+
     broken = []
     for doc in _doc_files():
         for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
@@ -54,8 +56,15 @@ def test_every_docs_reference_in_code_and_docs_resolves():
     """Code, docs and benchmarks cite pages of docs/ and benchmarks/ by path: each must be in the
     repository, and nothing cites the upper-case method file of the project's notes, which users do not get."""
     from conftest import ROOT
-    files = [*ROOT.glob("stages/*.py"), *ROOT.glob("acseg_cli/*.py"), *ROOT.glob("tests/*.py"),
-             *ROOT.glob("benchmarks/*.py"), ROOT / "examples" / "Makefile", *_doc_files()]
+
+    files = [
+        *ROOT.glob("stages/*.py"),
+        *ROOT.glob("acseg_cli/*.py"),
+        *ROOT.glob("tests/*.py"),
+        *ROOT.glob("benchmarks/*.py"),
+        ROOT / "examples" / "Makefile",
+        *_doc_files(),
+    ]
     missing = []
     for f in files:
         text = f.read_text()

@@ -15,8 +15,13 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 
 def make(args, env, check=True):
-    p = subprocess.run(["make", "--no-print-directory", "-C", str(EXAMPLES), *args], env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(EXAMPLES), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert p.returncode == 0, p.stdout + p.stderr
     return p
@@ -28,8 +33,17 @@ def test_examples_makefile_runs_and_redoes_only_what_changed(tmp_path):
     images = tmp_path / "images"
     shutil.copytree(EXAMPLES / "camvid" / "images", images)
     out = tmp_path / "out"
-    args = [f"ACSEG={sys.executable} -m acseg_cli", "BACKBONE=test-vit", "BACKBONE_FLAGS=--random-weights",
-            f"IMAGES={images}", f"GT={EXAMPLES / 'camvid' / 'labels'}", f"OUT={out}", "STEPS=5", "SEEDS=0 1", "-j2"]
+    args = [
+        f"ACSEG={sys.executable} -m acseg_cli",
+        "BACKBONE=test-vit",
+        "BACKBONE_FLAGS=--random-weights",
+        f"IMAGES={images}",
+        f"GT={EXAMPLES / 'camvid' / 'labels'}",
+        f"OUT={out}",
+        "STEPS=5",
+        "SEEDS=0 1",
+        "-j2",
+    ]
     p = make(args, env)
     for s in (0, 1):
         r = json.loads((out / f"score-s{s}.json").read_text())
@@ -38,7 +52,9 @@ def test_examples_makefile_runs_and_redoes_only_what_changed(tmp_path):
         assert len(list((out / f"preview-s{s}").glob("*.png"))) == 8
     assert "seed 0: mIoU" in p.stdout and "pictures:" in p.stdout
     targets = [str(out / "score-s0.json"), str(out / "score-s1.json")]
-    assert make([*args, "-q", *targets], env, check=False).returncode == 0, "a second run must find everything up to date"
+    assert make([*args, "-q", *targets], env, check=False).returncode == 0, (
+        "a second run must find everything up to date"
+    )
     stamp = (out / "feats.h5").stat().st_mtime
     time.sleep(1.1)
     os.utime(images / sorted(os.listdir(images))[0])
@@ -52,9 +68,19 @@ def test_pipeline_script_runs_as_a_pipe(tmp_path):
     env["ACSEG"] = f"{sys.executable} -m acseg_cli"
     env["EXTRACT_FLAGS"] = "--backbone test-vit --random-weights --overwrite -q"
     env["FIT_STEPS"] = "5"
-    p = subprocess.run(["bash", str(EXAMPLES / "pipeline.sh"), str(EXAMPLES / "camvid" / "images"),
-                        str(EXAMPLES / "camvid" / "labels"), str(tmp_path / "o")], env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [
+            "bash",
+            str(EXAMPLES / "pipeline.sh"),
+            str(EXAMPLES / "camvid" / "images"),
+            str(EXAMPLES / "camvid" / "labels"),
+            str(tmp_path / "o"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("mIoU ")
     assert json.loads((tmp_path / "o" / "score.json").read_text())["n_images"] == 8
@@ -64,8 +90,13 @@ def test_score_external_script(tmp_path):
     env = cli_env()
     env["ACSEG"] = f"{sys.executable} -m acseg_cli"
     labels = EXAMPLES / "camvid" / "labels"
-    p = subprocess.run(["bash", str(EXAMPLES / "score_external.sh"), str(labels), str(labels), "camvid11", "-q"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        ["bash", str(EXAMPLES / "score_external.sh"), str(labels), str(labels), "camvid11", "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["miou"] == 1.0
     p = subprocess.run(["bash", str(EXAMPLES / "score_external.sh")], env=env, capture_output=True, text=True)
@@ -78,9 +109,22 @@ def test_the_readme_demo_target(tmp_path):
     venv = os.path.dirname(os.path.dirname(sys.executable))
     if not os.path.exists(os.path.join(venv, "bin", "pip")):
         pytest.skip("the tests do not run inside a virtual environment")
-    p = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "demo", f"VENV={venv}", f"DEMO_OUT={tmp_path}",
-                        "DEMO_ARGS=BACKBONE=test-vit BACKBONE_FLAGS=--random-weights STEPS=5"],
-                       env=cli_env(), capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(ROOT),
+            "demo",
+            f"VENV={venv}",
+            f"DEMO_OUT={tmp_path}",
+            "DEMO_ARGS=BACKBONE=test-vit BACKBONE_FLAGS=--random-weights STEPS=5",
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "seed 0: mIoU" in p.stdout and "pictures:" in p.stdout
     assert json.loads((tmp_path / "score-s0.json").read_text())["n_images"] == 8
@@ -89,6 +133,7 @@ def test_the_readme_demo_target(tmp_path):
 def _same_store(a, b):
     import h5py
     import numpy as np
+
     with h5py.File(a) as fa, h5py.File(b) as fb:
         assert fa.attrs["content_sha256"] == fb.attrs["content_sha256"]
         for k in fa:
@@ -99,17 +144,41 @@ def _same_store(a, b):
 @pytest.fixture(scope="module")
 def unsharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("unsharded") / "feats.h5"
-    p = subprocess.run([sys.executable, "-m", "acseg_cli", "extract", str(EXAMPLES / "camvid" / "images"), "-o", str(out),
-                        "--backbone", "test-vit", "--random-weights", "--batch-size", "2", "-q"], env=cli_env(),
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "acseg_cli",
+            "extract",
+            str(EXAMPLES / "camvid" / "images"),
+            "-o",
+            str(out),
+            "--backbone",
+            "test-vit",
+            "--random-weights",
+            "--batch-size",
+            "2",
+            "-q",
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     return out
 
 
 @needs_make
 def test_sharded_makefile_with_make_j(tmp_path, unsharded):
-    args = [f"ACSEG={sys.executable} -m acseg_cli", f"IMAGES={EXAMPLES / 'camvid' / 'images'}", f"OUT={tmp_path}",
-            "SHARDS=3", "EXTRACT_FLAGS=--backbone test-vit --random-weights --batch-size 2 --workers 0", "-j3"]
+    args = [
+        f"ACSEG={sys.executable} -m acseg_cli",
+        f"IMAGES={EXAMPLES / 'camvid' / 'images'}",
+        f"OUT={tmp_path}",
+        "SHARDS=3",
+        "EXTRACT_FLAGS=--backbone test-vit --random-weights --batch-size 2 --workers 0",
+        "-j3",
+    ]
     p = make(["-f", "sharded.mk", *args], cli_env())
     assert p.stdout.count("--shard") == 3
     assert sorted(x.name for x in (tmp_path / "shards").iterdir()) == [f"feats.{i}.h5" for i in range(3)]
@@ -120,8 +189,20 @@ def test_sharded_makefile_with_make_j(tmp_path, unsharded):
 def test_parallel_extract_script(tmp_path, unsharded):
     env = cli_env()
     env["ACSEG"] = f"{sys.executable} -m acseg_cli"
-    cmd = ["bash", str(EXAMPLES / "parallel_extract.sh"), str(EXAMPLES / "camvid" / "images"), str(tmp_path), "2",
-           "--backbone", "test-vit", "--random-weights", "--batch-size", "2", "--workers", "0"]
+    cmd = [
+        "bash",
+        str(EXAMPLES / "parallel_extract.sh"),
+        str(EXAMPLES / "camvid" / "images"),
+        str(tmp_path),
+        "2",
+        "--backbone",
+        "test-vit",
+        "--random-weights",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(tmp_path / "feats.h5")
@@ -133,18 +214,46 @@ def test_parallel_extract_script(tmp_path, unsharded):
 def test_slurm_scripts_as_plain_bash(tmp_path, unsharded):
     """The array tasks run as Slurm would start them (its environment variables), without Slurm."""
     env = cli_env()
-    env.update(ACSEG=f"{sys.executable} -m acseg_cli", IMAGES=str(EXAMPLES / "camvid" / "images"), OUT=str(tmp_path),
-               SLURM_ARRAY_TASK_COUNT="2", EXTRACT_FLAGS="--backbone test-vit --random-weights --batch-size 2 -q",
-               WORKERS="0")
+    env.update(
+        ACSEG=f"{sys.executable} -m acseg_cli",
+        IMAGES=str(EXAMPLES / "camvid" / "images"),
+        OUT=str(tmp_path),
+        SLURM_ARRAY_TASK_COUNT="2",
+        EXTRACT_FLAGS="--backbone test-vit --random-weights --batch-size 2 -q",
+        WORKERS="0",
+    )
     for i in (0, 1):
-        p = subprocess.run(["bash", str(EXAMPLES / "slurm" / "extract.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
-                           capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            ["bash", str(EXAMPLES / "slurm" / "extract.sbatch")],
+            env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr
-    p = subprocess.run(["bash", str(EXAMPLES / "slurm" / "extract.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": "1"},
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        ["bash", str(EXAMPLES / "slurm" / "extract.sbatch")],
+        env={**env, "SLURM_ARRAY_TASK_ID": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and "already done" in p.stderr  # a re-queued finished task does nothing
-    p = subprocess.run([sys.executable, "-m", "acseg_cli", "merge", str(tmp_path / "shards" / "feats.1.h5"),
-                        str(tmp_path / "shards" / "feats.0.h5"), "-o", str(tmp_path / "feats.h5"), "-q"], env=env,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "acseg_cli",
+            "merge",
+            str(tmp_path / "shards" / "feats.1.h5"),
+            str(tmp_path / "shards" / "feats.0.h5"),
+            "-o",
+            str(tmp_path / "feats.h5"),
+            "-q",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     _same_store(tmp_path / "feats.h5", unsharded)

@@ -68,6 +68,7 @@ def test_tokens_match_a_direct_forward(images, tmp_path):
 
     from stages.backbones import create_backbone
     from stages.images import resize_normalise
+
     out = tmp_path / "f.h5"
     run_extract(images, out, "--feature", "tokens", "--device", "cpu")  # the forward's arithmetic (CUDA: bf16 autocast)
     bb = create_backbone("test-vit", random_weights=True)
@@ -89,6 +90,7 @@ def test_keys_are_the_blocks_attention_keys(layer, images, tmp_path):
 
     from stages.backbones import create_backbone
     from stages.images import resize_normalise
+
     out = tmp_path / "k.h5"
     r = run_extract(images, out, "--feature", "keys", "--layer", str(layer), "--device", "cpu")
     assert r.exit_code == 0, r.stderr
@@ -105,7 +107,7 @@ def test_keys_are_the_blocks_attention_keys(layer, images, tmp_path):
             vit.forward_features(x)
         hook.remove()
         d = seen["qkv"].shape[-1] // 3
-        keys = seen["qkv"][0, vit.num_prefix_tokens:, d:2 * d]  # (tokens, heads * head_dim), heads in order
+        keys = seen["qkv"][0, vit.num_prefix_tokens :, d : 2 * d]  # (tokens, heads * head_dim), heads in order
         np.testing.assert_allclose(st.tokens(0), keys.numpy(), atol=2e-2, rtol=2e-3)
         with torch.inference_mode():
             _, a, _ = bb(x, feature="tokens")  # the forward through every block
@@ -207,8 +209,13 @@ def test_store_reader_rejects_wrong_files(images, tmp_path):
     newer.write_bytes(out.read_bytes())
     with h5py.File(newer, "r+") as f:
         f.attrs["schema_version"] = 99
-    for p, msg in [(other, "not one of acseg's"), (noth5, "not an HDF5 file"), (incomplete, "incomplete"),
-                   (wrongkind, "holds concepts"), (newer, "newer")]:
+    for p, msg in [
+        (other, "not one of acseg's"),
+        (noth5, "not an HDF5 file"),
+        (incomplete, "incomplete"),
+        (wrongkind, "holds concepts"),
+        (newer, "newer"),
+    ]:
         with pytest.raises(AcsegError, match=msg):
             FeatureStore(p)
         r = cli(["fit-acg", p, "-o", tmp_path / "a.pt", "-q"])
@@ -219,15 +226,10 @@ def test_store_reader_rejects_wrong_files(images, tmp_path):
 def _slow_extract_script(tmp_path):
     s = tmp_path / "slow.py"
     s.write_text(
-        "import sys, time\n"
-        "import stages.store as st\n"
-        "orig = st.StoreWriter.append\n"
-        "def slow(self, *a, **k):\n"
-        "    orig(self, *a, **k); time.sleep(0.15)\n"
-        "st.StoreWriter.append = slow\n"
-        "from acseg_cli.app import main\n"
-        "sys.argv = ['acseg'] + sys.argv[1:]\n"
-        "main()\n")
+        "import sys, time\nimport stages.store as st\norig = st.StoreWriter.append\ndef slow(self, *a, **k):\n    "
+        "orig(self, *a, **k); time.sleep(0.15)\nst.StoreWriter.append = slow\nfrom acseg_cli.app import main\nsys.argv "
+        "= ['acseg'] + sys.argv[1:]\nmain()\n"
+    )
     return s
 
 
@@ -240,7 +242,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     args = ["extract", str(d), "-o", str(out), "--batch-size", "2", "--workers", "0", *TEST_BACKBONE]
     script = _slow_extract_script(tmp_path)
     partial = tmp_path / ".f.h5.partial"
-    p = subprocess.Popen([sys.executable, str(script), *args], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, str(script), *args], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     done = 0
     while done < 4 and time.time() < deadline and p.poll() is None:  # kill once a few batches are on disk
@@ -266,14 +270,25 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
 
 def test_real_subprocess_pipe_stdout_is_only_the_path(images, tmp_path):
     out = tmp_path / "f.h5"
-    p = subprocess.run([sys.executable, "-m", "acseg_cli", "extract", str(images), "-o", str(out), *TEST_BACKBONE],
-                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "acseg_cli", "extract", str(images), "-o", str(out), *TEST_BACKBONE],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{out}\n"
     with FeatureStore(out) as st:
         assert st.f.attrs["command"].startswith(f"acseg extract {images} -o {out}")
-    p = subprocess.run([sys.executable, "-m", "acseg_cli", "fit-acg", "-o", str(tmp_path / "a.pt")], input="",
-                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "acseg_cli", "fit-acg", "-o", str(tmp_path / "a.pt")],
+        input="",
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and "no input: pass FILE or pipe a path" in p.stderr
 
 
@@ -287,6 +302,7 @@ def test_version_and_help():
 def test_a_full_disk_is_one_error_and_the_previous_output_survives(images, tmp_path):
     """A file-size limit (like a full disk) stops the write: exit 1, an Error line, the old file intact."""
     import resource
+
     out = tmp_path / "f.h5"
     assert run_extract(images, out).exit_code == 0
     before = out.read_bytes()
@@ -295,9 +311,26 @@ def test_a_full_disk_is_one_error_and_the_previous_output_survives(images, tmp_p
         resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
 
     # workers 0: DataLoader workers share tensors through files, which the same limit would stop first
-    p = subprocess.run([sys.executable, "-m", "acseg_cli", "extract", str(images), "-o", str(out), "--overwrite",
-                        "--workers", "0", *TEST_BACKBONE], env=cli_env(), preexec_fn=limit, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "acseg_cli",
+            "extract",
+            str(images),
+            "-o",
+            str(out),
+            "--overwrite",
+            "--workers",
+            "0",
+            *TEST_BACKBONE,
+        ],
+        env=cli_env(),
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1, p.stderr
     assert p.stderr.startswith("Error: writing f.h5 failed (File too large)") and "disk space" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr  # no libhdf5/h5py complaints around it
@@ -308,6 +341,7 @@ def test_a_full_disk_is_one_error_and_the_previous_output_survives(images, tmp_p
 
 def test_a_second_writer_of_the_same_output_is_refused(images, tmp_path):
     from stages.output import acquire_output_lock, release_output_lock
+
     out = tmp_path / "f.h5"
     fd = acquire_output_lock(out)  # as another process holding the output
     try:

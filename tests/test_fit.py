@@ -29,6 +29,7 @@ def planted(tmp_path_factory):
 def trained(planted):
     path, labels, classes, d = planted
     from stages.acg import ACGConfig
+
     res = fit_acg(path, d / "acg.pt", acg=ACGConfig(depth=2), train=TrainConfig(**FAST))
     return res
 
@@ -57,6 +58,7 @@ def test_checkpoints_from_before_heads_were_recorded_keep_their_heads(trained, t
     """num_heads = 0 ("auto") was written before checkpoints recorded the number; auto then meant one head per
     64 dims. Loading must rebuild that model, not today's auto (one per 128), whose weights have the same shapes."""
     from stages.acg import create_acg
+
     obj = torch.load(trained.path, weights_only=True)
     assert json.loads(obj["config"])["num_heads"] > 0  # new checkpoints record the number
     torch.manual_seed(0)
@@ -77,6 +79,7 @@ def test_the_checkpoint_records_its_weights_hash_and_concepts_name_the_model_by_
     weights, to the same value; any change to a weight, a name or a dtype changes the hash."""
     from stages.conceptualize import conceptualize
     from stages.fit import weights_sha256
+
     obj = torch.load(trained.path, weights_only=True)
     rec = obj["weights_sha256"]
     assert rec == weights_sha256(obj["state_dict"]) == load_checkpoint(trained.path).weights_sha256
@@ -94,6 +97,7 @@ def test_the_checkpoint_records_its_weights_hash_and_concepts_name_the_model_by_
     assert len({rec, weights_sha256(changed), weights_sha256(renamed), weights_sha256(recast)}) == 4
     res = conceptualize(planted[0], str(tmp_path / "c.h5"), acg=trained.path, precision="fp32")
     from stages.conceptualize import ConceptStore
+
     with ConceptStore(res.path) as st:
         assert st.params["acg"]["weights_sha256"] == rec and "sha256" not in st.params["acg"]
 
@@ -105,6 +109,7 @@ def test_training_log_plot_and_checkpoint_provenance(planted, trained):
     assert {"loss", "modularity", "active_concepts", "lr"} <= set(lines[0])
     assert lines[-1]["loss"] < lines[0]["loss"]
     from PIL import Image
+
     assert Image.open(trained.plot_path).size == (720, 400)
     ck = load_checkpoint(trained.path)
     with FeatureStore(path) as st:
@@ -158,6 +163,7 @@ def test_cli_prints_path_and_rejects_bad_checkpoints(planted, tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": "acseg-acg-1", "x": 1}, evil)  # a valid zip container, then poison it
     import zipfile
+
     with zipfile.ZipFile(evil) as z:
         names = z.namelist()
     with zipfile.ZipFile(evil, "w") as z:
@@ -177,8 +183,11 @@ def test_whitened_model_sees_identity_covariance_and_round_trips(planted, tmp_pa
     ones); the model loads and conceptualizes; a model without it has no such buffer (old checkpoints load)."""
     from stages.acg import ACGConfig
     from stages.conceptualize import ConceptStore, conceptualize
+
     path = planted[0]
-    res = fit_acg(path, tmp_path / "w.pt", acg=ACGConfig(depth=1, whiten=True), train=TrainConfig(steps=3, batch_size=4))
+    res = fit_acg(
+        path, tmp_path / "w.pt", acg=ACGConfig(depth=1, whiten=True), train=TrainConfig(steps=3, batch_size=4)
+    )
     m = load_checkpoint(res.path).model
     assert "feature_whiten" in m.state_dict()
     with FeatureStore(path) as st:
@@ -192,7 +201,9 @@ def test_whitened_model_sees_identity_covariance_and_round_trips(planted, tmp_pa
     c = conceptualize(path, str(tmp_path / "c.h5"), acg=res.path)
     with ConceptStore(c.path) as cs:
         assert np.allclose(np.linalg.norm(cs.means(), axis=1), 1, atol=1e-4)
-    plain = fit_acg(path, tmp_path / "p.pt", acg=ACGConfig(depth=1, whiten=False), train=TrainConfig(steps=2, batch_size=4))
+    plain = fit_acg(
+        path, tmp_path / "p.pt", acg=ACGConfig(depth=1, whiten=False), train=TrainConfig(steps=2, batch_size=4)
+    )
     assert "feature_whiten" not in load_checkpoint(plain.path).model.state_dict()
 
 
@@ -203,10 +214,16 @@ def test_loading_a_checkpoint_is_cheap_and_leaves_the_random_state(trained):
     import sys
 
     from conftest import ROOT, cli_env
-    code = ("import sys, torch; from stages.fit import load_checkpoint; s = torch.get_rng_state(); "
-            f"m = load_checkpoint({str(trained.path)!r}, mmap=True).model; "
-            "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules), torch.equal(s, torch.get_rng_state()))")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+
+    code = (
+        "import sys, torch; from stages.fit import load_checkpoint; s = torch.get_rng_state(); "
+        f"m = load_checkpoint({str(trained.path)!r}, mmap=True).model; "
+        "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules), torch.equal(s, "
+        "torch.get_rng_state()))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["[]", "True"]
 
@@ -214,6 +231,7 @@ def test_loading_a_checkpoint_is_cheap_and_leaves_the_random_state(trained):
 def _mixed_store(tmp_path, nan_at=None):
     """Images of three grid sizes (so batches are padded), 16 dims."""
     from planted import write_planted_store
+
     rng = np.random.default_rng(1)
     shapes = [(4, 6), (5, 5), (3, 7)] * 6
     toks = [rng.normal(size=(h * w, 16)) for h, w in shapes]
@@ -227,6 +245,7 @@ def test_batches_from_memory_equal_the_batches_read_from_the_file(tmp_path):
     than the step): the batches must be exactly the streamed ones, with padding, a token subsample and the
     share of each of several processes, and the batch prefetched for the next step must not overwrite this one."""
     from stages.fit import ResidentTokens, _read_batch
+
     path = _mixed_store(tmp_path)
     with FeatureStore(path) as st:
         mem = ResidentTokens(st, "cpu")
@@ -257,6 +276,7 @@ def test_a_fit_from_memory_equals_a_fit_from_the_file(planted, tmp_path):
 
 def test_tokens_held_in_memory_are_checked(tmp_path):
     from stages.fit import ResidentTokens
+
     with FeatureStore(_mixed_store(tmp_path, nan_at=5)) as st, pytest.raises(AcsegError, match="NaN or Inf"):
         ResidentTokens(st, "cpu")
 
@@ -264,8 +284,24 @@ def test_tokens_held_in_memory_are_checked(tmp_path):
 def test_fit_cli_preload_and_stream(planted, tmp_path):
     path = planted[0]
     for flag in ("--preload", "--stream"):
-        r = cli(["fit-acg", path, "-o", tmp_path / f"{flag[2:]}.pt", "--steps", "2", "--batch-size", "4",
-                 "--depth", "1", "--device", "cpu", flag, "-q"])
+        r = cli(
+            [
+                "fit-acg",
+                path,
+                "-o",
+                tmp_path / f"{flag[2:]}.pt",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--depth",
+                "1",
+                "--device",
+                "cpu",
+                flag,
+                "-q",
+            ]
+        )
         assert r.exit_code == 0, r.stderr
     sa = load_checkpoint(tmp_path / "preload.pt").model.state_dict()
     sb = load_checkpoint(tmp_path / "stream.pt").model.state_dict()
@@ -277,6 +313,7 @@ def test_the_cpu_preload_budget_is_shared_by_the_machines_processes(monkeypatch,
     import os
 
     from stages.fit import preload_budget
+
     pages = {"SC_AVPHYS_PAGES": free_gib << 18, "SC_PAGE_SIZE": 4096}  # free memory fixed, not this machine's
     monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
     assert preload_budget("cpu") == expected_one  # 1 GiB, or a quarter of the free memory if less
@@ -285,6 +322,7 @@ def test_the_cpu_preload_budget_is_shared_by_the_machines_processes(monkeypatch,
 
 def test_warmup_scales_with_the_schedule():
     from stages.fit import Schedule
+
     assert [TrainConfig(steps=n).warmup_steps for n in (1, 20, 60, 200, 2500, 10000)] == [1, 1, 3, 10, 100, 100]
     assert TrainConfig(steps=None).warmup_steps == 20
     assert TrainConfig(steps=60, warmup=7).warmup_steps == 7
@@ -298,6 +336,7 @@ def test_warmup_scales_with_the_schedule():
 
 def _run_schedule(cfg, curve):
     from stages.fit import Schedule
+
     sched = Schedule(cfg)
     lrs = []
     for step, q in enumerate(curve):
@@ -335,8 +374,13 @@ def test_auto_schedule_never_passes_its_cap():
 def test_auto_fit_stops_early_recovers_planted_groups_and_says_why(planted, tmp_path):
     path, labels, classes, _ = planted
     from stages.acg import ACGConfig
-    res = fit_acg(path, tmp_path / "auto.pt", acg=ACGConfig(depth=2),
-                  train=TrainConfig(steps=None, max_steps=2500, converge_window=25, lr=3e-3, log_every=20))
+
+    res = fit_acg(
+        path,
+        tmp_path / "auto.pt",
+        acg=ACGConfig(depth=2),
+        train=TrainConfig(steps=None, max_steps=2500, converge_window=25, lr=3e-3, log_every=20),
+    )
     assert res.steps < 600 and "converged" in res.stop_reason
     lines = [json.loads(s) for s in open(res.log_path)]
     assert lines[-1]["step"] == res.steps - 1 and lines[-1]["stop_reason"] == res.stop_reason
@@ -352,6 +396,7 @@ def test_auto_fit_resumed_matches_the_uninterrupted_one(planted, tmp_path):
     same weights."""
     path = planted[0]
     import stages.fit as fit
+
     cfg = dict(steps=None, max_steps=200, converge_window=4, converge_tol=10.0, batch_size=8, checkpoint_every=5)
     a = fit_acg(path, tmp_path / "a.pt", train=TrainConfig(**cfg), device="cpu")
     # tol 10: converged at the first check (20 warm-up + 8 steps = 28), then 6 cool-down steps
@@ -372,6 +417,7 @@ def test_auto_fit_resumed_matches_the_uninterrupted_one(planted, tmp_path):
 
 def test_loss_curve_ticks_are_round_and_cover_the_range():
     from stages.fit import nice_ticks
+
     assert nice_ticks(0, 300, 6) == [0, 50, 100, 150, 200, 250, 300]
     assert nice_ticks(-0.213, -0.05, 5) == [-0.2, -0.15, -0.1, -0.05]
     t = nice_ticks(0.1234, 0.1301, 5)
@@ -381,5 +427,14 @@ def test_loss_curve_ticks_are_round_and_cover_the_range():
 
 def test_durations_read_as_people_say_them():
     from stages.humanize import duration
-    assert [duration(s) for s in (0, 42.4, 89, 90, 210, 5399, 5400, 9000)] == \
-        ["0 s", "42 s", "89 s", "1.5 min", "3.5 min", "90.0 min", "1.5 h", "2.5 h"]
+
+    assert [duration(s) for s in (0, 42.4, 89, 90, 210, 5399, 5400, 9000)] == [
+        "0 s",
+        "42 s",
+        "89 s",
+        "1.5 min",
+        "3.5 min",
+        "90.0 min",
+        "1.5 h",
+        "2.5 h",
+    ]

@@ -50,8 +50,12 @@ def _store_commands(kind: str, broken: Path, valid: dict, out: Path) -> dict:
     return {"classify --centroids": ["classify", valid["concepts"], "--centroids", broken, "-o", out / "labels", "-q"]}
 
 
-STORE_CASES = [(kind, case, stage) for kind in ("features", "concepts", "classes")
-               for case in hostile.stores(kind) for stage in _store_commands(kind, Path("x"), {"acg": "", "concepts": ""}, Path("o"))]
+STORE_CASES = [
+    (kind, case, stage)
+    for kind in ("features", "concepts", "classes")
+    for case in hostile.stores(kind)
+    for stage in _store_commands(kind, Path("x"), {"acg": "", "concepts": ""}, Path("o"))
+]
 
 
 @pytest.mark.parametrize("kind,case,stage", STORE_CASES, ids=[f"{k}:{c}:{s}" for k, c, s in STORE_CASES])
@@ -80,8 +84,9 @@ def test_hostile_checkpoints(valid, tmp_path, case):
     assert not (tmp_path / "PWNED").exists()  # nothing in the file was executed
 
 
-@pytest.mark.parametrize("case", ["truncated", "plain pickle that runs code", "torch file that runs code",
-                                  "weight of wrong shape"])
+@pytest.mark.parametrize(
+    "case", ["truncated", "plain pickle that runs code", "torch file that runs code", "weight of wrong shape"]
+)
 def test_hostile_resume_states_are_ignored_not_run(valid, tmp_path, case):
     """A broken `.NAME.resume` beside the output: fit-acg starts afresh (it says so), runs nothing from it."""
     out = tmp_path / "acg.pt"
@@ -135,13 +140,16 @@ def test_the_whole_image_corpus_in_one_run_stays_contained(tmp_path):
     usable = [c for c, (_, _, ok) in hostile.images().items() if ok]
     unusable = [c for c, (_, _, ok) in hostile.images().items() if not ok and c != "FIFO named .png"]
     from stages.features import FeatureStore
+
     with FeatureStore(feats) as st:
         assert st.n_images == len(usable) + 2
         skipped = json.loads(st.f.attrs["skipped"])
         assert len(skipped) == len(unusable)
         assert all(s["reason"] for s in skipped)
     run = tmp_path / "run"
-    r = cli(["conceptualize", feats, "--method", "kmeans", "-o", tmp_path / "c.h5", "--preview", run / "concepts", "-q"])
+    r = cli(
+        ["conceptualize", feats, "--method", "kmeans", "-o", tmp_path / "c.h5", "--preview", run / "concepts", "-q"]
+    )
     assert r.exit_code == 0, r.stderr
     r = cli(["classify", tmp_path / "c.h5", "-K", "3", "-o", run / "labels", "--preview", run / "preview", "-q"])
     assert r.exit_code == 0, r.stderr
@@ -149,7 +157,9 @@ def test_the_whole_image_corpus_in_one_run_stays_contained(tmp_path):
         files = [p for p in (run / sub).rglob("*") if p.is_file()]
         assert files and all(p.resolve().is_relative_to((run / sub).resolve()) for p in files)
     assert len(list((run / "labels").glob("*.png"))) == len(usable) + 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["corpus", "good", "elsewhere", "lists", "f.h5", "c.h5", "run"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["corpus", "good", "elsewhere", "lists", "f.h5", "c.h5", "run"]
+    )
 
 
 # -- score ----------------------------------------------------------------------------------------------------
@@ -167,14 +177,24 @@ def test_hostile_label_folders(tmp_path, case):
 
 def corpus_counts() -> dict:
     """How many hostile inputs and (input, stage) pairs the suite tries; printed by `python tests/test_hostile.py`."""
-    c = {"images": len(IMAGE_CASES), "image cases (folder, list, all together)": 2 * len(IMAGE_CASES) + 1,
-         "store variants": sum(len(hostile.stores(k)) for k in ("features", "concepts", "classes")),
-         "store x stage cases": len(STORE_CASES), "checkpoints": len(CKPT_CASES), "checkpoint cases": len(CKPT_CASES) + 4,
-         "label-folder cases": len(SCORE_CASES), "full-disk cases": 3 * len(FULL_DISK)}
-    c["cases"] = (c["image cases (folder, list, all together)"] + c["store x stage cases"] + c["checkpoint cases"]
-                  + c["label-folder cases"] + c["full-disk cases"])
+    c = {
+        "images": len(IMAGE_CASES),
+        "image cases (folder, list, all together)": 2 * len(IMAGE_CASES) + 1,
+        "store variants": sum(len(hostile.stores(k)) for k in ("features", "concepts", "classes")),
+        "store x stage cases": len(STORE_CASES),
+        "checkpoints": len(CKPT_CASES),
+        "checkpoint cases": len(CKPT_CASES) + 4,
+        "label-folder cases": len(SCORE_CASES),
+        "full-disk cases": 3 * len(FULL_DISK),
+    }
+    c["cases"] = (
+        c["image cases (folder, list, all together)"]
+        + c["store x stage cases"]
+        + c["checkpoint cases"]
+        + c["label-folder cases"]
+        + c["full-disk cases"]
+    )
     return c
-
 
 
 # -- a full disk, for every stage that writes -----------------------------------------------------------------
@@ -188,8 +208,16 @@ def _limited(args, cwd, blocks):
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (blocks * 512, blocks * 512))
-    return subprocess.run([sys.executable, "-m", "acseg_cli", *map(str, args)], cwd=cwd, env=cli_env(),
-                          preexec_fn=limit, capture_output=True, text=True, timeout=300)
+
+    return subprocess.run(
+        [sys.executable, "-m", "acseg_cli", *map(str, args)],
+        cwd=cwd,
+        env=cli_env(),
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +231,38 @@ def disk_inputs(tmp_path_factory, valid):
 
 
 FULL_DISK = {
-    "extract": lambda v, d, out: ["extract", d / "imgs", "-o", out / "x.h5", *TEST_BACKBONE, "--workers", "0", "--overwrite"],
-    "fit-acg": lambda v, d, out: ["fit-acg", v["features"], "-o", out / "x.pt", "--steps", "2", "--batch-size", "2", "-q", "--overwrite"],
-    "conceptualize": lambda v, d, out: ["conceptualize", v["features"], "--acg", v["acg"], "-o", out / "x.h5", "-q", "--overwrite"],
+    "extract": lambda v, d, out: [
+        "extract",
+        d / "imgs",
+        "-o",
+        out / "x.h5",
+        *TEST_BACKBONE,
+        "--workers",
+        "0",
+        "--overwrite",
+    ],
+    "fit-acg": lambda v, d, out: [
+        "fit-acg",
+        v["features"],
+        "-o",
+        out / "x.pt",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "-q",
+        "--overwrite",
+    ],
+    "conceptualize": lambda v, d, out: [
+        "conceptualize",
+        v["features"],
+        "--acg",
+        v["acg"],
+        "-o",
+        out / "x.h5",
+        "-q",
+        "--overwrite",
+    ],
     "classify": lambda v, d, out: ["classify", v["concepts"], "-K", "3", "-o", out / "x", "-q", "--overwrite"],
     "merge": lambda v, d, out: ["merge", d / "s0.h5", d / "s1.h5", "-o", out / "x.h5", "-q", "--overwrite"],
 }

@@ -44,8 +44,11 @@ def test_preview_never_replaces_a_file_without_overwrite(photos, tmp_path, stage
     prev = tmp_path / "prev"
     prev.mkdir()
     (prev / "img_00.png").write_bytes(b"a picture of mine")
-    args = (["classify", photos["concepts"], "-K", "2", "-o", tmp_path / "labels"] if stage == "classify"
-            else ["conceptualize", photos["features"], "--method", "kmeans", "-o", tmp_path / "c.h5"])
+    args = (
+        ["classify", photos["concepts"], "-K", "2", "-o", tmp_path / "labels"]
+        if stage == "classify"
+        else ["conceptualize", photos["features"], "--method", "kmeans", "-o", tmp_path / "c.h5"]
+    )
     msg = one_error_line(cli([*args, "--preview", prev, "-q"]))
     assert "already holds img_00.png" in msg and "--overwrite" in msg
     assert (prev / "img_00.png").read_bytes() == b"a picture of mine"
@@ -55,8 +58,11 @@ def test_preview_never_replaces_a_file_without_overwrite(photos, tmp_path, stage
 @pytest.mark.parametrize("stage", ["classify", "conceptualize"])
 def test_preview_into_the_photos_folder_is_refused_even_with_overwrite(photos, tmp_path, stage):
     before = digest(photos["imgs"])
-    args = (["classify", photos["concepts"], "-K", "2", "-o", tmp_path / "labels"] if stage == "classify"
-            else ["conceptualize", photos["features"], "--method", "kmeans", "-o", tmp_path / "c.h5"])
+    args = (
+        ["classify", photos["concepts"], "-K", "2", "-o", tmp_path / "labels"]
+        if stage == "classify"
+        else ["conceptualize", photos["features"], "--method", "kmeans", "-o", tmp_path / "c.h5"]
+    )
     msg = one_error_line(cli([*args, "--preview", photos["imgs"], "--overwrite", "-q"]), code=2)
     assert "input" in msg
     assert digest(photos["imgs"]) == before
@@ -94,9 +100,11 @@ def test_an_output_is_never_its_own_input(valid, tmp_path, stage):
     feats.parent.mkdir()
     feats.write_bytes(valid["features"].read_bytes())
     alias = tmp_path / "sub" / ".." / "sub" / "feats.h5"  # the same file by another spelling
-    args = {"conceptualize": ["conceptualize", feats, "--acg", valid["acg"], "-o", alias],
-            "fit-acg": ["fit-acg", feats, "-o", alias, "--steps", "2"],
-            "merge": ["merge", feats, "-o", alias]}[stage]
+    args = {
+        "conceptualize": ["conceptualize", feats, "--acg", valid["acg"], "-o", alias],
+        "fit-acg": ["fit-acg", feats, "-o", alias, "--steps", "2"],
+        "merge": ["merge", feats, "-o", alias],
+    }[stage]
     msg = one_error_line(cli([*args, "--overwrite", "-q"]), code=2)
     assert "is the input" in msg
     assert feats.read_bytes() == valid["features"].read_bytes()
@@ -104,13 +112,28 @@ def test_an_output_is_never_its_own_input(valid, tmp_path, stage):
 
 def test_fit_acg_outputs_of_two_names_keep_their_own_log_and_curve(valid, tmp_path):
     for name in ("a.v1", "a.v2"):
-        r = cli(["fit-acg", valid["features"], "-o", tmp_path / name, "--steps", "2", "--batch-size", "2", "--depth", "1",
-                 "-q", "--json"])
+        r = cli(
+            [
+                "fit-acg",
+                valid["features"],
+                "-o",
+                tmp_path / name,
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--depth",
+                "1",
+                "-q",
+                "--json",
+            ]
+        )
         assert r.exit_code == 0, r.stderr
         res = json.loads(r.stdout)
         assert Path(res["log"]).name == f"{name}.log.jsonl" and Path(res["plot"]).name == f"{name}.loss.png"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["a.v1", "a.v1.log.jsonl", "a.v1.loss.png", "a.v2", "a.v2.log.jsonl", "a.v2.loss.png"])
+        ["a.v1", "a.v1.log.jsonl", "a.v1.loss.png", "a.v2", "a.v2.log.jsonl", "a.v2.loss.png"]
+    )
 
 
 def test_fit_acg_never_replaces_a_side_file_it_did_not_write(valid, tmp_path):
@@ -131,6 +154,7 @@ def test_conceptualize_keeps_a_cached_acg_of_other_settings(valid, tmp_path):
 
 def test_a_second_classify_on_one_folder_stops_at_once(valid, tmp_path):
     from stages.output import output_lock
+
     out = tmp_path / "labels"
     with output_lock(out.absolute()):
         msg = one_error_line(cli(["classify", valid["concepts"], "-K", "3", "-o", out, "-q"]))
@@ -145,7 +169,12 @@ def test_names_differing_only_by_extension_get_a_map_each(tmp_path):
     Image.open(d / "img_01.png").convert("RGB").save(d / "a.jpg")
     (d / "img_01.png").unlink()
     assert cli(["extract", d, "-o", tmp_path / "f.h5", *TEST_BACKBONE]).exit_code == 0
-    assert cli(["conceptualize", tmp_path / "f.h5", "--method", "kmeans", "-k", "2", "-o", tmp_path / "c.h5", "-q"]).exit_code == 0
+    assert (
+        cli(
+            ["conceptualize", tmp_path / "f.h5", "--method", "kmeans", "-k", "2", "-o", tmp_path / "c.h5", "-q"]
+        ).exit_code
+        == 0
+    )
     r = cli(["classify", tmp_path / "c.h5", "-K", "2", "-o", tmp_path / "labels"])
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "labels").glob("*.png")) == ["a.jpg.png", "a.png.png"]
@@ -167,6 +196,7 @@ def test_extract_resume_after_the_plan_changed_starts_afresh(tmp_path):
     r = cli(["extract", d, "-o", out, *TEST_BACKBONE, "--batch-size", "1", "--resume"])
     assert r.exit_code == 0, r.stderr
     from stages.features import FeatureStore
+
     with FeatureStore(out) as st:
         assert sorted(st.names) == sorted(p.name for p in d.iterdir()) and st.params["max_aspect"] == 8.0
 
@@ -180,7 +210,9 @@ def test_overwrite_never_replaces_what_is_not_a_regular_file(valid, tmp_path, wh
         os.mkfifo(target)
     else:
         target.symlink_to(victim if what == "symlink to a file" else tmp_path / "nowhere" / "x.h5")
-    msg = one_error_line(cli(["conceptualize", valid["features"], "--acg", valid["acg"], "-o", target, "--overwrite", "-q"]))
+    msg = one_error_line(
+        cli(["conceptualize", valid["features"], "--acg", valid["acg"], "-o", target, "--overwrite", "-q"])
+    )
     assert "never replaces" in msg or "symbolic link" in msg
     assert os.path.lexists(target) and victim.read_bytes() == b"victim"
     assert not (tmp_path / "nowhere").exists()
@@ -219,7 +251,9 @@ def test_a_planted_lock_link_is_refused_and_creates_nothing(valid, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / ".c.h5.lock").symlink_to(elsewhere / "created")
-    msg = one_error_line(cli(["conceptualize", valid["features"], "--acg", valid["acg"], "-o", tmp_path / "c.h5", "-q"]))
+    msg = one_error_line(
+        cli(["conceptualize", valid["features"], "--acg", valid["acg"], "-o", tmp_path / "c.h5", "-q"])
+    )
     assert "symbolic link" in msg
     assert list(elsewhere.iterdir()) == [] and not (tmp_path / "c.h5").exists()
 
@@ -228,13 +262,16 @@ def test_planted_links_at_fit_side_files_are_refused(valid, tmp_path):
     victim = tmp_path / "victim"
     victim.write_bytes(b"victim")
     (tmp_path / "a.loss.png").symlink_to(victim)
-    msg = one_error_line(cli(["fit-acg", valid["features"], "-o", tmp_path / "a.pt", "--steps", "2", "--overwrite", "-q"]))
+    msg = one_error_line(
+        cli(["fit-acg", valid["features"], "-o", tmp_path / "a.pt", "--steps", "2", "--overwrite", "-q"])
+    )
     assert "symbolic link" in msg and victim.read_bytes() == b"victim"
 
 
 def test_temporaries_have_unpredictable_names(valid, tmp_path, monkeypatch):
     """Every temporary of every writer is made by tempfile (O_EXCL), so no name can be planted in advance."""
     import tempfile
+
     made = []
     real = tempfile.mkstemp
 
@@ -242,6 +279,7 @@ def test_temporaries_have_unpredictable_names(valid, tmp_path, monkeypatch):
         fd, name = real(*a, **k)
         made.append(name)
         return fd, name
+
     monkeypatch.setattr(tempfile, "mkstemp", spy)
     out = tmp_path / "a.pt"
     r = cli(["fit-acg", valid["features"], "-o", out, "--steps", "2", "--batch-size", "2", "--depth", "1", "-q"])
@@ -262,6 +300,7 @@ def test_a_lock_taken_on_a_removed_name_is_taken_again(tmp_path, monkeypatch):
     import fcntl
 
     from stages import output
+
     target = tmp_path / "x.h5"
     a = output.acquire_output_lock(target)
     real_flock, raced = fcntl.flock, []
@@ -271,6 +310,7 @@ def test_a_lock_taken_on_a_removed_name_is_taken_again(tmp_path, monkeypatch):
             raced.append(fd)
             output.release_output_lock(target, a)
         return real_flock(fd, op)
+
     monkeypatch.setattr(output.fcntl, "flock", flock)
     b = output.acquire_output_lock(target)
     monkeypatch.setattr(output.fcntl, "flock", real_flock)
@@ -291,8 +331,18 @@ def _edit_checkpoint(src: Path, dst: Path, fn) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("case", ["NaN weight", "Inf prototype", "float16 weights", "float64 weights",
-                                  "provenance a JSON list", "config a JSON list", "train a number"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "NaN weight",
+        "Inf prototype",
+        "float16 weights",
+        "float64 weights",
+        "provenance a JSON list",
+        "config a JSON list",
+        "train a number",
+    ],
+)
 def test_lying_or_broken_checkpoints_are_refused(valid, tmp_path, case):
     def nan(o):
         k = next(iter(o["state_dict"]))
@@ -301,12 +351,16 @@ def test_lying_or_broken_checkpoints_are_refused(valid, tmp_path, case):
     def inf_proto(o):
         k = next(k for k in o["state_dict"] if "proto" in k)
         o["state_dict"][k] = o["state_dict"][k].clone().fill_(float("inf"))
-    fns = {"NaN weight": nan, "Inf prototype": inf_proto,
-           "float16 weights": lambda o: o.__setitem__("state_dict", {k: v.half() for k, v in o["state_dict"].items()}),
-           "float64 weights": lambda o: o.__setitem__("state_dict", {k: v.double() for k, v in o["state_dict"].items()}),
-           "provenance a JSON list": lambda o: o.__setitem__("provenance", "[1, 2]"),
-           "config a JSON list": lambda o: o.__setitem__("config", "[]"),
-           "train a number": lambda o: o.__setitem__("train", "3")}
+
+    fns = {
+        "NaN weight": nan,
+        "Inf prototype": inf_proto,
+        "float16 weights": lambda o: o.__setitem__("state_dict", {k: v.half() for k, v in o["state_dict"].items()}),
+        "float64 weights": lambda o: o.__setitem__("state_dict", {k: v.double() for k, v in o["state_dict"].items()}),
+        "provenance a JSON list": lambda o: o.__setitem__("provenance", "[1, 2]"),
+        "config a JSON list": lambda o: o.__setitem__("config", "[]"),
+        "train a number": lambda o: o.__setitem__("train", "3"),
+    }
     bad = _edit_checkpoint(valid["acg"], tmp_path / "bad.pt", fns[case])
     one_error_line(cli(["conceptualize", valid["features"], "--acg", bad, "-o", tmp_path / "c.h5", "-q"]))
     assert not (tmp_path / "c.h5").exists()
@@ -314,27 +368,62 @@ def test_lying_or_broken_checkpoints_are_refused(valid, tmp_path, case):
 
 def test_extract_refuses_weights_holding_nan(tmp_path):
     from stages.backbones import create_backbone
+
     bb = create_backbone("test-vit", random_weights=True)
     sd = {k: v.clone() for k, v in bb.vit.state_dict().items()}
     sd[next(k for k in sd if k.endswith("weight"))].fill_(float("nan"))
     torch.save(sd, tmp_path / "w.pth")
     make_images(tmp_path / "imgs", n=2)
-    msg = one_error_line(cli(["extract", tmp_path / "imgs", "-o", tmp_path / "f.h5", "--backbone", "test-vit",
-                              "--weights", tmp_path / "w.pth", "-q"]))
+    msg = one_error_line(
+        cli(
+            [
+                "extract",
+                tmp_path / "imgs",
+                "-o",
+                tmp_path / "f.h5",
+                "--backbone",
+                "test-vit",
+                "--weights",
+                tmp_path / "w.pth",
+                "-q",
+            ]
+        )
+    )
     assert "NaN" in msg and not (tmp_path / "f.h5").exists()
 
 
 @pytest.mark.parametrize("case", ["without optimizer", "step a string", "optimizer of another model"])
 def test_resume_states_that_cannot_continue_are_ignored(valid, tmp_path, case, monkeypatch):
     out = tmp_path / "acg.pt"
-    r = cli(["fit-acg", valid["features"], "-o", out, "--steps", "4", "--batch-size", "2", "--depth", "1",
-             "--checkpoint-every", "2", "-q"])
+    r = cli(
+        [
+            "fit-acg",
+            valid["features"],
+            "-o",
+            out,
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--depth",
+            "1",
+            "--checkpoint-every",
+            "2",
+            "-q",
+        ]
+    )
     assert r.exit_code == 0, r.stderr
     rp = tmp_path / ".acg.pt.resume"
     # the resume state of step 2, rebuilt from the finished checkpoint with the fields a resume reads
     obj = torch.load(out, map_location="cpu", weights_only=True)
-    obj.update(optimizer={"state": {}, "param_groups": []}, step=2, history="[]", torch_rng=torch.get_rng_state(),
-               world=1, schedule="{}")
+    obj.update(
+        optimizer={"state": {}, "param_groups": []},
+        step=2,
+        history="[]",
+        torch_rng=torch.get_rng_state(),
+        world=1,
+        schedule="{}",
+    )
     obj["train"] = json.dumps({"config": json.loads(obj["train"])["config"]})
     if case == "without optimizer":  # the optimizer of every other case has no parameter group: it does not fit
         obj.pop("optimizer")
@@ -343,10 +432,29 @@ def test_resume_states_that_cannot_continue_are_ignored(valid, tmp_path, case, m
     torch.save(obj, rp)
     loads = []
     import stages.fit as fit
+
     real = fit.load_checkpoint
-    monkeypatch.setattr(fit, "load_checkpoint", lambda p, mmap=False: (loads.append((Path(p).name, mmap)), real(p, mmap))[1])
-    r = cli(["fit-acg", valid["features"], "-o", out, "--steps", "4", "--batch-size", "2", "--depth", "1",
-             "--checkpoint-every", "2", "--resume", "--overwrite"])
+    monkeypatch.setattr(
+        fit, "load_checkpoint", lambda p, mmap=False: (loads.append((Path(p).name, mmap)), real(p, mmap))[1]
+    )
+    r = cli(
+        [
+            "fit-acg",
+            valid["features"],
+            "-o",
+            out,
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--depth",
+            "1",
+            "--checkpoint-every",
+            "2",
+            "--resume",
+            "--overwrite",
+        ]
+    )
     assert r.exit_code == 0, r.stderr
     assert "starting afresh" in r.stderr
     assert loads and all(m for name, m in loads if name == rp.name)  # mapped, never read whole
@@ -354,8 +462,22 @@ def test_resume_states_that_cannot_continue_are_ignored(valid, tmp_path, case, m
 
 def test_conceptualize_negative_batch_size_writes_nothing(valid, tmp_path):
     for bs in ("-1", "0"):
-        one_error_line(cli(["conceptualize", valid["features"], "--acg", valid["acg"], "-o", tmp_path / "c.h5",
-                            "--batch-size", bs, "-q"]), code=2)
+        one_error_line(
+            cli(
+                [
+                    "conceptualize",
+                    valid["features"],
+                    "--acg",
+                    valid["acg"],
+                    "-o",
+                    tmp_path / "c.h5",
+                    "--batch-size",
+                    bs,
+                    "-q",
+                ]
+            ),
+            code=2,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -366,18 +488,28 @@ def _usage_cases(v: dict, d: Path) -> dict:
     cla = ["classify", v["concepts"], "-K", "3", "-o", d / "labels", "-q"]
     ext = ["extract", d / "imgs", "-o", d / "f.h5", *TEST_BACKBONE]
     return {
-        "fit --prototypes 0": [*fit, "--prototypes", "0"], "fit --prototypes 300": [*fit, "--prototypes", "300"],
-        "fit --dropout 1.5": [*fit, "--dropout", "1.5"], "fit --max-tokens -5": [*fit, "--max-tokens", "-5"],
-        "fit --lr nan": [*fit, "--lr", "nan"], "fit --lr -1": [*fit, "--lr", "-1"], "fit --seed -1": [*fit, "--seed", "-1"],
-        "fit --depth 0": [*fit, "--depth", "0"], "fit --mlp-ratio 0": [*fit, "--mlp-ratio", "0"],
-        "fit --heads -3": [*fit, "--heads", "-3"], "fit --checkpoint-every -1": [*fit, "--checkpoint-every", "-1"],
-        "fit --tau inf": [*fit, "--tau", "inf"], "fit --device nonsense": [*fit, "--device", "nonsense"],
+        "fit --prototypes 0": [*fit, "--prototypes", "0"],
+        "fit --prototypes 300": [*fit, "--prototypes", "300"],
+        "fit --dropout 1.5": [*fit, "--dropout", "1.5"],
+        "fit --max-tokens -5": [*fit, "--max-tokens", "-5"],
+        "fit --lr nan": [*fit, "--lr", "nan"],
+        "fit --lr -1": [*fit, "--lr", "-1"],
+        "fit --seed -1": [*fit, "--seed", "-1"],
+        "fit --depth 0": [*fit, "--depth", "0"],
+        "fit --mlp-ratio 0": [*fit, "--mlp-ratio", "0"],
+        "fit --heads -3": [*fit, "--heads", "-3"],
+        "fit --checkpoint-every -1": [*fit, "--checkpoint-every", "-1"],
+        "fit --tau inf": [*fit, "--tau", "inf"],
+        "fit --device nonsense": [*fit, "--device", "nonsense"],
         "fit --device cuda (no GPU)": [*fit, "--device", "cuda"],
-        "conceptualize --batch-size 0": [*con, "--batch-size", "0"], "conceptualize --device cuda:7": [*con, "--device", "cuda:7"],
+        "conceptualize --batch-size 0": [*con, "--batch-size", "0"],
+        "conceptualize --device cuda:7": [*con, "--device", "cuda:7"],
         "conceptualize --seed -2": [*con, "--seed", "-2"],
-        "classify --n-init 0": [*cla, "--n-init", "0"], "classify --ignore-index -1": [*cla, "--ignore-index", "-1"],
+        "classify --n-init 0": [*cla, "--n-init", "0"],
+        "classify --ignore-index -1": [*cla, "--ignore-index", "-1"],
         "classify --seed -1": [*cla, "--seed", "-1"],
-        "extract --max-aspect nan": [*ext, "--max-aspect", "nan"], "extract --workers -1": [*ext, "--workers", "-1"],
+        "extract --max-aspect nan": [*ext, "--max-aspect", "nan"],
+        "extract --workers -1": [*ext, "--workers", "-1"],
         "extract --device nonsense": [*ext, "--device", "nonsense"],
         "score --ignore-index 70000": ["score", d / "pred", d / "gt", "--ignore-index", "70000"],
         "score --ignore-index -1": ["score", d / "pred", d / "gt", "--ignore-index", "-1"],
@@ -426,20 +558,31 @@ LYING = {
 def test_lying_store_attributes_end_in_one_line(valid, tmp_path, case):
     kind, fn = LYING[case]
     bad = _lying_store(valid[kind], tmp_path / f"bad.{kind}.h5", fn)
-    args = (["conceptualize", bad, "--acg", valid["acg"], "-o", tmp_path / "c.h5", "-q"] if kind == "features"
-            else ["classify", bad, "-K", "3", "-o", tmp_path / "labels", "-q"])
+    args = (
+        ["conceptualize", bad, "--acg", valid["acg"], "-o", tmp_path / "c.h5", "-q"]
+        if kind == "features"
+        else ["classify", bad, "-K", "3", "-o", tmp_path / "labels", "-q"]
+    )
     one_error_line(cli(args))
 
 
 def test_lying_classes_and_shards_end_in_one_line(valid, tmp_path):
     classes = classify(str(valid["concepts"]), str(tmp_path / "ref"), n_classes=3).classes_file
-    bad = _lying_store(Path(classes), tmp_path / "bad_classes.h5",
-                       lambda f: f.attrs.__setitem__("params", json.dumps({**json.loads(f.attrs["params"]), "n_classes": "3"})))
+    bad = _lying_store(
+        Path(classes),
+        tmp_path / "bad_classes.h5",
+        lambda f: f.attrs.__setitem__("params", json.dumps({**json.loads(f.attrs["params"]), "n_classes": "3"})),
+    )
     one_error_line(cli(["classify", valid["concepts"], "--centroids", bad, "-o", tmp_path / "labels", "-q"]))
     d = tmp_path / "sh"
     make_images(d / "imgs", n=4)
     for i in range(2):
-        assert cli(["extract", d / "imgs", "--shard", f"{i}/2", "-o", d / f"s{i}.h5", *TEST_BACKBONE, "--batch-size", "1"]).exit_code == 0
+        assert (
+            cli(
+                ["extract", d / "imgs", "--shard", f"{i}/2", "-o", d / f"s{i}.h5", *TEST_BACKBONE, "--batch-size", "1"]
+            ).exit_code
+            == 0
+        )
     with h5py.File(d / "s1.h5", "r+") as f:
         del f["shard_plan"]
     msg = one_error_line(cli(["merge", d / "s0.h5", d / "s1.h5", "-o", d / "m.h5", "-q"]))
@@ -451,6 +594,7 @@ def test_score_counts_only_the_ids_that_occur(tmp_path):
     import tracemalloc
 
     from stages.score import score
+
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     pred.mkdir(), gt.mkdir()
     p = np.zeros((20, 30), np.uint16)
@@ -494,6 +638,7 @@ def test_sixteen_bit_greyscale_is_decoded_without_float64_copies(tmp_path):
     import tracemalloc
 
     from stages.images import load_rgb
+
     a = (np.arange(1200 * 1600) % 65536).astype(np.uint16).reshape(1200, 1600)
     Image.fromarray(a).save(tmp_path / "g.png")
     tracemalloc.start()
@@ -513,11 +658,14 @@ def test_the_exit_handler_imports_nothing(tmp_path):
     import sys
 
     from conftest import cli_env
-    code = ("import sys, resource; resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20)); "
-            "sys.argv = ['acseg', 'score', 'nowhere', 'nothing']\n"
-            "from acseg_cli.app import main\n"
-            "try:\n    main()\nexcept SystemExit as e:\n"
-            "    print('h5py loaded' if 'h5py' in sys.modules else 'h5py not loaded', file=sys.stderr); raise\n")
+
+    code = (
+        "import sys, resource; resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20)); "
+        "sys.argv = ['acseg', 'score', 'nowhere', 'nothing']\n"
+        "from acseg_cli.app import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n"
+        "    print('h5py loaded' if 'h5py' in sys.modules else 'h5py not loaded', file=sys.stderr); raise\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
@@ -534,6 +682,7 @@ def test_memory_advice_names_only_options_the_command_has(capfd):
 
     def with_batches(batch_size: int = 8):
         raise MemoryError
+
     for fn, says in ((without, False), (with_batches, True)):
         with pytest.raises(typer.Exit):
             stage(fn)()

@@ -12,13 +12,17 @@ from PIL import Image
 
 from stages.datasets import COCOSTUFF_FINE_TO_COARSE, DATASETS, get_dataset
 from stages.errors import AcsegError
-from stages.score import (confusion, match_hungarian, match_majority, matched_confusion, metrics, score)
+from stages.score import confusion, match_hungarian, match_majority, matched_confusion, metrics, score
 
 
 def write(folder: Path, name: str, arr, mode=None):
     folder.mkdir(parents=True, exist_ok=True)
     a = np.asarray(arr)
-    im = Image.fromarray(a.astype(np.uint16 if a.max() > 255 else np.uint8)) if mode is None else Image.fromarray(a.astype(np.uint8), mode)
+    im = (
+        Image.fromarray(a.astype(np.uint16 if a.max() > 255 else np.uint8))
+        if mode is None
+        else Image.fromarray(a.astype(np.uint8), mode)
+    )
     im.save(folder / f"{name}.png")
 
 
@@ -68,7 +72,9 @@ def test_properties(seed, k, n_pred):
     perm = rng.permutation(n_pred)
     conf_p = confusion(perm[pred], gt, n_pred, k)
     again = metrics(*matched_confusion(conf_p, match_hungarian(conf_p), k))
-    assert again["miou"] == pytest.approx(base["miou"]) and again["pixel_accuracy"] == pytest.approx(base["pixel_accuracy"])
+    assert again["miou"] == pytest.approx(base["miou"]) and again["pixel_accuracy"] == pytest.approx(
+        base["pixel_accuracy"]
+    )
     perfect = confusion(gt, gt, k, k)
     assert metrics(*matched_confusion(perfect, match_hungarian(perfect), k))["miou"] == pytest.approx(1.0)
     if n_pred > k:
@@ -87,8 +93,13 @@ def test_presets_map_known_ids():
     assert ade[0] == -1 and ade[1] == 0 and ade[150] == 149
     cv = get_dataset("camvid11").lut()
     assert cv[11] == -1 and cv[10] == 10 and cv[12] == -2
-    assert {d: p.n_classes for d, p in DATASETS.items()} == {"voc": 21, "cocostuff27": 27, "cityscapes27": 27,
-                                                              "camvid11": 11, "ade20k": 150}
+    assert {d: p.n_classes for d, p in DATASETS.items()} == {
+        "voc": 21,
+        "cocostuff27": 27,
+        "cityscapes27": 27,
+        "camvid11": 11,
+        "ade20k": 150,
+    }
 
 
 def test_cli_json_suffixes_missing_files_and_per_image(tmp_path):
@@ -103,8 +114,20 @@ def test_cli_json_suffixes_missing_files_and_per_image(tmp_path):
     res = json.loads(r.stdout)
     assert res["miou"] == 1.0 and res["n_images"] == 1 and res["missing_predictions"] == 1
     write(pr, "b", [[2, 2], [1, 1]])
-    r = cli(["score", pr, gt, "--gt-suffix", "_gtFine_labelIds", "-d", "cityscapes27", "--protocol", "per-image",
-             "--no-confusion"])
+    r = cli(
+        [
+            "score",
+            pr,
+            gt,
+            "--gt-suffix",
+            "_gtFine_labelIds",
+            "-d",
+            "cityscapes27",
+            "--protocol",
+            "per-image",
+            "--no-confusion",
+        ]
+    )
     assert r.exit_code == 0
     res = json.loads(r.stdout)
     assert res["protocol"] == "per-image" and "confusion" not in res and res["pixel_accuracy"] == 1.0

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import TEST_BACKBONE, cli, cli_env, make_images
 
-from stages.shards import parse_shard, shard_range
 from stages.errors import UsageError
+from stages.shards import parse_shard, shard_range
 
 SMALL = [*TEST_BACKBONE, "--batch-size", "2"]
 
@@ -19,7 +19,9 @@ def _datasets(path):
     out = {}
     with h5py.File(path) as f:
         f.visititems(lambda k, v: out.__setitem__(k, v[:]) if isinstance(v, h5py.Dataset) else None)
-        attrs = {k: f.attrs.get(k) for k in ("content_sha256", "skipped", "n_skipped", "n_images", "params", "backbone")}
+        attrs = {
+            k: f.attrs.get(k) for k in ("content_sha256", "skipped", "n_skipped", "n_images", "params", "backbone")
+        }
     return out, attrs
 
 
@@ -124,8 +126,11 @@ def test_later_stages_run_shard_by_shard(split, tmp_path):
     assert r.exit_code == 1 and "missing" in r.output
     # classify: the parts on stdin (one path per line) == the merged store == the unsharded store
     outs = []
-    for name, args, stdin in (("parts", [], "\n".join(map(str, parts[::-1])) + "\n"), ("merged", [merged], None),
-                              ("whole", [whole], None)):
+    for name, args, stdin in (
+        ("parts", [], "\n".join(map(str, parts[::-1])) + "\n"),
+        ("merged", [merged], None),
+        ("whole", [whole], None),
+    ):
         o = tmp_path / name
         r = cli(["classify", *args, "-K", "3", "-o", o, "-q"], input=stdin)
         assert r.exit_code == 0, r.output
@@ -155,8 +160,23 @@ def _fit(args, cwd, nproc):
 def test_fit_acg_under_torchrun_with_two_gloo_processes(split, tmp_path):
     """Two processes, each reading its half of every global batch, follow the one-process loss curve."""
     d, full, _ = split
-    common = [full, "--steps", "30", "--batch-size", "8", "--max-tokens", "20", "--lr", "1e-3", "--warmup", "5",
-              "--checkpoint-every", "10", "--device", "cpu"]
+    common = [
+        full,
+        "--steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--max-tokens",
+        "20",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "5",
+        "--checkpoint-every",
+        "10",
+        "--device",
+        "cpu",
+    ]
     (tmp_path / "one").mkdir()
     one = _fit([*common, "-o", tmp_path / "one" / "acg.pt"], tmp_path, 1)
     assert one.returncode == 0, one.stderr
@@ -171,6 +191,7 @@ def test_fit_acg_under_torchrun_with_two_gloo_processes(split, tmp_path):
     assert h2[-1]["loss"] < h2[0]["loss"] - 0.01  # learning
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(h1, h2)) < 1e-4  # same curve within float noise
     from stages.fit import load_checkpoint
+
     ck = load_checkpoint(tmp_path / "two" / "acg.pt")
     assert ck.train["processes"] == 2
     r = cli(["conceptualize", full, "--acg", tmp_path / "two" / "acg.pt", "-o", tmp_path / "c.h5", "-q"])
@@ -181,6 +202,7 @@ def _kill_all_with(marker: str) -> None:
     """SIGKILL every process whose command line mentions ``marker``."""
     import os
     import signal
+
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -196,13 +218,41 @@ def test_a_killed_torchrun_fit_resumes_to_the_same_weights(split, tmp_path):
     import time
 
     import torch
+
     d, full, _ = split
-    common = [full, "--steps", "60", "--batch-size", "8", "--max-tokens", "20", "--lr", "1e-3", "--warmup", "5",
-              "--checkpoint-every", "10", "-q", "--device", "cpu"]
+    common = [
+        full,
+        "--steps",
+        "60",
+        "--batch-size",
+        "8",
+        "--max-tokens",
+        "20",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "5",
+        "--checkpoint-every",
+        "10",
+        "-q",
+        "--device",
+        "cpu",
+    ]
     ref = _fit([*common, "-o", tmp_path / "ref.pt"], tmp_path, 2)
     assert ref.returncode == 0, ref.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "acseg_cli",
-                "fit-acg", *map(str, common), "-o", str(tmp_path / "k.pt")]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "acseg_cli",
+        "fit-acg",
+        *map(str, common),
+        "-o",
+        str(tmp_path / "k.pt"),
+    ]
     p = subprocess.Popen(launcher, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / ".k.pt.resume"
     t0 = time.monotonic()
@@ -222,6 +272,7 @@ def test_a_killed_torchrun_fit_resumes_to_the_same_weights(split, tmp_path):
 
 def test_under_torchrun_a_usage_error_is_said_once_and_others_name_their_rank(tmp_path, monkeypatch):
     from conftest import cli
+
     monkeypatch.setenv("WORLD_SIZE", "4")
     for rank in ("0", "3"):
         monkeypatch.setenv("RANK", rank)
@@ -238,6 +289,7 @@ def test_torchrun_with_more_processes_than_gpus_says_what_to_do(monkeypatch):
     import torch
 
     from stages.fit import setup_distributed
+
     for k, v in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -66,6 +66,7 @@ def test_a_chunk_past_the_end_of_the_file_is_not_mapped(tmp_path, monkeypatch):
     """h5py refuses a truncated file at open; a chunk index that points past the end (a crafted file) must
     leave the reading to h5py too, not map beyond the file."""
     import os
+
     p = tmp_path / "c.h5"
     with h5py.File(p, "w") as f:
         f.create_dataset("x", data=np.ones((4000, 8), np.float32), chunks=(500, 8))
@@ -87,21 +88,21 @@ def test_a_store_reads_the_same_mapped_and_through_h5py(tmp_path):
         ref = f["tokens"][:].astype(np.float32)
         o = st.offsets
         for i in (0, 15, 16, 39):
-            assert np.array_equal(st.tokens(i), ref[o[i]:o[i + 1]])
-            assert np.array_equal(st.cls_attn(i), f["cls_attn"][o[i]:o[i + 1]])
+            assert np.array_equal(st.tokens(i), ref[o[i] : o[i + 1]])
+            assert np.array_equal(st.cls_attn(i), f["cls_attn"][o[i] : o[i + 1]])
         reuse = {}
         for s, e in ((0, 17), (17, 40), (5, 6)):
             x, mask, _ = st.read_batch(s, e, reuse=reuse)
-            assert mask.all() and np.array_equal(x.reshape(-1, 512).numpy(), ref[o[s]:o[e]])
+            assert mask.all() and np.array_equal(x.reshape(-1, 512).numpy(), ref[o[s] : o[e]])
             y, _, _ = st.read_batch(s, e)
             assert torch.equal(x, y)
             for keep in ({}, None):  # as stored (float16, for a GPU): the same values, half the bytes
                 z, _, _ = st.read_batch(s, e, reuse=keep, as_stored=True)
                 assert z.dtype == torch.float16 and torch.equal(z.float(), y)
-        assert all(np.array_equal(a, ref[o[i]:o[i + 1]]) for a, i in zip(st.read_many([33, 2, 17]), [33, 2, 17]))
-        assert np.array_equal(np.concatenate(st.read_range(3, 30)), ref[o[3]:o[30]])
+        assert all(np.array_equal(a, ref[o[i] : o[i + 1]]) for a, i in zip(st.read_many([33, 2, 17]), [33, 2, 17]))
+        assert np.array_equal(np.concatenate(st.read_range(3, 30)), ref[o[3] : o[30]])
         rows = st.stored_rows(3, 30)  # as stored: float16, unpadded, the images' rows one after another
-        assert rows.dtype == np.float16 and np.array_equal(rows.astype(np.float32), ref[o[3]:o[30]])
+        assert rows.dtype == np.float16 and np.array_equal(rows.astype(np.float32), ref[o[3] : o[30]])
         assert st.stored_rows(3, 30, dtype=np.float32).dtype == np.float32
 
 
@@ -110,6 +111,7 @@ def test_file_sha256_is_the_files_sha256(tmp_path, size):
     import hashlib
 
     from stages.store import file_sha256
+
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     (tmp_path / "f").write_bytes(data)
     assert file_sha256(tmp_path / "f", bufsize=64) == hashlib.sha256(data).hexdigest()
@@ -145,7 +147,7 @@ def test_pages_read_through_the_map_do_not_pile_up(tmp_path, monkeypatch, releas
         reuse = {}
         for s in range(0, 64, 8):
             x, _, _ = st.read_batch(s, s + 8, reuse=reuse)
-            assert np.array_equal(x.reshape(-1, 512).numpy(), ref[o[s]:o[s + 8]])
+            assert np.array_equal(x.reshape(-1, 512).numpy(), ref[o[s] : o[s + 8]])
         rss = _mapped_rss_kb(path)
         size = ref.size * 2 // 1024
         assert (rss <= 1024 + 512) if bounded else (rss >= size), (rss, size)
