@@ -33,7 +33,8 @@ venv: $(STAMP)
 demo: venv
 	@$(MAKE) --no-print-directory -C examples ACSEG=$(BIN)/acseg OUT=$(DEMO_OUT) FIT_FLAGS=--no-whiten $(DEMO_ARGS)
 
-# lint and format check first (ruff, configured in pyproject.toml; `ruff format` fixes the format), then the suite
+# lint and format check first (ruff, configured in pyproject.toml; `ruff format` fixes the format), then the suite;
+# the quick loop is `$(BIN)/python -m pytest -m "not slow"`
 test: venv
 	$(BIN)/ruff check --quiet .
 	$(BIN)/ruff format --quiet --check .

@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from stages import __version__
 
-from . import backbones, classify, conceptualize, extract, fit_acg, merge, score
+from . import backbones, classify, conceptualize, extract, fit_acg, merge, process, score
+from .options import fail
+
+# typer carries its own click: its exception classes, reached through the public BadParameter
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Click's usage errors (an unknown option, a value that is not one of the choices, a missing value) in
+    acseg's form: one line on stderr, exit 2, said once under torchrun, instead of usage, hint and error on
+    four lines."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except _UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # plain `acseg`: the help, as click gives it
+                e.show()
+                sys.exit(e.exit_code)
+            where = e.ctx.command_path if e.ctx is not None else "acseg"
+            msg = e.format_message().replace("Value error, ", "").rstrip(".")
+            try:
+                fail(f"{msg}; see '{where} --help'", 2)
+            except typer.Exit as done:
+                sys.exit(done.exit_code)
+        except _ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            sys.stderr.write("Aborted!\n")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="acseg",
     help="Unsupervised semantic segmentation by adaptive conceptualization (ACSeg), as Unix-style stages.\n\nEach "
     "stage reads a file and prints the path of the file it wrote, so stages chain in pipes:\n\n  acseg extract "
@@ -49,51 +84,10 @@ app.command("score")(score.command)
 app.command("backbones")(backbones.command)
 
 
-def teardown_can_be_skipped() -> bool:
-    """Whether this process can leave without the interpreter's teardown and lose nothing. After torch is
-    imported that teardown takes about 0.5 s here (2.2 s against 1.8 s for importing torch and leaving), a
-    sixth of a 240-image `conceptualize`. It is skipped only when no HDF5 file is open for writing, no child
-    process or other non-daemon thread runs, and no process group is up (torchrun); every file acseg writes
-    is closed (or renamed into place) before its command returns."""
-    if "torch" not in sys.modules:  # `score` and `--help`: nothing slow to skip
-        return False
-    if "h5py" in sys.modules:
-        import h5py
-
-        if any(fid.get_intent() & h5py.h5f.ACC_RDWR for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)):
-            return False
-    import multiprocessing
-    import threading
-
-    if multiprocessing.active_children():
-        return False
-    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
-        return False
-    dist = sys.modules.get("torch.distributed")
-    return not (dist is not None and dist.is_available() and dist.is_initialized())
-
-
-def _leave(code: int) -> None:
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def main() -> None:
-    # A closed downstream pipe (| head) ends us quietly instead of raising at exit.
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    process.setup()
     try:
         app()
     except SystemExit as e:
-        store = sys.modules.get("stages.store")  # never imported here: under a low memory limit h5py may not load
-        if (
-            store is not None and store.BROKEN_WRITES
-        ):  # after a failed HDF5 write, libhdf5's teardown can crash: leave without it
-            _leave(e.code if isinstance(e.code, int) else 1)
-        if (e.code is None or isinstance(e.code, int)) and teardown_can_be_skipped():
-            _leave(e.code or 0)
+        process.leave(e.code)
         raise

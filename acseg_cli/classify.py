@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, List, Optional
 
 import typer
+
+from stages.config import BACKGROUND_SPLITS, UPSAMPLES, WEIGHTINGS
+from stages.datasets import DATASETS
 
 from .options import (
     JsonOut,
@@ -13,18 +15,20 @@ from .options import (
     Progress,
     Quiet,
     Verbose,
+    choices,
     emit,
     fail,
     info,
     resolve_inputs,
     setup_logging,
     stage,
+    value_of,
 )
 
-
-class BackgroundSplit(str, Enum):  # the values of stages.classify.BACKGROUND_SPLITS
-    on = "on"
-    off = "off"
+BackgroundSplit = choices("BackgroundSplit", BACKGROUND_SPLITS)
+Weighting = choices("Weighting", WEIGHTINGS)
+Upsample = choices("Upsample", UPSAMPLES)
+Dataset = choices("Dataset", DATASETS)
 
 
 @stage
@@ -51,23 +55,23 @@ def command(
             "(the paper's step); 'off': every concept goes to the k-means. Off by default: on ACSeg's concepts it "
             "lost on street scenes and on figure/ground photos alike.",
         ),
-    ] = BackgroundSplit.off,
+    ] = BackgroundSplit("off"),
     no_background_split: Annotated[
         bool, typer.Option("--no-background-split", hidden=True, help="The same as --background-split off.")
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
     n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts.")] = 10,
     weighting: Annotated[
-        str,
+        Weighting,
         typer.Option(
             "--weighting",
             help="Weight of each concept in the k-means: 'pixels' (its pixel count, so the classes fit the pixels the "
             "score counts), 'sqrt-pixels' or 'none' (every concept alike).",
         ),
-    ] = "pixels",
+    ] = Weighting("pixels"),
     upsample: Annotated[
-        str, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")
-    ] = "bilinear",
+        Upsample, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")
+    ] = Upsample("bilinear"),
     centroids: Annotated[
         Optional[str],
         typer.Option("--centroids", help="Apply the classes fitted earlier (a classes.h5) instead of clustering."),
@@ -77,7 +81,7 @@ def command(
         typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching)."),
     ] = None,
     dataset: Annotated[
-        Optional[str],
+        Optional[Dataset],
         typer.Option(
             "--dataset",
             "-d",
@@ -128,11 +132,11 @@ def command(
             background_split="off" if no_background_split else background_split.value,
             seed=seed,
             n_init=n_init,
-            weighting=weighting,
-            upsample=upsample,
+            weighting=value_of(weighting),
+            upsample=value_of(upsample),
             centroids=centroids,
             match_gt=match_gt,
-            dataset=dataset,
+            dataset=value_of(dataset),
             ignore_index=tuple(ignore_index or ()),
             preview=preview,
             crf=crf,

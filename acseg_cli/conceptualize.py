@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.config import TrainConfig
+from stages.config import METHODS, PRECISIONS, TrainConfig
 
 from .options import (
     Device,
@@ -17,13 +17,18 @@ from .options import (
     Quiet,
     Resume,
     Verbose,
+    choices,
     emit,
     info,
     resolve_input,
     setup_logging,
     stage,
     steps_option,
+    value_of,
 )
+
+Method = choices("Method", METHODS)
+Precision = choices("Precision", PRECISIONS)
 
 
 @stage
@@ -38,8 +43,8 @@ def command(
         typer.Option("--acg", help="ACG checkpoint from fit-acg (default: fit one with default settings first)."),
     ] = None,
     method: Annotated[
-        str, typer.Option("--method", help="'acg' (ACSeg) or 'kmeans' (per-image k-means baseline).")
-    ] = "acg",
+        Method, typer.Option("--method", help="'acg' (ACSeg) or 'kmeans' (per-image k-means baseline).")
+    ] = Method("acg"),
     k: Annotated[
         int,
         typer.Option(
@@ -59,13 +64,13 @@ def command(
         ),
     ] = "auto",
     precision: Annotated[
-        str,
+        Precision,
         typer.Option(
             "--precision",
             help="ACG arithmetic: 'fp32', 'bf16', or 'auto' = bf16 where the hardware multiplies it natively (CUDA, "
             "AVX512-BF16/AMX CPUs), else fp32. Tokens are centred and assigned in fp32 either way.",
         ),
-    ] = "auto",
+    ] = Precision("auto"),
     preview: Annotated[
         Optional[str], typer.Option("--preview", help="Write each photo with its concepts overlaid into this folder.")
     ] = None,
@@ -89,12 +94,12 @@ def command(
             features,
             output,
             acg=acg,
-            method=method,
+            method=value_of(method),
             k=k,
             seed=seed,
             batch_size=batch_size,
             device=device,
-            precision=precision,
+            precision=value_of(precision),
             overwrite=overwrite,
             resume=resume,
             preview=preview,

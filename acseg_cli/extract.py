@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from stages.presets import DEFAULT_BACKBONE, DEFAULT_FEATURE
+from stages.presets import DEFAULT_BACKBONE, DEFAULT_FEATURE, FEATURE_KINDS, PRESETS
 
 from .backbones import print_backbones
 from .options import (
@@ -18,12 +18,17 @@ from .options import (
     Quiet,
     Resume,
     Verbose,
+    choices,
     emit,
     fail,
     info,
     setup_logging,
     stage,
+    value_of,
 )
+
+Backbone = choices("Backbone", PRESETS)
+Feature = choices("Feature", FEATURE_KINDS)
 
 
 @stage
@@ -38,8 +43,8 @@ def command(
     ] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Feature store to write (.h5).")] = None,
     backbone: Annotated[
-        str, typer.Option("--backbone", "-b", help="Backbone preset (see --list-backbones).")
-    ] = DEFAULT_BACKBONE,
+        Backbone, typer.Option("--backbone", "-b", help="Backbone preset (see --list-backbones).")
+    ] = Backbone(DEFAULT_BACKBONE),
     weights: Annotated[
         Optional[str], typer.Option("--weights", help="Local weights file (.pth/.safetensors) for the backbone.")
     ] = None,
@@ -53,13 +58,13 @@ def command(
         ),
     ] = None,
     feature: Annotated[
-        str,
+        Feature,
         typer.Option(
             "--feature",
             help="Pixel features: 'keys' (the block's attention keys, heads side by side) or 'tokens' (the block's "
             "output after the final norm).",
         ),
-    ] = DEFAULT_FEATURE,
+    ] = Feature(DEFAULT_FEATURE),
     layer: Annotated[
         int, typer.Option("--layer", help="Block whose keys or output are the features (0-based; -1 = last).")
     ] = -1,
@@ -111,15 +116,19 @@ def command(
         inputs = [i for i in inputs if i != "-"]
     from stages.extract import extract as run_extract
 
+    from .process import bound_heap
+
+    bound_heap()
+
     with Progress("extract") as bar:
         res = run_extract(
             inputs,
             output,
-            backbone=backbone,
+            backbone=value_of(backbone),
             weights=weights,
             random_weights=random_weights,
             short_side=short_side,
-            feature=feature,
+            feature=value_of(feature),
             layer=layer,
             batch_size=batch_size,
             workers=workers,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.config import ACGConfig, TrainConfig
+from stages.config import DELTAS, ACGConfig, TrainConfig
 
 from .options import (
     Device,
@@ -18,6 +18,7 @@ from .options import (
     Quiet,
     Resume,
     Verbose,
+    choices,
     emit,
     fail,
     info,
@@ -25,10 +26,12 @@ from .options import (
     setup_logging,
     stage,
     steps_option,
+    value_of,
     warmup_option,
 )
 
 _T, _A = TrainConfig(), ACGConfig()
+Delta = choices("Delta", DELTAS)
 
 
 @stage
@@ -88,8 +91,8 @@ def command(
         bool, typer.Option("--zero-diagonal", help="Zero the graph's self-loops (default: keep them).")
     ] = False,
     delta: Annotated[
-        str, typer.Option("--delta", help="'plain' product or 'tanh' of the soft same-concept intensity.")
-    ] = _T.delta,
+        Delta, typer.Option("--delta", help="'plain' product or 'tanh' of the soft same-concept intensity.")
+    ] = Delta(_T.delta),
     tau: Annotated[float, typer.Option("--tau", help="Temperature of the tanh delta.")] = _T.tau,
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Steps between resume checkpoints (0 = none).")
@@ -135,7 +138,7 @@ def command(
         seed=seed,
         max_tokens=max_tokens,
         keep_diagonal=not zero_diagonal,
-        delta=delta,
+        delta=value_of(delta),
         tau=tau,
         checkpoint_every=checkpoint_every,
     )

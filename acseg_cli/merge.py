@@ -6,7 +6,17 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .options import JsonOut, Overwrite, Quiet, Verbose, emit, fail, info, setup_logging, stage
+from .options import (
+    JsonOut,
+    Overwrite,
+    Quiet,
+    Verbose,
+    emit,
+    fail,
+    info,
+    setup_logging,
+    stage,
+)
 
 
 @stage
@@ -31,7 +41,7 @@ def command(
         fail("no input: pass the shard stores to merge", 2)
     if not output:
         fail("no output: pass -o MERGED.h5", 2)
-    from stages.shards import merge
+    from stages.merge import merge
 
     res = merge(shards, output, overwrite=overwrite)
     info(f"merged {res.n_shards} shards: {res.n_images} images ({res.kind})")

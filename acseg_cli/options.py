@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -34,6 +35,17 @@ Device = Annotated[
 ]
 
 _state = {"verbose": 0}
+
+
+def choices(name: str, values) -> type[Enum]:
+    """The values of an option that is a choice, as typer wants them: ``--help`` lists them and any other value
+    is a usage error (exit 2) before the command runs. The command passes ``.value`` on to the library."""
+    return Enum(name, [(v, v) for v in values], type=str)
+
+
+def value_of(x):
+    """An option's plain value (a choice's string)."""
+    return x.value if isinstance(x, Enum) else x
 
 
 def _auto_or_int(value: str, minimum: int) -> int | None:
@@ -157,6 +169,9 @@ def stage(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .process import filter_failed_write_reports
+
+        filter_failed_write_reports()
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -233,9 +248,7 @@ class Progress:
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
-            from rich.progress import (
-                Progress as RP,
-            )
+            from rich.progress import Progress as RP
 
             self._bar = RP(
                 TextColumn("{task.description}"),

@@ -9,10 +9,22 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from stages.config import PROTOCOLS, RESIZES
+from stages.datasets import DATASETS
 from stages.score import confusion_png
 from stages.score import score as run_score
 
-from .options import Progress, Quiet, Verbose, err_console, resolve_input, setup_logging, stage
+from .options import (
+    Progress,
+    Quiet,
+    Verbose,
+    choices,
+    err_console,
+    resolve_input,
+    setup_logging,
+    stage,
+    value_of,
+)
 
 
 def print_table(res: dict) -> None:
@@ -35,6 +47,11 @@ def print_table(res: dict) -> None:
         )
 
 
+Dataset = choices("Dataset", DATASETS)
+Protocol = choices("Protocol", PROTOCOLS)
+Resize = choices("Resize", RESIZES)
+
+
 @stage
 def command(
     pred: Annotated[
@@ -45,15 +62,15 @@ def command(
         Optional[str], typer.Argument(help="Folder of ground-truth label-map PNGs.", show_default=False)
     ] = None,
     dataset: Annotated[
-        Optional[str],
-        typer.Option("--dataset", "-d", help="Label preset: voc, cocostuff27, cityscapes27, camvid11, ade20k."),
+        Optional[Dataset],
+        typer.Option("--dataset", "-d", help="Label preset of the ground truth (none: its ids are the classes)."),
     ] = None,
     ignore_index: Annotated[
         Optional[List[int]], typer.Option("--ignore-index", help="Ground-truth id to ignore (repeatable).")
     ] = None,
     protocol: Annotated[
-        str, typer.Option("--protocol", help="hungarian (one-to-one), majority (many-to-one) or per-image.")
-    ] = "hungarian",
+        Protocol, typer.Option("--protocol", help="hungarian (one-to-one), majority (many-to-one) or per-image.")
+    ] = Protocol("hungarian"),
     pred_suffix: Annotated[
         str, typer.Option("--pred-suffix", help="Suffix of prediction stems to strip before pairing.")
     ] = "",
@@ -64,7 +81,8 @@ def command(
         bool, typer.Option("--allow-missing", help="Score the pairs that exist instead of failing.")
     ] = False,
     resize_pred: Annotated[
-        Optional[str], typer.Option("--resize-pred", help="'nearest' resizes predictions to the ground truth's size.")
+        Optional[Resize],
+        typer.Option("--resize-pred", help="'nearest' resizes predictions to the ground truth's size."),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", help="PNG decoding processes (0: one per core, at most 4).")] = 0,
     no_confusion: Annotated[
@@ -92,13 +110,13 @@ def command(
         res = run_score(
             pred,
             gt,
-            dataset=dataset,
+            dataset=value_of(dataset),
             ignore_index=tuple(ignore_index or ()),
-            protocol=protocol,
+            protocol=value_of(protocol),
             pred_suffix=pred_suffix,
             gt_suffix=gt_suffix,
             allow_missing=allow_missing,
-            resize_pred=resize_pred,
+            resize_pred=value_of(resize_pred),
             workers=workers,
             include_confusion=True,
             progress=bar,

@@ -24,7 +24,7 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
 from stages.conceptualize import conceptualize
 from stages.features import FeatureStore
-from stages.fit import load_checkpoint
+from stages.checkpoint import load_checkpoint
 F, A, M = sys.argv[2], sys.argv[3], sys.argv[4]
 d = tempfile.mkdtemp()
 kw = dict(acg=A) if M == "acg" else dict(method=M)

@@ -38,7 +38,8 @@ from scipy.optimize import linear_sum_assignment
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.classify import ConceptSet, _nearest, concept_attention_density, split_background  # noqa: E402
+from stages.classify import _nearest, concept_attention_density, split_background  # noqa: E402
+from stages.concepts import ConceptSet  # noqa: E402
 from stages.kmeans import kmeans  # noqa: E402
 from stages.render import upsample_labels  # noqa: E402
 

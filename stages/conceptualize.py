@@ -18,110 +18,21 @@ import torch
 import torch.nn.functional as F
 
 from . import validate as v
-from .acg import DTYPE_NAMES, PRECISIONS, inference_dtype, nearest_direction
-from .config import ACGConfig
+from .checkpoint import check_compatible, load_checkpoint
+from .concepts import concepts_schema
+from .config import METHODS, PRECISIONS, ACGConfig, TrainConfig
 from .errors import AcsegError, UsageError
 from .features import FeatureStore, scratch
-from .fit import TrainConfig, check_compatible, fit_acg, load_checkpoint
+from .fit import fit_acg
 from .images import output_paths
 from .kmeans import batched_kmeans
+from .modularity import nearest_direction
 from .output import check_apart, check_files_into, check_output
+from .precision import DTYPE_NAMES, inference_dtype
 from .shards import SHARD_ATTR, copy_plan
-from .store import STR, Group, Schema, Store, StoreWriter, decode_names
+from .store import StoreWriter
 
 log = logging.getLogger("acseg.conceptualize")
-METHODS = ("acg", "kmeans")
-
-
-def concepts_schema(dim: int) -> Schema:
-    return Schema(
-        kind="concepts",
-        per_image={
-            "grid": (np.int32, (2,)),
-            "image_size": (np.int32, (2,)),
-            "names": (STR, ()),
-            "sources": (STR, ()),
-            "n_concepts": (np.int32, ()),
-        },
-        groups=[
-            Group("offsets", {"concept_map": (np.uint8, ())}),
-            Group(
-                "concept_offsets",
-                {
-                    "concept_pixels": (np.int32, ()),
-                    "concept_mean": (np.float32, (dim,)),
-                    "concept_vector": (np.float32, (dim,)),
-                    "concept_cls_attn": (np.float32, ()),
-                    "concept_prototype": (np.int16, ()),
-                },
-            ),
-        ],
-    )
-
-
-class ConceptStore(Store):
-    """A validated concepts store; all of it but the per-token maps is small and read at open."""
-
-    kind = "concepts"
-
-    def _validate(self) -> None:
-        super()._validate()
-        n = self.n_images
-        if n == 0:
-            raise AcsegError(f"{self.path} holds no images", "re-run conceptualize on a non-empty feature store")
-        self.offsets = self._check_offsets("offsets", "concept_map")
-        self._need("concept_map", 1, None, "u")
-        self.concept_offsets = self._check_offsets("concept_offsets", "concept_pixels")
-        C = self.concept_offsets[-1]
-        self.grid = self._need("grid", 2, n, "iu")[:].astype(np.int64)
-        self.image_size = self._image_sizes()
-        self.names = decode_names(self._need("names", 1, n)[:])
-        self.sources = decode_names(self._need("sources", 1, n)[:])
-        self.n_concepts = self._need("n_concepts", 1, n, "iu")[:].astype(np.int64)
-        self.pixels = self._need("concept_pixels", 1, C, "iu")[:].astype(np.int64)
-        mean = self._need("concept_mean", 2, C, "f")
-        self.dim = int(mean.shape[1])
-        self._need("concept_vector", 2, C, "f")
-        self.cls_attn = self._need("concept_cls_attn", 1, C, "f")[:].astype(np.float64)
-        if np.any(self.grid.prod(1) != np.diff(self.offsets)) or np.any(
-            np.diff(self.concept_offsets) != self.n_concepts
-        ):
-            raise AcsegError(
-                f"{self.path}: per-image counts do not match the packed data",
-                "the file is damaged; re-run conceptualize",
-            )
-        # every concept holds at least one patch, and an image's concepts hold all of its patches (classify
-        # weights the concepts by these counts)
-        total = np.concatenate([[0], np.cumsum(self.pixels)])
-        if (C and self.pixels.min() < 1) or np.any(
-            total[self.concept_offsets[1:]] - total[self.concept_offsets[:-1]] != self.grid.prod(1)
-        ):
-            raise AcsegError(
-                f"{self.path}: concept pixel counts do not add up to the images' patches",
-                "the file is damaged; re-run conceptualize",
-            )
-
-    def means(self) -> np.ndarray:
-        a = self.f["concept_mean"][:].astype(np.float32)
-        if not np.isfinite(a).all():
-            raise AcsegError(
-                f"{self.path}: concept features hold NaN or Inf", "the file is damaged; re-run conceptualize"
-            )
-        return a
-
-    def concept_map(self, i: int) -> np.ndarray:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        m = self.f["concept_map"][a:b].astype(np.int64).reshape(self.grid[i])
-        if m.size and m.max() >= self.n_concepts[i]:
-            raise AcsegError(
-                f"{self.path}: image {i} has concept ids beyond its {self.n_concepts[i]} concepts",
-                "the file is damaged; re-run conceptualize",
-            )
-        return m
-
-    @property
-    def provenance(self) -> dict:
-        return self.attr_json("features_provenance", {})
 
 
 @dataclass
@@ -310,11 +221,11 @@ def conceptualize(
         "parent": store.identity,
         "features_provenance": store.provenance(),
     }
-    if SHARD_ATTR in store.f.attrs:  # a shard's concepts stay a shard, so 'acseg merge' can join them
+    if store.attr(SHARD_ATTR) is not None:  # a shard's concepts stay a shard, so 'acseg merge' can join them
         attrs[SHARD_ATTR] = store.attr_json(SHARD_ATTR)
     n = store.n_images
     with StoreWriter(
-        out, concepts_schema(store.dim), attrs, overwrite=overwrite, resume=resume, extra=copy_plan(store.f)
+        out, concepts_schema(store.dim), attrs, overwrite=overwrite, resume=resume, extra=copy_plan(store)
     ) as w:
         start = w.resumed_from
         if progress:
@@ -380,7 +291,7 @@ def conceptualize(
             if progress:
                 progress(e, n)
         n_done = w.n_done
-        counts = w.f["n_concepts"][:]
+        counts = w.read("n_concepts")
     store.close()
     return ConceptualizeResult(
         str(out),
@@ -394,7 +305,14 @@ def conceptualize(
 
 
 def _preview(path: Path, source: str, cmap: np.ndarray, image_size) -> None:
-    from .render import display_size, load_photo, overlay, palette, save_rgb, upsample_labels
+    from .render import (
+        display_size,
+        load_photo,
+        overlay,
+        palette,
+        save_rgb,
+        upsample_labels,
+    )
 
     size = display_size(image_size)
     labels = upsample_labels(cmap, size)

@@ -1,9 +1,21 @@
-"""Configuration of the ACG and of its training: plain dataclasses, importable without torch."""
+"""Configuration: the ACG's and its training's (plain dataclasses), and the values each option that is a choice
+takes. Importable without torch, so the command line lists the choices at once."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+
+# The values of the options that are choices (the command line offers exactly these)
+METHODS = ("acg", "kmeans")  # conceptualize --method
+PRECISIONS = ("auto", "fp32", "bf16")  # conceptualize --precision
+DELTAS = ("plain", "tanh")  # fit-acg --delta
+PROTO_INITS = ("kmeans", "random")  # TrainConfig.proto_init
+WEIGHTINGS = ("none", "pixels", "sqrt-pixels")  # classify --weighting
+UPSAMPLES = ("bilinear", "nearest")  # classify --upsample
+BACKGROUND_SPLITS = ("on", "off")  # classify --background-split
+PROTOCOLS = ("hungarian", "majority", "per-image")  # score --protocol
+RESIZES = ("nearest",)  # score --resize-pred
 
 
 @dataclass
@@ -89,9 +101,9 @@ class TrainConfig:
             v.integer("--warmup", self.warmup, min=0)
         v.seed("--seed", self.seed)
         v.integer("--max-tokens", self.max_tokens, min=0, hint="pass 0 (every token) or a positive number")
-        v.choice("--delta", self.delta, ("plain", "tanh"))
+        v.choice("--delta", self.delta, DELTAS)
         v.number("--tau", self.tau, above=0)
-        v.choice("proto_init", self.proto_init, ("kmeans", "random"))
+        v.choice("proto_init", self.proto_init, PROTO_INITS)
         v.integer("log_every", self.log_every, min=1)
         v.integer(
             "--checkpoint-every", self.checkpoint_every, min=0, hint="pass 0 (no resume states) or a positive number"

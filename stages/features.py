@@ -191,13 +191,13 @@ class FeatureStore(Store):
 
     def _map(self, field: str) -> MappedRows | None:
         if field not in self._maps:
-            self._maps[field] = MappedRows.of(self.f, self.f[field])
+            self._maps[field] = MappedRows.of(self._f, self._f[field])
         return self._maps[field]
 
     def _rows(self, field: str, a: int, b: int) -> np.ndarray:
         """Rows a..b-1 of ``field`` as stored (mapped from the file when its layout allows; may be a view)."""
         m = self._map(field)
-        return m.read(int(a), int(b)) if m is not None else self.f[field][a:b]
+        return m.read(int(a), int(b)) if m is not None else self._f[field][a:b]
 
     def tokens(self, i: int) -> np.ndarray:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -264,7 +264,7 @@ class FeatureStore(Store):
 
     def _read_block(self, field: str, a: int, b: int, reuse: dict | None, as_stored: bool = False) -> torch.Tensor:
         """Rows a..b-1 as a float32 tensor of our own (float16 when ``as_stored`` and so stored)."""
-        ds = self.f[field]
+        ds = self._f[field]
         half = as_stored and ds.dtype == np.float16
         if reuse is None:
             rows = self._rows(field, a, b)
@@ -289,13 +289,3 @@ class FeatureStore(Store):
             a, b = self.offsets[i], self.offsets[i + 1]
             out[i] = self._finite(_f32(self._rows(field, a, b)), f"{field} of image {i}")
         return [out[int(i)] for i in indices]
-
-    def iter_chunks(self, images_per_chunk: int = 64):
-        """Yield (start, stop, tokens list, cls_attn list) over all images, in store order."""
-        for s in range(0, self.n_images, images_per_chunk):
-            e = min(self.n_images, s + images_per_chunk)
-            yield s, e, self.read_range(s, e, "tokens"), self.read_range(s, e, "cls_attn")
-
-
-def open_features(path) -> FeatureStore:
-    return FeatureStore(path)

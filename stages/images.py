@@ -112,12 +112,25 @@ def _regular_file(path: str) -> None:
         raise ImageError("not a regular file (a pipe, socket or device)")
 
 
-def peek_size(path: str) -> tuple[int, int]:
-    """(height, width) after EXIF orientation, reading only the header."""
+def _bomb_filter(max_pixels: int | None) -> str:
+    """How Pillow's DecompressionBombWarning is taken: as an error under Pillow's own limit (``None``),
+    ignored under ``max_pixels`` (checked by ``_check_pixels``). Pillow's hard limit (twice its own) holds in
+    both: acseg never changes ``Image.MAX_IMAGE_PIXELS``, which is the whole process's."""
+    return "error" if max_pixels is None else "ignore"
+
+
+def _check_pixels(w: int, h: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(f"image too large ({w * h:,} pixels, above the limit of {max_pixels:,})")
+
+
+def peek_size(path: str, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, reading only the header. ``max_pixels``: refuse larger images
+    (None: Pillow's limit, about 89 megapixels)."""
     _regular_file(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter(_bomb_filter(max_pixels), Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
                 if _exif_transposes(im):
@@ -134,6 +147,7 @@ def peek_size(path: str) -> tuple[int, int]:
         raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
     if w <= 0 or h <= 0:
         raise ImageError("image has zero size")
+    _check_pixels(w, h, max_pixels)
     return h, w
 
 
@@ -162,13 +176,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode one image fully: EXIF orientation applied, 8-bit RGB. Raises ImageError."""
+def load_rgb(path: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode one image fully: EXIF orientation applied, 8-bit RGB. Raises ImageError (``max_pixels``: as in
+    ``peek_size``, checked before decoding)."""
     _regular_file(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter(_bomb_filter(max_pixels), Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                _check_pixels(*im.size, max_pixels)
                 im.seek(0)  # first frame of an animation
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
@@ -204,12 +220,6 @@ def resize_normalise(im: Image.Image, grid: tuple[int, int], patch: int, mean, s
 def display_name(name: str) -> str:
     """A printable form of a name that may hold undecodable bytes."""
     return name.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def set_pixel_limit(max_pixels: int | None) -> None:
-    """Pillow's bomb limit; ``None`` keeps Pillow's default (about 89 megapixels)."""
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def safe_output_path(root: Path, name: str, suffix: str) -> Path:

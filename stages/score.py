@@ -15,12 +15,12 @@ import numpy as np
 from PIL import Image
 
 from . import validate as v
+from .config import PROTOCOLS, RESIZES
 from .datasets import IGNORE, INVALID, get_dataset, plain_lut
 from .errors import AcsegError, UsageError
 from .output import write_atomic
 
 log = logging.getLogger("acseg.score")
-PROTOCOLS = ("hungarian", "majority", "per-image")
 LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I", "1")
 
 
@@ -35,7 +35,9 @@ def match_hungarian(conf: np.ndarray) -> dict[int, int]:
     Only ids that hold pixels take part, and rows are put in a canonical order (by their counts) before
     solving, so that renaming the prediction ids cannot change which of several optimal matchings is found.
     """
-    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs every command 0.3 s to import
+    from scipy.optimize import (
+        linear_sum_assignment,  # here: scipy.optimize costs every command 0.3 s to import
+    )
 
     used = np.flatnonzero(conf.sum(1) > 0)
     if len(used) == 0:
@@ -326,7 +328,7 @@ def score(
     """Score a folder of predicted label maps against a folder of ground truth. Returns the result dict."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {protocol!r}", f"choose one of: {', '.join(PROTOCOLS)}")
-    if resize_pred not in (None, "nearest"):
+    if resize_pred is not None and resize_pred not in RESIZES:
         raise UsageError(f"unknown --resize-pred {resize_pred!r}", "the only resize is 'nearest'")
     for i in ignore_index:
         v.integer("--ignore-index", i, min=0, max=65535, hint="pass a label id 0..65535")

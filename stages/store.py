@@ -30,7 +30,14 @@ import numpy as np
 
 from . import __version__
 from .errors import AcsegError
-from .output import acquire_output_lock, check_output, is_regular, release_output_lock, remove_quietly, temp_path
+from .output import (
+    acquire_output_lock,
+    check_output,
+    is_regular,
+    release_output_lock,
+    remove_quietly,
+    temp_path,
+)
 
 SCHEMA_VERSION = 1
 BROKEN_WRITES: list[str] = []  # HDF5 files whose writes failed in this process (their handles cannot be trusted)
@@ -107,7 +114,7 @@ class StoreWriter:
         self.resume = resume
         self.chunk_rows = chunk_rows
         self.tmp = partial_path(self.path)
-        self.f: h5py.File | None = None
+        self._f: h5py.File | None = None
         self._lock_fd: int | None = None
         self.resumed_from = 0
         self._hash = hashlib.sha256()
@@ -141,20 +148,19 @@ class StoreWriter:
                     if is_write_error(e):
                         self._write_failed(e)
                     raise
-            elif self.f is not None:
+            elif self._f is not None:
                 if is_write_error(exc):  # the disk refused a write here or in another file of this stage
                     self._abandon()
                 else:
                     try:
-                        self.f.close()
+                        self._f.close()
                     except Exception:
                         pass
-                    self.f = None
+                    self._f = None
         finally:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
-        _install_unraisable_filter()
         self._lock_fd = acquire_output_lock(self.path)
 
     def _release_lock(self) -> None:
@@ -178,7 +184,7 @@ class StoreWriter:
         except BaseException:
             remove_quietly(fresh)
             raise
-        self.f = f
+        self._f = f
         for k, v in self._root_attrs().items():
             f.attrs[k] = v
         f.attrs["complete"] = False
@@ -246,7 +252,7 @@ class StoreWriter:
                 if not ok or n < 0:
                     return False
                 fresh = self._create()
-                f = self.f
+                f = self._f
                 for k, v in a.items():
                     f.attrs[k] = v
                 for name in self.schema.per_image:
@@ -265,19 +271,19 @@ class StoreWriter:
                         for s0 in range(0, end, step):
                             f[name][s0 : min(end, s0 + step)] = old[name][s0 : min(end, s0 + step)]
                 f.flush()
-            self.f.close()
+            self._f.close()
             os.replace(fresh, self.tmp)
-            self.f = h5py.File(self.tmp, "r+")
-            self._hash = hashlib.sha256(bytes.fromhex(str(self.f.attrs.get("hash_chain", ""))))
+            self._f = h5py.File(self.tmp, "r+")
+            self._hash = hashlib.sha256(bytes.fromhex(str(self._f.attrs.get("hash_chain", ""))))
             self.resumed_from = n
             return True
         except Exception:
-            if self.f is not None:
+            if self._f is not None:
                 try:
-                    self.f.close()
+                    self._f.close()
                 except Exception:
                     pass
-                self.f = None
+                self._f = None
             if fresh is not None:
                 remove_quietly(fresh)
             return False
@@ -285,8 +291,8 @@ class StoreWriter:
     # -- writing ---------------------------------------------------------------------------------
     @property
     def n_done(self) -> int:
-        assert self.f is not None
-        return int(self.f.attrs["n_done"])
+        assert self._f is not None
+        return int(self._f.attrs["n_done"])
 
     def append(
         self, per_image: dict[str, Sequence], packed: dict[str, Sequence[np.ndarray]], attrs: dict | None = None
@@ -307,9 +313,9 @@ class StoreWriter:
         teardown, see acseg_cli.app), and the partial file is removed. The final name is untouched."""
         if str(self.tmp) not in BROKEN_WRITES:
             BROKEN_WRITES.append(str(self.tmp))
-        if self.f is not None:
-            _ABANDONED.append(self.f)
-            self.f = None
+        if self._f is not None:
+            _ABANDONED.append(self._f)
+            self._f = None
         remove_quietly(self.tmp)
 
     def _write_failed(self, e: Exception):
@@ -321,15 +327,15 @@ class StoreWriter:
         ) from None
 
     def _ds(self, name: str) -> h5py.Dataset:
-        if self._handles_file is not self.f:
-            self._handles, self._handles_file = {}, self.f
+        if self._handles_file is not self._f:
+            self._handles, self._handles_file = {}, self._f
         d = self._handles.get(name)
         if d is None:
-            d = self._handles[name] = self.f[name]
+            d = self._handles[name] = self._f[name]
         return d
 
     def _append(self, per_image, packed, attrs) -> None:
-        f = self.f
+        f = self._f
         assert f is not None
         n = self.n_done
         b = len(next(iter(per_image.values())))
@@ -367,50 +373,35 @@ class StoreWriter:
         f.attrs["hash_chain"] = chain
         f.flush()
 
+    def attr(self, key: str, default=None):
+        """An attribute of the file being written, as stored."""
+        assert self._f is not None
+        return self._f.attrs.get(key, default)
+
+    def read(self, name: str) -> np.ndarray:
+        """The rows written so far of dataset ``name``."""
+        assert self._f is not None
+        return self._f[name][:]
+
+    def add_dataset(self, name: str, data: np.ndarray) -> None:
+        """A fixed dataset outside the schema, written whole (e.g. classify's centroids, known only at the end)."""
+        assert self._f is not None
+        self._f.create_dataset(name, data=data)
+
     def set_attr(self, key: str, value) -> None:
-        assert self.f is not None
-        self.f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
+        assert self._f is not None
+        self._f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
 
     def _finish(self) -> None:
-        f = self.f
+        f = self._f
         assert f is not None
         f.attrs["n_images"] = self.n_done
         f.attrs["content_sha256"] = f.attrs.get("hash_chain", hashlib.sha256(b"").hexdigest())
         f.attrs["complete"] = True
         f.flush()
         f.close()
-        self.f = None
+        self._f = None
         os.replace(self.tmp, self.path)
-
-
-def _install_unraisable_filter() -> None:
-    """After a failed write, h5py's handles complain again while being freed ("Exception ignored in
-    ObjectID.__dealloc__", with a traceback) around our one error line: drop those reports, keep others."""
-    prev = sys.unraisablehook
-    if getattr(prev, "_acseg", False):
-        return
-
-    def hook(unraisable) -> None:
-        text = f"{unraisable.exc_value} {unraisable.err_msg or ''} {unraisable.object!r}"
-        if isinstance(unraisable.exc_value, (RuntimeError, OSError)) and (
-            "write failed" in text or "__dealloc__" in text and BROKEN_WRITES
-        ):
-            import logging
-
-            logging.getLogger("acseg.store").debug("ignored while freeing a failed HDF5 file: %s", unraisable.exc_value)
-            return
-        prev(unraisable)
-
-    hook._acseg = True
-    sys.unraisablehook = hook
-    prev_except = sys.excepthook
-
-    def excepthook(kind, value, tb) -> None:  # Cython prints the traceback through here first
-        if isinstance(value, (RuntimeError, OSError)) and "write failed" in str(value):
-            return
-        prev_except(kind, value, tb)
-
-    sys.excepthook = excepthook
 
 
 def _write_reason(e: Exception) -> str:
@@ -422,17 +413,6 @@ def _write_reason(e: Exception) -> str:
     if m:
         return m.group(1)
     return text.splitlines()[0][:120]
-
-
-def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
-    """sha256 of a file, read into one reused buffer rather than a fresh bytes object per read."""
-    h = hashlib.sha256()
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 class Store:
@@ -458,10 +438,10 @@ class Store:
         if self.path.is_dir():
             raise AcsegError(f"{path} is a folder, not an acseg {kind} file", "pass the .h5 file")
         try:
-            self.f = h5py.File(self.path, "r")
+            self._f = h5py.File(self.path, "r")
         except Exception:
             raise AcsegError(f"{path} is not an HDF5 file", f"pass a {kind} file written by acseg") from None
-        a = self.f.attrs
+        a = self._f.attrs
         got = a.get("kind")
         if got is None:
             self.close()
@@ -501,11 +481,11 @@ class Store:
         self._validate()
 
     def _need(self, name: str, ndim: int | None = None, length: int | None = None, dtype_kind: str | None = None):
-        if name not in self.f:
+        if name not in self._f:
             raise AcsegError(
                 f"{self.path} lacks dataset '{name}'", "the file is damaged; re-run the stage that made it"
             )
-        d = self.f[name]
+        d = self._f[name]
         if not isinstance(d, h5py.Dataset):
             raise AcsegError(
                 f"{self.path}: '{name}' is not a dataset", "the file is damaged; re-run the stage that made it"
@@ -557,8 +537,20 @@ class Store:
         if self.n_images < 0:
             raise AcsegError(f"{self.path} lacks n_images", "the file is damaged; re-run the stage that made it")
 
+    def attr(self, key: str, default=None):
+        """An attribute as stored (``attr_json`` decodes the JSON ones)."""
+        return self._f.attrs.get(key, default)
+
+    def has(self, name: str) -> bool:
+        """Whether the file holds ``name`` (a dataset or group)."""
+        return name in self._f
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of dataset ``name`` (all of them by default)."""
+        return self._f[name][start:stop]
+
     def attr_json(self, key: str, default=None):
-        v = self.f.attrs.get(key)
+        v = self._f.attrs.get(key)
         if v is None:
             return default
         try:
@@ -581,14 +573,14 @@ class Store:
         """What a child artifact records as its parent."""
         return {
             "path": str(self.path),
-            "uid": str(self.f.attrs.get("uid", "")),
-            "content_sha256": str(self.f.attrs.get("content_sha256", "")),
+            "uid": str(self._f.attrs.get("uid", "")),
+            "content_sha256": str(self._f.attrs.get("content_sha256", "")),
             "kind": self.kind,
         }
 
     def close(self) -> None:
         try:
-            self.f.close()
+            self._f.close()
         except Exception:
             pass
 

@@ -6,12 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.acg import (
-    FOLD_CHUNK,
-    ACGConfig,
-    PrototypeCrossAttention,
+from stages.acg import FOLD_CHUNK, PrototypeCrossAttention, create_acg
+from stages.config import ACGConfig
+from stages.modularity import (
     assignment,
-    create_acg,
     hard_assignment,
     modularity_loss,
     modularity_matrix,

@@ -6,12 +6,13 @@ import textwrap
 
 import h5py
 import numpy as np
-from conftest import cli_env
+import pytest
+from helpers import cli_env
 
 PROBE = textwrap.dedent("""
     import sys, threading
     import h5py
-    from acseg_cli.app import teardown_can_be_skipped as ok
+    from acseg_cli.process import teardown_can_be_skipped as ok
     seen = [ok()]                          # False: torch not imported, nothing slow to skip
     import torch
     seen.append(ok())                      # True
@@ -33,6 +34,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_teardown_is_skipped_only_when_nothing_is_open(tmp_path):
     with h5py.File(tmp_path / "r.h5", "w") as f:
         f["x"] = np.arange(3)
@@ -46,6 +48,7 @@ def test_teardown_is_skipped_only_when_nothing_is_open(tmp_path):
     assert r.stdout.strip() == "[False, True, False, True, False, True]"
 
 
+@pytest.mark.slow
 def test_a_real_process_still_prints_exits_and_writes_whole(tmp_path):
     """Through the console entry point: the path on stdout, the exit code, a complete store; an error still
     exits 1 with its one line."""

@@ -6,7 +6,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import TEST_BACKBONE, cli
+from helpers import TEST_BACKBONE, cli
 from PIL import Image
 from planted import planted_images, write_planted_store
 

@@ -33,13 +33,13 @@ def test_readme_has_exactly_two_setup_commands():
 
 
 def _doc_files():
-    from conftest import ROOT
+    from helpers import ROOT
 
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_every_relative_link_in_the_docs_resolves():
-    from conftest import ROOT
+    from helpers import ROOT
 
     broken = []
     for doc in _doc_files():
@@ -55,7 +55,7 @@ def test_every_relative_link_in_the_docs_resolves():
 def test_every_docs_reference_in_code_and_docs_resolves():
     """Code, docs and benchmarks cite pages of docs/ and benchmarks/ by path: each must be in the
     repository, and nothing cites the upper-case method file of the project's notes, which users do not get."""
-    from conftest import ROOT
+    from helpers import ROOT
 
     files = [
         *ROOT.glob("stages/*.py"),

@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, cli_env
+from helpers import ROOT, cli_env
 
 EXAMPLES = ROOT / "examples"
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+pytestmark = pytest.mark.slow  # every test here runs the examples as real processes
 
 
 def make(args, env, check=True):

@@ -9,7 +9,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import TEST_BACKBONE, cli, cli_env, make_images
+from helpers import TEST_BACKBONE, cli, cli_env, make_images
 from PIL import Image
 
 from stages.errors import AcsegError
@@ -40,12 +40,11 @@ def test_extract_writes_a_valid_store_and_prints_only_its_path(images, tmp_path)
             H, W = st.image_size[i]
             assert (H, W) in {(80, 96), (96, 80)}
             assert (h, w) == target_grid(H, W, 64, 16)
-        a = st.f.attrs
-        assert a["kind"] == "features" and a["complete"]
-        bb = json.loads(a["backbone"])
+        assert st.attr("kind") == "features" and st.attr("complete")
+        bb = st.attr_json("backbone")
         assert bb["preset"] == "test-vit" and len(bb["weights_sha256"]) == 64
-        assert json.loads(a["params"])["short_side"] == 64
-        assert a["created"] and a["uid"]
+        assert st.attr_json("params")["short_side"] == 64
+        assert st.attr("created") and st.attr("uid")
     assert not list(tmp_path.glob(".*partial"))
 
 
@@ -136,9 +135,9 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     assert r.stdout == f"{out}\n"
     with FeatureStore(out) as st:
         assert st.n_images == 3
-        skipped = json.loads(st.f.attrs["skipped"])
+        skipped = json.loads(st.attr("skipped"))
         assert {s["name"] for s in skipped} == {"empty.jpg", "text.png", "truncated.png"}
-        assert st.f.attrs["n_skipped"] == 3
+        assert st.attr("n_skipped") == 3
     r = run_extract(d, tmp_path / "strict.h5", "--strict")
     assert r.exit_code == 1 and "cannot read image" in r.stderr
     assert not (tmp_path / "strict.h5").exists()
@@ -233,6 +232,7 @@ def _slow_extract_script(tmp_path):
     return s
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     d = tmp_path / "imgs"
     make_images(d, n=24)
@@ -264,10 +264,11 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     with FeatureStore(ref) as a, FeatureStore(out) as b:
         assert a.names == b.names
         for key in ("tokens", "cls_attn", "offsets", "grid", "image_size"):
-            assert np.array_equal(a.f[key][:], b.f[key][:]), key
-        assert a.f.attrs["content_sha256"] == b.f.attrs["content_sha256"]
+            assert np.array_equal(a.read(key), b.read(key)), key
+        assert a.attr("content_sha256") == b.attr("content_sha256")
 
 
+@pytest.mark.slow
 def test_real_subprocess_pipe_stdout_is_only_the_path(images, tmp_path):
     out = tmp_path / "f.h5"
     p = subprocess.run(
@@ -280,7 +281,7 @@ def test_real_subprocess_pipe_stdout_is_only_the_path(images, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{out}\n"
     with FeatureStore(out) as st:
-        assert st.f.attrs["command"].startswith(f"acseg extract {images} -o {out}")
+        assert st.attr("command").startswith(f"acseg extract {images} -o {out}")
     p = subprocess.run(
         [sys.executable, "-m", "acseg_cli", "fit-acg", "-o", str(tmp_path / "a.pt")],
         input="",
@@ -299,6 +300,7 @@ def test_version_and_help():
     assert "focus-vits14" in r.stdout and "(default)" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_error_and_the_previous_output_survives(images, tmp_path):
     """A file-size limit (like a full disk) stops the write: exit 1, an Error line, the old file intact."""
     import resource

@@ -5,14 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cli
+from helpers import cli
 from planted import planted_images, write_planted_store
 from sklearn.metrics import adjusted_rand_score
 
-from stages.acg import assignment
+from stages.checkpoint import load_checkpoint, resume_path
+from stages.config import TrainConfig
 from stages.errors import AcsegError
 from stages.features import FeatureStore
-from stages.fit import TrainConfig, fit_acg, load_checkpoint
+from stages.fit import fit_acg
+from stages.modularity import assignment
 
 FAST = dict(steps=300, batch_size=16, lr=3e-3, warmup=10, log_every=20)
 
@@ -28,7 +30,7 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(planted):
     path, labels, classes, d = planted
-    from stages.acg import ACGConfig
+    from stages.config import ACGConfig
 
     res = fit_acg(path, d / "acg.pt", acg=ACGConfig(depth=2), train=TrainConfig(**FAST))
     return res
@@ -78,7 +80,7 @@ def test_the_checkpoint_records_its_weights_hash_and_concepts_name_the_model_by_
     by it instead of hashing the file on every run. A checkpoint without it (written before) is hashed from its
     weights, to the same value; any change to a weight, a name or a dtype changes the hash."""
     from stages.conceptualize import conceptualize
-    from stages.fit import weights_sha256
+    from stages.digests import weights_sha256
 
     obj = torch.load(trained.path, weights_only=True)
     rec = obj["weights_sha256"]
@@ -96,7 +98,7 @@ def test_the_checkpoint_records_its_weights_hash_and_concepts_name_the_model_by_
     recast = dict(sd, **{name: sd[name].double()})
     assert len({rec, weights_sha256(changed), weights_sha256(renamed), weights_sha256(recast)}) == 4
     res = conceptualize(planted[0], str(tmp_path / "c.h5"), acg=trained.path, precision="fp32")
-    from stages.conceptualize import ConceptStore
+    from stages.concepts import ConceptStore
 
     with ConceptStore(res.path) as st:
         assert st.params["acg"]["weights_sha256"] == rec and "sha256" not in st.params["acg"]
@@ -113,7 +115,7 @@ def test_training_log_plot_and_checkpoint_provenance(planted, trained):
     assert Image.open(trained.plot_path).size == (720, 400)
     ck = load_checkpoint(trained.path)
     with FeatureStore(path) as st:
-        assert ck.provenance["store"]["content_sha256"] == st.f.attrs["content_sha256"]
+        assert ck.provenance["store"]["content_sha256"] == st.attr("content_sha256")
         assert ck.provenance["dim"] == st.dim and ck.provenance["backbone"] == "planted"
 
 
@@ -126,7 +128,6 @@ def test_deterministic_on_cpu_and_resume_matches(planted, tmp_path):
     sa, sb = load_checkpoint(a.path).model.state_dict(), load_checkpoint(b.path).model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # interrupt after step 10 (a resume state at step 10 is left), then resume
-    import stages.fit as fit
 
     calls = {"n": 0}
 
@@ -137,12 +138,12 @@ def test_deterministic_on_cpu_and_resume_matches(planted, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         fit_acg(path, tmp_path / "c.pt", train=TrainConfig(**cfg), progress=boom, device="cpu")
-    assert not (tmp_path / "c.pt").exists() and fit.resume_path(tmp_path / "c.pt").exists()
+    assert not (tmp_path / "c.pt").exists() and resume_path(tmp_path / "c.pt").exists()
     c = fit_acg(path, tmp_path / "c.pt", train=TrainConfig(**cfg), resume=True, device="cpu")
     assert c.resumed_from == 10
     sc = load_checkpoint(c.path).model.state_dict()
     assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
-    assert not fit.resume_path(tmp_path / "c.pt").exists()
+    assert not resume_path(tmp_path / "c.pt").exists()
 
 
 def test_cli_prints_path_and_rejects_bad_checkpoints(planted, tmp_path):
@@ -181,8 +182,9 @@ def test_whitened_model_sees_identity_covariance_and_round_trips(planted, tmp_pa
     """--whiten: the checkpoint carries mean and ZCA matrix; the prepared training tokens' variances are
     l / (l + mean(l)) along the raw covariance's eigenvectors (near 1 for strong directions, small for weak
     ones); the model loads and conceptualizes; a model without it has no such buffer (old checkpoints load)."""
-    from stages.acg import ACGConfig
-    from stages.conceptualize import ConceptStore, conceptualize
+    from stages.concepts import ConceptStore
+    from stages.conceptualize import conceptualize
+    from stages.config import ACGConfig
 
     path = planted[0]
     res = fit_acg(
@@ -207,16 +209,17 @@ def test_whitened_model_sees_identity_covariance_and_round_trips(planted, tmp_pa
     assert "feature_whiten" not in load_checkpoint(plain.path).model.state_dict()
 
 
+@pytest.mark.slow
 def test_loading_a_checkpoint_is_cheap_and_leaves_the_random_state(trained):
     """Building the model on the meta device once imported torch._dynamo and sympy (torch.randn and torch.eye
     there; 1.2-1.5 s in every conceptualize process); loading must not, nor move the global random state."""
     import subprocess
     import sys
 
-    from conftest import ROOT, cli_env
+    from helpers import ROOT, cli_env
 
     code = (
-        "import sys, torch; from stages.fit import load_checkpoint; s = torch.get_rng_state(); "
+        "import sys, torch; from stages.checkpoint import load_checkpoint; s = torch.get_rng_state(); "
         f"m = load_checkpoint({str(trained.path)!r}, mmap=True).model; "
         "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules), torch.equal(s, "
         "torch.get_rng_state()))"
@@ -244,7 +247,7 @@ def test_batches_from_memory_equal_the_batches_read_from_the_file(tmp_path):
     """fit-acg holds the tokens in memory when they fit (on a GPU, reading each batch from the file took longer
     than the step): the batches must be exactly the streamed ones, with padding, a token subsample and the
     share of each of several processes, and the batch prefetched for the next step must not overwrite this one."""
-    from stages.fit import ResidentTokens, _read_batch
+    from stages.batches import ResidentTokens, read_batch
 
     path = _mixed_store(tmp_path)
     with FeatureStore(path) as st:
@@ -253,7 +256,7 @@ def test_batches_from_memory_equal_the_batches_read_from_the_file(tmp_path):
         for cfg in (TrainConfig(batch_size=6, max_tokens=0), TrainConfig(batch_size=7, max_tokens=20, seed=4)):
             for step in range(4):
                 for rank, world in ((0, 1), (0, 2), (1, 2)):
-                    x, m = _read_batch(st, cfg, step, rank, world)
+                    x, m = read_batch(st, cfg, step, rank, world)
                     y, n = mem.batch(cfg, step, rank, world)
                     padded += not m.all()
                     assert torch.equal(m, n) and torch.equal(x, y), (cfg, step, rank)
@@ -275,7 +278,7 @@ def test_a_fit_from_memory_equals_a_fit_from_the_file(planted, tmp_path):
 
 
 def test_tokens_held_in_memory_are_checked(tmp_path):
-    from stages.fit import ResidentTokens
+    from stages.batches import ResidentTokens
 
     with FeatureStore(_mixed_store(tmp_path, nan_at=5)) as st, pytest.raises(AcsegError, match="NaN or Inf"):
         ResidentTokens(st, "cpu")
@@ -312,7 +315,7 @@ def test_fit_cli_preload_and_stream(planted, tmp_path):
 def test_the_cpu_preload_budget_is_shared_by_the_machines_processes(monkeypatch, free_gib, expected_one):
     import os
 
-    from stages.fit import preload_budget
+    from stages.batches import preload_budget
 
     pages = {"SC_AVPHYS_PAGES": free_gib << 18, "SC_PAGE_SIZE": 4096}  # free memory fixed, not this machine's
     monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
@@ -321,7 +324,7 @@ def test_the_cpu_preload_budget_is_shared_by_the_machines_processes(monkeypatch,
 
 
 def test_warmup_scales_with_the_schedule():
-    from stages.fit import Schedule
+    from stages.schedule import Schedule
 
     assert [TrainConfig(steps=n).warmup_steps for n in (1, 20, 60, 200, 2500, 10000)] == [1, 1, 3, 10, 100, 100]
     assert TrainConfig(steps=None).warmup_steps == 20
@@ -335,7 +338,7 @@ def test_warmup_scales_with_the_schedule():
 
 
 def _run_schedule(cfg, curve):
-    from stages.fit import Schedule
+    from stages.schedule import Schedule
 
     sched = Schedule(cfg)
     lrs = []
@@ -373,7 +376,7 @@ def test_auto_schedule_never_passes_its_cap():
 
 def test_auto_fit_stops_early_recovers_planted_groups_and_says_why(planted, tmp_path):
     path, labels, classes, _ = planted
-    from stages.acg import ACGConfig
+    from stages.config import ACGConfig
 
     res = fit_acg(
         path,
@@ -395,8 +398,6 @@ def test_auto_fit_resumed_matches_the_uninterrupted_one(planted, tmp_path):
     """The convergence decision travels with the resume state: the resumed fit stops at the same step with the
     same weights."""
     path = planted[0]
-    import stages.fit as fit
-
     cfg = dict(steps=None, max_steps=200, converge_window=4, converge_tol=10.0, batch_size=8, checkpoint_every=5)
     a = fit_acg(path, tmp_path / "a.pt", train=TrainConfig(**cfg), device="cpu")
     # tol 10: converged at the first check (20 warm-up + 8 steps = 28), then 6 cool-down steps
@@ -412,11 +413,11 @@ def test_auto_fit_resumed_matches_the_uninterrupted_one(planted, tmp_path):
     assert c.resumed_from == 30 and c.steps == a.steps and c.stop_reason == a.stop_reason
     sa, sc = load_checkpoint(a.path).model.state_dict(), load_checkpoint(c.path).model.state_dict()
     assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
-    assert not fit.resume_path(tmp_path / "c.pt").exists()
+    assert not resume_path(tmp_path / "c.pt").exists()
 
 
 def test_loss_curve_ticks_are_round_and_cover_the_range():
-    from stages.fit import nice_ticks
+    from stages.fitlog import nice_ticks
 
     assert nice_ticks(0, 300, 6) == [0, 50, 100, 150, 200, 250, 300]
     assert nice_ticks(-0.213, -0.05, 5) == [-0.2, -0.15, -0.1, -0.05]

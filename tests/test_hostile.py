@@ -11,7 +11,7 @@ from pathlib import Path
 
 import hostile
 import pytest
-from conftest import TEST_BACKBONE, cli, make_images
+from helpers import TEST_BACKBONE, cli, make_images
 
 
 def _digest(p: Path) -> str:
@@ -143,7 +143,7 @@ def test_the_whole_image_corpus_in_one_run_stays_contained(tmp_path):
 
     with FeatureStore(feats) as st:
         assert st.n_images == len(usable) + 2
-        skipped = json.loads(st.f.attrs["skipped"])
+        skipped = json.loads(st.attr("skipped"))
         assert len(skipped) == len(unusable)
         assert all(s["reason"] for s in skipped)
     run = tmp_path / "run"
@@ -204,7 +204,7 @@ def _limited(args, cwd, blocks):
     import subprocess
     import sys
 
-    from conftest import cli_env
+    from helpers import cli_env
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (blocks * 512, blocks * 512))
@@ -268,6 +268,7 @@ FULL_DISK = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [1, 8, 64])
 @pytest.mark.parametrize("stage", list(FULL_DISK))
 def test_a_full_disk_is_one_line_for_every_stage(valid, disk_inputs, tmp_path, stage, blocks):

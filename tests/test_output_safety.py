@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_BACKBONE, cli, make_images
+from helpers import TEST_BACKBONE, cli, make_images
 from PIL import Image
 from test_hostile import _limited, one_error_line
 
@@ -431,11 +431,11 @@ def test_resume_states_that_cannot_continue_are_ignored(valid, tmp_path, case, m
         obj["step"] = "2"
     torch.save(obj, rp)
     loads = []
-    import stages.fit as fit
+    import stages.checkpoint as ckpt
 
-    real = fit.load_checkpoint
+    real = ckpt.load_checkpoint
     monkeypatch.setattr(
-        fit, "load_checkpoint", lambda p, mmap=False: (loads.append((Path(p).name, mmap)), real(p, mmap))[1]
+        ckpt, "load_checkpoint", lambda p, mmap=False: (loads.append((Path(p).name, mmap)), real(p, mmap))[1]
     )
     r = cli(
         [
@@ -650,6 +650,7 @@ def test_sixteen_bit_greyscale_is_decoded_without_float64_copies(tmp_path):
     assert np.array_equal(rgb[..., 0], want)
 
 
+@pytest.mark.slow
 def test_the_exit_handler_imports_nothing(tmp_path):
     """The exit handler once imported h5py (through stages.store) to look for failed writes: under a low
     `ulimit -v` that import failed and printed a 60-line traceback. `score` never needs h5py, so a `score`
@@ -657,7 +658,7 @@ def test_the_exit_handler_imports_nothing(tmp_path):
     import subprocess
     import sys
 
-    from conftest import cli_env
+    from helpers import cli_env
 
     code = (
         "import sys, resource; resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20)); "

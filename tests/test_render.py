@@ -1,6 +1,7 @@
 """Label-map upsampling: the channel argmax and the chunked path for large images."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +26,7 @@ def test_bilinear_upsampling_is_the_argmax_of_the_interpolated_one_hot_maps():
     assert np.array_equal(near, np.repeat(np.repeat(pmap, 2, 0), 2, 1))
 
 
+@pytest.mark.slow
 def test_large_images_take_the_chunked_path_with_the_same_result():
     rng = np.random.default_rng(2)
     pmap = rng.integers(0, 3, size=(8, 8)).astype(np.uint8)

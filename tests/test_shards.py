@@ -7,7 +7,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import TEST_BACKBONE, cli, cli_env, make_images
+from helpers import TEST_BACKBONE, cli, cli_env, make_images
 
 from stages.errors import UsageError
 from stages.shards import parse_shard, shard_range
@@ -157,6 +157,7 @@ def _fit(args, cwd, nproc):
     return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_fit_acg_under_torchrun_with_two_gloo_processes(split, tmp_path):
     """Two processes, each reading its half of every global batch, follow the one-process loss curve."""
     d, full, _ = split
@@ -190,7 +191,7 @@ def test_fit_acg_under_torchrun_with_two_gloo_processes(split, tmp_path):
     assert [r["step"] for r in h1] == [r["step"] for r in h2]
     assert h2[-1]["loss"] < h2[0]["loss"] - 0.01  # learning
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(h1, h2)) < 1e-4  # same curve within float noise
-    from stages.fit import load_checkpoint
+    from stages.checkpoint import load_checkpoint
 
     ck = load_checkpoint(tmp_path / "two" / "acg.pt")
     assert ck.train["processes"] == 2
@@ -214,6 +215,7 @@ def _kill_all_with(marker: str) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_a_killed_torchrun_fit_resumes_to_the_same_weights(split, tmp_path):
     import time
 
@@ -271,7 +273,7 @@ def test_a_killed_torchrun_fit_resumes_to_the_same_weights(split, tmp_path):
 
 
 def test_under_torchrun_a_usage_error_is_said_once_and_others_name_their_rank(tmp_path, monkeypatch):
-    from conftest import cli
+    from helpers import cli
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     for rank in ("0", "3"):
@@ -288,7 +290,7 @@ def test_torchrun_with_more_processes_than_gpus_says_what_to_do(monkeypatch):
     """Seen on a one-GPU machine: rank 1 asked for cuda:1 and died with 'invalid device ordinal'."""
     import torch
 
-    from stages.fit import setup_distributed
+    from stages.distributed import setup_distributed
 
     for k, v in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}.items():
         monkeypatch.setenv(k, v)

@@ -83,7 +83,7 @@ def test_a_store_reads_the_same_mapped_and_through_h5py(tmp_path):
     toks, labels, _ = planted_images(n_images=40, dim=512)
     path = write_planted_store(tmp_path / "f.h5", toks, labels)
     with FeatureStore(path) as st, h5py.File(path, "r") as f:
-        assert st.f["tokens"].chunks[0] == 1024 and st._map("tokens") is not None
+        assert st._f["tokens"].chunks[0] == 1024 and st._map("tokens") is not None
         assert st._map("cls_attn") is not None
         ref = f["tokens"][:].astype(np.float32)
         o = st.offsets
@@ -110,7 +110,7 @@ def test_a_store_reads_the_same_mapped_and_through_h5py(tmp_path):
 def test_file_sha256_is_the_files_sha256(tmp_path, size):
     import hashlib
 
-    from stages.store import file_sha256
+    from stages.digests import file_sha256
 
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     (tmp_path / "f").write_bytes(data)

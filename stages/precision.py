@@ -1,0 +1,35 @@
+"""The dtype the ACG runs in at inference, from what the hardware multiplies natively."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import PRECISIONS
+from .errors import UsageError
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: CUDA with bf16 support, or an x86 CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(device) != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def inference_dtype(precision: str, device: str) -> torch.dtype:
+    """The dtype the ACG runs in at inference: 'auto' is bf16 where the hardware has it, else fp32."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}", f"choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32

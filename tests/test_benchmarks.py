@@ -1,0 +1,104 @@
+"""Every benchmark script runs, end to end, on a tiny store: they are not timed here (numbers on 12 random
+photos mean nothing), only kept from rotting when the library moves."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import ROOT, TEST_BACKBONE, cli, cli_env, make_images
+from PIL import Image
+
+pytestmark = pytest.mark.slow  # real processes
+BENCH = ROOT / "benchmarks"
+
+
+def run(script, *args, timeout=600):
+    r = subprocess.run(
+        [sys.executable, str(BENCH / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, f"{script} {args}: {r.stderr[-3000:]}"
+    return r.stdout
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """12 random photos with CamVid-like label maps (ids 0..10, 11 void), their features from the random test
+    backbone, and a 2-step ACG fitted on them."""
+    d = tmp_path_factory.mktemp("bench")
+    make_images(d / "images", n=12, size=(64, 80))
+    (d / "gt").mkdir()
+    rng = np.random.default_rng(0)
+    for p in sorted((d / "images").glob("*.png")):
+        w, h = Image.open(p).size
+        Image.fromarray(rng.integers(0, 12, (h, w)).astype(np.uint8)).save(d / "gt" / p.name)
+    assert cli(["extract", d / "images", "-o", d / "f.h5", "--short-side", "64", *TEST_BACKBONE]).exit_code == 0
+    r = cli(["fit-acg", d / "f.h5", "-o", d / "acg.pt", "--steps", "2", "--depth", "1", "--batch-size", "4", "-q"])
+    assert r.exit_code == 0, r.stderr
+    return d
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_every_script_states_its_usage(script):
+    assert "usage" in run(script, "--help").lower()
+
+
+def test_quality_runs_every_variant(tiny):
+    out = run(
+        "quality.py",
+        "--train",
+        tiny / "f.h5",
+        "--test",
+        tiny / "f.h5",
+        "--gt",
+        tiny / "gt",
+        "--out",
+        tiny / "q",
+        "--seeds",
+        "1",
+        "--variants",
+        "a,aw,b,bw,c",
+        "--acg",
+        tiny / "acg.pt",
+        "--halves",
+    )
+    rows = json_lines(out)
+    assert [r["variant"].split(":")[0] for r in rows] == ["a", "aw", "b", "bw", "c"]
+    assert all(0 <= r["miou_mean"] <= 100 and "miou_even" in r for r in rows)
+
+
+def test_speed_fit_and_conceptualize(tiny):
+    rows = json_lines(run("speed.py", "fit", "--steps", "1", "--tokens", "32", "--batch-size", "2"))
+    assert rows and rows[0]["steps_per_s"] > 0
+    rows = json_lines(
+        run("speed.py", "conceptualize", "--features", tiny / "f.h5", "--acg", tiny / "acg.pt", "--repeats", "1")
+    )
+    assert rows
+
+
+def test_ab_compares_a_tree_with_itself(tiny):
+    rows = json_lines(
+        run(
+            "ab.py", "--old", ROOT, "--new", ROOT, "--features", tiny / "f.h5", "--acg", tiny / "acg.pt", "--pairs", "1"
+        )
+    )
+    assert len(rows) >= 2
+
+
+def test_plan_prints_its_table():
+    assert "|" in run("plan.py")
+
+
+def test_killpoints_once_per_stage(tiny):
+    rows = json_lines(run("killpoints.py", "--n", "1", "--images", tiny / "images"))
+    assert {r["stage"] for r in rows} == {"extract", "fit-acg", "conceptualize", "classify"}
