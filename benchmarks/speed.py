@@ -4,6 +4,7 @@
   python benchmarks/speed.py extract-memory --images DIR          (peak RSS for 50 vs 500 images)
   python benchmarks/speed.py score --pred DIR --gt DIR             (+ synthetic 2,000 pairs for memory)
   python benchmarks/speed.py fit [--tokens 768]                    (steps/s, peak memory at batch 32)
+  python benchmarks/speed.py loss [--tokens 1344]                  (the loss against its full-square form)
   python benchmarks/speed.py conceptualize --features F.h5 --acg A.pt
   python benchmarks/speed.py store-memory --features F.h5 --acg A.pt [--times 10]   (peak RSS, store vs 10x)
 
@@ -239,6 +240,69 @@ def bench_fit(a):
     )
 
 
+def _full_square_soft_modularity(wn, sbar, tau, block):
+    """The soft modularity and its gradient over the whole N x N square, row block by row block: acseg's loss
+    before it took the upper triangle (kept here as the baseline of ``speed.py loss``)."""
+    import torch
+
+    B, N, K = sbar.shape
+    q, grad = sbar.new_zeros(B), sbar.new_zeros(B, N, K)
+    st = sbar.transpose(1, 2)
+    for r0 in range(0, N, block):
+        r1 = min(N, r0 + block)
+        m, arg = (sbar[:, r0:r1, None, :] * sbar[:, None, :, :]).max(-1)
+        w = wn[:, r0:r1]
+        if tau is None:
+            f, g = m, w
+        else:
+            d = torch.tanh(m / tau)
+            f, g = d, w * (1 - d * d) / tau
+        q += (w * f).sum((1, 2))
+        grad[:, r0:r1].scatter_add_(2, arg, g * torch.gather(st, 1, arg))
+    return q, grad.mul_(2)
+
+
+def bench_loss(a):
+    """The modularity loss with its gradient (the graph given), acseg's against the full-square computation,
+    alternated in one process; the median of --repeats each. Batch --batch-size, --tokens per image, k = 5."""
+    import torch
+
+    from stages.modularity import _SoftModularity, modularity_matrix
+
+    class Ctx:  # what autograd hands the forward: a gradient is wanted for the assignment
+        needs_input_grad = (False, True)
+
+        def save_for_backward(self, g):
+            self.grad = g
+
+    torch.manual_seed(0)
+    x, s = torch.randn(a.batch_size, a.tokens, 384), torch.rand(a.batch_size, a.tokens, 5)
+    wn = modularity_matrix(x)
+    block = max(1, min(a.tokens, (2 << 20) // (a.batch_size * a.tokens * 5)))
+    for tau in (None, 0.1):
+        times = {"acseg": [], "full_square": []}
+        for _ in range(a.repeats):
+            ctx = Ctx()
+            t = time.perf_counter()
+            q = _SoftModularity.forward(ctx, wn, s, tau, block)
+            times["acseg"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            q_ref, g_ref = _full_square_soft_modularity(wn, s, tau, block)
+            times["full_square"].append(time.perf_counter() - t)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        out(
+            stage="loss",
+            delta="plain" if tau is None else "tanh",
+            batch=a.batch_size,
+            tokens=a.tokens,
+            acseg_ms=round(1e3 * med["acseg"], 1),
+            full_square_ms=round(1e3 * med["full_square"], 1),
+            ratio_speed=round(med["full_square"] / med["acseg"], 2),
+            max_abs_dq=float((q - q_ref).abs().max()),
+            max_abs_dgrad=float((ctx.grad - g_ref).abs().max()),
+        )
+
+
 def bench_fit_store(a):
     """The whole fit loop on a real store, batches gathered from the tokens held in memory (``--preload``)
     against batches read from the file (``--stream``), alternated. Steps per second over the logged steps
@@ -466,7 +530,8 @@ def bench_store_memory(a):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "what", choices=["extract", "extract-memory", "score", "fit", "fit-store", "conceptualize", "store-memory"]
+        "what",
+        choices=["extract", "extract-memory", "score", "fit", "fit-store", "loss", "conceptualize", "store-memory"],
     )
     ap.add_argument("--images")
     ap.add_argument("--n", type=int, default=48)
@@ -487,7 +552,7 @@ def main():
     )
     ap.add_argument("--device", help="conceptualize: where the ACG runs (default: cuda when available, else cpu)")
     a = ap.parse_args()
-    if a.what in ("fit", "fit-store") and a.batch_size == 8:
+    if a.what in ("fit", "fit-store", "loss") and a.batch_size == 8:
         a.batch_size = 32
     if a.what == "conceptualize" and a.batch_size == 8:
         a.batch_size = 64
@@ -497,6 +562,7 @@ def main():
         "score": bench_score,
         "fit": bench_fit,
         "fit-store": bench_fit_store,
+        "loss": bench_loss,
         "conceptualize": bench_conceptualize,
         "store-memory": bench_store_memory,
     }[a.what](a)

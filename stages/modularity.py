@@ -54,6 +54,10 @@ class _SoftModularity(torch.autograd.Function):
     Computed in row blocks, never materialising the (B, N, N, k) tensor, and with its gradient formed in the
     same pass: with c* = argmax_c Sbar_ic Sbar_jc, dQ/dSbar_ic = 2 sum_j Wn_ij f'(m_ij) Sbar_jc [c*_ij = c]
     (Wn and m are symmetric). Only the (B, N, k) gradient is kept for the backward pass.
+
+    Since every term is symmetric in (i, j), a block of rows r0:r1 takes only the columns from r0 on: the
+    columns of its own rows hold both (i, j) and (j, i), the columns beyond them stand for their mirror
+    images too (counted twice, and their gradient reaches both i and j). Half the products of the full square.
     """
 
     @staticmethod
@@ -65,20 +69,25 @@ class _SoftModularity(torch.autograd.Function):
         st = sbar.transpose(1, 2)  # (B, K, N)
         for r0 in range(0, N, block):
             r1 = min(N, r0 + block)
-            p = sbar[:, r0:r1, None, :] * sbar[:, None, :, :]  # (B, r, N, K)
+            r = r1 - r0
+            p = sbar[:, r0:r1, None, :] * sbar[:, None, r0:, :]  # (B, r, N - r0, K)
             m, arg = p.max(-1)
             del p
-            w = wn[:, r0:r1]
+            w = wn[:, r0:r1, r0:]
             if tau is None:
-                q += (w * m).sum((1, 2))
-                g = w
+                f, g = m, w
             else:
                 d = torch.tanh(m / tau)
-                q += (w * d).sum((1, 2))
-                g = w * (1 - d * d) / tau
+                f, g = d, w * (1 - d * d) / tau
+            wf = w * f
+            q += wf[:, :, :r].sum((1, 2)) + 2 * wf[:, :, r:].sum((1, 2))
             if need_grad:
-                h = g * torch.gather(st, 1, arg)  # Wn_ij f'(m_ij) Sbar_{j, c*_ij}
+                h = g * torch.gather(st[:, :, r0:], 1, arg)  # Wn_ij f'(m_ij) Sbar_{j, c*_ij}, j >= r0
                 grad[:, r0:r1].scatter_add_(2, arg, h)
+                if r1 < N:  # the mirror images (j, i) of the columns beyond the block: Sbar_{i, c*_ij} to row j
+                    arg_t = arg[:, :, r:].transpose(1, 2)
+                    mirror = g[:, :, r:].transpose(1, 2) * torch.gather(st[:, :, r0:r1], 1, arg_t)
+                    grad[:, r1:].scatter_add_(2, arg_t, mirror)
         if need_grad:
             ctx.save_for_backward(grad.mul_(2))
         return q

@@ -77,6 +77,26 @@ def test_fused_loss_matches_naive_formula_and_gradient(delta):
     assert torch.autograd.gradcheck(lambda t: soft_modularity(x, t, wn=wn, delta=delta), (s,))
 
 
+@pytest.mark.parametrize("delta", ["plain", "tanh"])
+@pytest.mark.parametrize("block", [1, 7, 29, 30])
+def test_each_row_block_with_its_mirror_images_gives_the_whole_square(delta, block):
+    """The loss takes each row block against the columns from its first row on, and stands the columns beyond
+    the block for their mirror images: for every block size (the last one ragged, or a single block), the
+    value and the gradient are those of the naive formula over the whole square."""
+    from stages.modularity import _SoftModularity
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 30, 6, dtype=torch.double)
+    s = torch.rand(2, 30, 4, dtype=torch.double, requires_grad=True)
+    wn = modularity_matrix(x)
+    q = _SoftModularity.apply(wn, s, None if delta == "plain" else 0.1, block)
+    ref = naive_soft_modularity(x, s, delta=delta)
+    assert torch.allclose(q, ref, atol=1e-12)
+    (g,) = torch.autograd.grad(q.sum(), s)
+    (gref,) = torch.autograd.grad(ref.sum(), s)
+    assert torch.allclose(g, gref, atol=1e-10)
+
+
 def test_padding_mask_equals_unpadded_images():
     torch.manual_seed(1)
     a, b = torch.randn(1, 20, 5), torch.randn(1, 12, 5)

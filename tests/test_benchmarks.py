@@ -80,6 +80,8 @@ def test_quality_runs_every_variant(tiny):
 def test_speed_fit_and_conceptualize(tiny):
     rows = json_lines(run("speed.py", "fit", "--steps", "1", "--tokens", "32", "--batch-size", "2"))
     assert rows and rows[0]["steps_per_s"] > 0
+    rows = json_lines(run("speed.py", "loss", "--tokens", "50", "--batch-size", "2", "--repeats", "1"))
+    assert [r["delta"] for r in rows] == ["plain", "tanh"] and all(r["max_abs_dq"] < 1e-6 for r in rows)
     rows = json_lines(
         run("speed.py", "conceptualize", "--features", tiny / "f.h5", "--acg", tiny / "acg.pt", "--repeats", "1")
     )
