@@ -49,19 +49,19 @@ def bench_extract(a):
     import torch
 
     from stages.backbones import create_backbone, get_preset
-    from stages.extract import extract
+    from stages.extract import extract, plan_batches
     from stages.images import discover, load_rgb, resize_normalise, target_grid
 
     items = discover([a.images])[: a.n]
     pre = get_preset(a.backbone)
-    bb = create_backbone(a.backbone)
+    bb = create_backbone(a.backbone, random_weights=a.random_weights)
     grids = [target_grid(*load_rgb(it.path).size[::-1], a.short_side, pre.patch) for it in items]
     # bare forward on pre-decoded tensors, batches of equal grids
     tensors = [
         torch.from_numpy(resize_normalise(load_rgb(it.path), g, pre.patch, pre.mean, pre.std))
         for it, g in zip(items, grids)
     ]
-    batches = [torch.stack(tensors[i : i + a.batch_size]) for i in range(0, len(tensors), a.batch_size)]
+    batches = [torch.stack([tensors[i] for i in b]) for b in plan_batches(grids, a.batch_size)]  # as extract
     with torch.inference_mode():
         bb(batches[0][:1])
         t = time.perf_counter()
@@ -77,6 +77,7 @@ def bench_extract(a):
             [str(lst)],
             str(Path(d) / "f.h5"),
             backbone=a.backbone,
+            random_weights=a.random_weights,
             short_side=a.short_side,
             batch_size=a.batch_size,
             workers=a.workers,
@@ -91,6 +92,43 @@ def bench_extract(a):
         loop = len(items) / (time.perf_counter() - t)
     out(stage="extract", what="batch-1 loop: decode, resize, forward", img_per_s=round(loop, 3), n=len(items))
     out(stage="extract", ratio_end_to_end_vs_bare=round(e2e / bare, 3), ratio_end_to_end_vs_batch1=round(e2e / loop, 3))
+    # the machine's limit: FLOPs of one forward (counted on the code path extract runs) against the measured
+    # rate of a large float32 matrix product, in the same run
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def sdpa_flops(q, k, v, *args, out_shape=None, **kw):  # torch's counter has no formula for the CPU kernel
+        b, h, n, e = q
+        return 4 * b * h * n * k[-2] * e
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping={cpu_sdpa: sdpa_flops}) as fc:
+        bb(batches[0][:1])
+    flops = fc.get_total_flops()
+    peak = gemm_peak_gflops()
+    out(
+        stage="extract",
+        gflop_per_image=float(f"{flops / 1e9:.4g}"),
+        gemm_peak_gflop_s=round(peak, 1),
+        bare_gflop_s=float(f"{flops * bare / 1e9:.4g}"),
+        ratio_bare_vs_gemm_peak=round(flops * bare / 1e9 / peak, 3),
+        ratio_end_to_end_vs_gemm_peak=round(flops * e2e / 1e9 / peak, 3),
+    )
+
+
+def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a float32 n x n matrix product on this machine (best of ``repeats``)."""
+    import torch
+
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(x, y)
+    best = min(_timed(lambda: torch.mm(x, y)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
 
 
 def bench_extract_memory(a):
@@ -536,6 +574,7 @@ def main():
     ap.add_argument("--images")
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--backbone", default="focus-vits14")
+    ap.add_argument("--random-weights", action="store_true", help="extract: random backbone weights (smoke tests)")
     ap.add_argument("--short-side", type=int, default=448)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=1)

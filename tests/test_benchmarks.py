@@ -88,6 +88,15 @@ def test_speed_fit_and_conceptualize(tiny):
     assert rows
 
 
+def test_speed_extract_against_the_bare_forward_and_the_gemm_rate(tiny):
+    rows = json_lines(
+        run("speed.py", "extract", "--images", tiny / "images", "--n", "4", "--backbone", "test-vit",
+            "--random-weights", "--short-side", "64", "--batch-size", "2")
+    )  # fmt: skip
+    last = rows[-1]
+    assert last["gflop_per_image"] > 0 and last["gemm_peak_gflop_s"] > 0 and last["ratio_bare_vs_gemm_peak"] > 0
+
+
 def test_ab_compares_a_tree_with_itself(tiny):
     rows = json_lines(
         run(
