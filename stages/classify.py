@@ -109,9 +109,7 @@ def background_split_wanted(mode: str | bool) -> bool:
     (CamVid) nor on figure / ground photos (the Weizmann horses); see docs/benchmarks.md."""
     if isinstance(mode, bool):
         return mode
-    if mode not in BACKGROUND_SPLITS:
-        raise UsageError(f"unknown --background-split {mode!r}", f"choose one of: {', '.join(BACKGROUND_SPLITS)}")
-    return mode == "on"
+    return v.choice("--background-split", mode, BACKGROUND_SPLITS) == "on"
 
 
 def concept_attention_density(cls_attn: np.ndarray, pixels: np.ndarray) -> np.ndarray:

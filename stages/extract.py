@@ -125,8 +125,7 @@ def extract(
     """
     shard_spec = parse_shard(shard) if shard is not None else None
     preset = get_preset(backbone)
-    if feature not in FEATURE_KINDS:
-        raise UsageError(f"unknown feature {feature!r}", f"choose one of: {', '.join(FEATURE_KINDS)}")
+    v.choice("--feature", feature, FEATURE_KINDS)
     max_aspect = v.number("--max-aspect", max_aspect, min=1, hint="pass a ratio >= 1, e.g. 8")
     v.integer("--batch-size", batch_size, min=1)
     v.integer("--workers", workers, min=0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .config import PRECISIONS
-from .errors import UsageError
+from .validate import choice
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -28,8 +28,7 @@ def native_bf16(device: str) -> bool:
 
 def inference_dtype(precision: str, device: str) -> torch.dtype:
     """The dtype the ACG runs in at inference: 'auto' is bf16 where the hardware has it, else fp32."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}", f"choose one of: {', '.join(PRECISIONS)}")
+    choice("--precision", precision, PRECISIONS)
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32

@@ -17,7 +17,7 @@ from PIL import Image
 from . import validate as v
 from .config import PROTOCOLS, RESIZES
 from .datasets import IGNORE, INVALID, get_dataset, plain_lut
-from .errors import AcsegError, UsageError
+from .errors import AcsegError
 from .output import write_atomic
 
 log = logging.getLogger("acseg.score")
@@ -326,10 +326,9 @@ def score(
     progress=None,
 ) -> dict:
     """Score a folder of predicted label maps against a folder of ground truth. Returns the result dict."""
-    if protocol not in PROTOCOLS:
-        raise UsageError(f"unknown protocol {protocol!r}", f"choose one of: {', '.join(PROTOCOLS)}")
-    if resize_pred is not None and resize_pred not in RESIZES:
-        raise UsageError(f"unknown --resize-pred {resize_pred!r}", "the only resize is 'nearest'")
+    v.choice("--protocol", protocol, PROTOCOLS)
+    if resize_pred is not None:
+        v.choice("--resize-pred", resize_pred, RESIZES)
     for i in ignore_index:
         v.integer("--ignore-index", i, min=0, max=65535, hint="pass a label id 0..65535")
     v.integer("--workers", workers, min=0, hint="pass 0 (one per core, at most 4) or a number of processes")
