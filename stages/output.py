@@ -204,15 +204,6 @@ def release_output_lock(path: Path, fd: int) -> None:
     os.close(fd)
 
 
-@contextmanager
-def output_lock(path: Path) -> Iterator[None]:
-    fd = acquire_output_lock(path)
-    try:
-        yield
-    finally:
-        release_output_lock(path, fd)
-
-
 def check_files_into(
     folder: Path,
     targets: Iterable[Path],

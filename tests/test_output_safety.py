@@ -153,11 +153,14 @@ def test_conceptualize_keeps_a_cached_acg_of_other_settings(valid, tmp_path):
 
 
 def test_a_second_classify_on_one_folder_stops_at_once(valid, tmp_path):
-    from stages.output import output_lock
+    from stages.output import acquire_output_lock, release_output_lock
 
     out = tmp_path / "labels"
-    with output_lock(out.absolute()):
+    fd = acquire_output_lock(out.absolute())
+    try:
         msg = one_error_line(cli(["classify", valid["concepts"], "-K", "3", "-o", out, "-q"]))
+    finally:
+        release_output_lock(out.absolute(), fd)
     assert "another acseg process is writing" in msg
     assert not out.exists()
 
