@@ -69,6 +69,22 @@ def command(
             "score counts), 'sqrt-pixels' or 'none' (every concept alike).",
         ),
     ] = Weighting("pixels"),
+    over_cluster: Annotated[
+        int,
+        typer.Option(
+            "--over-cluster",
+            help="Cluster the concepts into this many times -K clusters, then merge similar clusters that seldom "
+            "meet in one image until -K remain (1: plain k-means with -K clusters).",
+        ),
+    ] = 2,
+    exclusivity: Annotated[
+        float,
+        typer.Option(
+            "--exclusivity",
+            help="In the merge, how much two clusters' meeting in the same images counts against merging them "
+            "(0: by feature similarity alone).",
+        ),
+    ] = 0.5,
     upsample: Annotated[
         Upsample, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")
     ] = Upsample("bilinear"),
@@ -133,6 +149,8 @@ def command(
             seed=seed,
             n_init=n_init,
             weighting=value_of(weighting),
+            over_cluster=over_cluster,
+            exclusivity=exclusivity,
             upsample=value_of(upsample),
             centroids=centroids,
             match_gt=match_gt,

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 
 from . import validate as v
@@ -25,72 +24,56 @@ from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import output_paths
 from .kmeans import kmeans
+from .labelfolder import LabelMapStore, draw_previews, label_maps_schema, match_to_gt, prepare_label_folder
 from .output import (
     acquire_output_lock,
     check_apart,
     check_files_into,
-    check_output,
-    foreign_entries,
     release_output_lock,
     replace_folder,
-    temp_folder,
 )
+from .overcluster import merge_clusters
 from .render import (
-    compose_panels,
-    display_size,
     load_photo,
-    overlay,
-    palette,
     save_label_png,
-    save_rgb,
     upsample_labels,
 )
-from .store import STR, Group, Schema, Store, StoreWriter, decode_names, is_write_error
+from .store import Schema, StoreWriter, is_write_error
 
 log = logging.getLogger("acseg.classify")
 CLASSES_FILE = "classes.h5"
 
 
 def classes_schema() -> Schema:
-    return Schema(
-        kind="classes",
-        per_image={"grid": (np.int32, (2,)), "image_size": (np.int32, (2,)), "names": (STR, ()), "sources": (STR, ())},
-        groups=[Group("offsets", {"class_map": (np.uint16, ())})],
-    )
+    return label_maps_schema("classes")
 
 
-class ClassStore(Store):
+class ClassStore(LabelMapStore):
+    """classify's store: the label folder's maps, and the centroids that label new concepts."""
+
     kind = "classes"
 
     def _validate(self) -> None:
+        p = self.params
+        if not isinstance(p.get("background_split"), bool):
+            raise AcsegError(f"{self.path}: its background_split is not of the right type", self.DAMAGED)
         super()._validate()
         self.centroids = self._need("centroids", 2, None, "f")[:].astype(np.float32)
-        self.names = decode_names(self._need("names", 1, self.n_images)[:])
-        self.offsets = self._check_offsets("offsets", "class_map")
-        self.grid = self._need("grid", 2, self.n_images, "iu")[:].astype(np.int64)
         if not np.isfinite(self.centroids).all():
             raise AcsegError(f"{self.path}: centroids hold NaN or Inf", "the file is damaged; re-run classify")
-        self._image_sizes()
-        p = self.params
-        if not (
-            isinstance(p.get("n_classes"), int)
-            and not isinstance(p.get("n_classes"), bool)
-            and isinstance(p.get("background_split"), bool)
-        ):
-            raise AcsegError(
-                f"{self.path}: its n_classes or background_split is not of the right type",
-                "the file is damaged; re-run classify",
-            )
         want = p["n_classes"] - (1 if p["background_split"] else 0)
-        if len(self.centroids) < 1 or len(self.centroids) != want:
+        # cluster_class: the class of each centroid when classify over-clustered and merged (stages/overcluster.py);
+        # files written before it have one centroid per class
+        if self.has("cluster_class"):
+            lut = self._need("cluster_class", 1, len(self.centroids), "iu")[:].astype(np.int64)
+        else:
+            lut = np.arange(len(self.centroids), dtype=np.int64)
+        if len(self.centroids) < 1 or len(self.centroids) < want or not np.array_equal(np.unique(lut), np.arange(want)):
             raise AcsegError(
-                f"{self.path}: {len(self.centroids)} centroids for {p.get('n_classes')} classes",
+                f"{self.path}: {len(self.centroids)} centroids do not map onto its {p.get('n_classes')} classes",
                 "the file is damaged; re-run classify",
             )
-
-    def class_map(self, i: int) -> np.ndarray:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return self._f["class_map"][a:b].astype(np.int64).reshape(self.grid[i])
+        self.cluster_class = lut
 
 
 @dataclass
@@ -144,34 +127,6 @@ def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     return d.argmin(1)
 
 
-def _expected_entries(outdir: Path) -> set[str]:
-    """What a classify output folder holds: its classes store and the label map of each image it names
-    (an unreadable store: the store alone, so its maps count as foreign)."""
-    expected = {CLASSES_FILE}
-    try:
-        with h5py.File(outdir / CLASSES_FILE, "r") as f:
-            names = decode_names(f["names"][:])
-        expected |= {p.relative_to(outdir).as_posix() for p in output_paths(outdir, names, ".png")}
-    except Exception:
-        pass
-    return expected
-
-
-def _prepare_outdir(outdir: Path, overwrite: bool, inputs: list, photos: list) -> Path:
-    """Check the output folder (output.py's rules) and make the folder the run writes into."""
-    check_output(outdir, overwrite, folder=True)
-    check_apart(outdir, inputs, folder=True, photos=photos)
-    if overwrite and outdir.is_dir():
-        foreign = foreign_entries(outdir, _expected_entries(outdir))
-        if foreign:
-            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-            raise AcsegError(
-                f"{outdir} holds {foreign[0]}{more}, which classify did not write",
-                "move them away or choose another -o (--overwrite replaces only a classify output)",
-            )
-    return temp_folder(outdir)
-
-
 def classify(
     concepts: str | list[str],
     outdir: str,
@@ -182,6 +137,8 @@ def classify(
     n_init: int = 10,
     upsample: str = "bilinear",
     weighting: str = "pixels",
+    over_cluster: int = 2,
+    exclusivity: float = 0.5,
     centroids: str | None = None,
     match_gt: str | None = None,
     dataset: str | None = None,
@@ -197,6 +154,8 @@ def classify(
     v.choice("--upsample", upsample, UPSAMPLES)
     v.choice("--weighting", weighting, WEIGHTINGS)
     v.seed("--seed", seed)
+    v.integer("--over-cluster", over_cluster, min=1, max=64)
+    v.number("--exclusivity", exclusivity, min=0.0, max=100.0)
     v.integer("--n-init", n_init, min=1)
     if n_classes is not None:
         v.integer("--n-classes", n_classes, min=1, max=65535)
@@ -241,6 +200,7 @@ def classify(
         if fit_params["background_split"] and "background_split_score" not in fit_params:
             split_score = "summed attention"  # fitted before the split used the density: apply it as fitted
         cents = ref.centroids
+        cluster_class = ref.cluster_class
         n_classes = int(fit_params["n_classes"])
         ref.close()
     if n_classes is None or n_classes < 1:
@@ -271,7 +231,19 @@ def classify(
                 "lower --n-classes, use more images, or pass --background-split off",
             )
         w = None if weighting == "none" else store.pixels[fg] if weighting == "pixels" else np.sqrt(store.pixels[fg])
-        cents, _, _ = kmeans(feats[fg], k_fg, n_init=n_init, seed=seed, weights=w)
+        # over-cluster, then merge down to k_fg classes (stages/overcluster.py)
+        k_fit = max(k_fg, min(over_cluster * k_fg, int(fg.sum())))
+        cents, _, _ = kmeans(feats[fg], k_fit, n_init=n_init, seed=seed, weights=w)
+        image_of = np.repeat(np.arange(n), np.diff(co))[fg]
+        cluster_class = merge_clusters(
+            feats[fg],
+            np.ones(int(fg.sum())) if w is None else w,
+            image_of,
+            _nearest(feats[fg], cents),
+            k_fit,
+            k_fg,
+            exclusivity,
+        )
     elif cents.shape[1] != feats.shape[1]:
         raise AcsegError(
             f"centroids have dimension {cents.shape[1]} but the concepts {feats.shape[1]}",
@@ -279,7 +251,7 @@ def classify(
         )
     concept_class = np.zeros(len(feats), np.int64)
     if fg.any():
-        concept_class[fg] = _nearest(feats[fg], cents) + offset
+        concept_class[fg] = cluster_class[_nearest(feats[fg], cents)] + offset
 
     # 3. label maps at the original size, into a partial folder renamed when complete
     out = Path(outdir).absolute()
@@ -287,7 +259,7 @@ def classify(
     lock = acquire_output_lock(out)
     tmp = None
     try:
-        tmp = _prepare_outdir(out, overwrite, inputs, store.sources)
+        tmp = prepare_label_folder(out, overwrite, inputs, store.sources, stage="classify", store_file=CLASSES_FILE)
         map_paths = output_paths(tmp, store.names, ".png")
         preview_paths = output_paths(Path(preview), store.names, ".png") if preview else []
         if preview:
@@ -301,6 +273,9 @@ def classify(
             "n_init": n_init,
             "upsample": upsample,
             "weighting": weighting,
+            "over_cluster": None if centroids else over_cluster,
+            "exclusivity": None if centroids else exclusivity,
+            "n_clusters": len(cents),
             "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
             "concept_feature": "concept_mean",
             "crf": crf_params.to_dict() if crf else None,
@@ -343,11 +318,12 @@ def classify(
                 if progress:
                     progress(i + 1, n)
             w.add_dataset("centroids", np.asarray(cents, np.float32))
+            w.add_dataset("cluster_class", np.asarray(cluster_class, np.uint16))
         score_res = None
         if match_gt:
-            score_res = _match_to_gt(tmp, match_gt, dataset, map_paths, n_classes, tuple(ignore_index))
+            score_res = match_to_gt(tmp, match_gt, dataset, map_paths, n_classes, tuple(ignore_index))
         if preview:
-            _previews(preview_paths, store, map_paths, match_gt, dataset, score_res)
+            draw_previews(preview_paths, store, map_paths, match_gt, dataset, score_res)
         replace_folder(tmp, out)
     except BaseException as e:
         if tmp is not None:
@@ -362,104 +338,3 @@ def classify(
         store.close()
         release_output_lock(out, lock)
     return ClassifyResult(str(out), n, n_classes, str(out / CLASSES_FILE), score_res)
-
-
-def _gt_id_of_class(dataset: str | None, class_ids: list, ignore_index: tuple = ()):
-    """Class index -> the id the ground-truth PNGs use (a preset's id, its coarse index where no id exists;
-    without a preset the id itself), and the id for pixels of unmatched clusters (the preset's or the first
-    ``ignore_index``, else 255)."""
-    if dataset is None:
-        return np.asarray(class_ids, np.int64), (int(ignore_index[0]) if ignore_index else 255)
-    from .datasets import get_dataset
-
-    p = get_dataset(dataset)
-    lut = p.lut()
-    ids = np.full(p.n_classes, -1, np.int64)
-    for gid in range(len(lut)):
-        c = lut[gid]
-        if c >= 0 and ids[c] < 0:
-            ids[c] = gid
-    if dataset == "cocostuff27":
-        ids = np.arange(p.n_classes)  # 27 coarse classes have no single fine id
-    return ids, (p.ignore[0] if p.ignore else 255)
-
-
-def _match_to_gt(
-    folder: Path, gt: str, dataset: str | None, png_paths: list, n_classes: int, ignore_index: tuple = ()
-) -> dict:
-    """Hungarian-match cluster ids to the ground truth (score's code) and rewrite maps in class ids.
-    Without a preset, the ground truth's ids are the classes, as ``score`` reads them."""
-    from PIL import Image
-
-    from .score import score
-
-    res = score(
-        str(folder),
-        gt,
-        dataset=dataset,
-        ignore_index=ignore_index,
-        protocol="hungarian",
-        allow_missing=True,
-        resize_pred="nearest",
-    )
-    gid, ignore = _gt_id_of_class(
-        dataset, [int(n) for n in res["class_names"]] if dataset is None else [], ignore_index
-    )
-    lut = np.full(max(n_classes, 1) + 1, ignore, np.int64)
-    for p, c in res["matching"].items():
-        if int(p) < len(lut):
-            lut[int(p)] = gid[c]
-    from .render import palette as pal_fn
-
-    pal = pal_fn(256)
-    for p in png_paths:
-        a = np.asarray(Image.open(p)).astype(np.int64)
-        save_label_png(p, lut[np.minimum(a, len(lut) - 1)], pal)
-    log.info("matched to %s: mIoU %.1f, pixel accuracy %.1f", gt, 100 * res["miou"], 100 * res["pixel_accuracy"])
-    return res
-
-
-def _class_names(dataset: str | None, matched: bool):
-    """id -> name for the legend: a preset's class names for its ground-truth ids, else 'class N' for ids of
-    plain ground truth, or 'cluster N' for unmatched cluster ids."""
-    lut = names = None
-    if dataset and matched:
-        from .datasets import get_dataset
-
-        p = get_dataset(dataset)
-        lut, names = p.lut(), p.class_names
-
-    def name(i: int) -> str:
-        if lut is not None:
-            c = int(lut[i]) if i < len(lut) else -2
-            return names[c] if c >= 0 else "ignored" if c == -1 else f"id {i}"
-        return f"class {i}" if matched else f"cluster {i}"
-
-    return name
-
-
-def _previews(
-    targets: list[Path], store: ConceptSet, png_paths: list, gt: str | None, dataset: str | None, res
-) -> None:
-    """One picture per image: photo | prediction (| ground truth), captioned, with a legend of the classes in
-    it (named by the preset when the maps were matched to one)."""
-    from PIL import Image
-
-    pal = palette(256)
-    name = _class_names(dataset, res is not None)
-    for i, p in enumerate(png_paths):
-        size = display_size(tuple(store.image_size[i]))
-        pred = np.asarray(Image.open(p).resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
-        photo = load_photo(store.sources[i], size)
-        panels = [photo if photo is not None else np.zeros((*size, 3), np.uint8), overlay(None, pred, pal)]
-        captions = ["photo" if photo is not None else "photo (not readable)", "prediction"]
-        ids = set(np.unique(pred).tolist())
-        if gt:
-            g = Path(gt) / Path(store.names[i]).with_suffix(".png")
-            if g.is_file():
-                ga = np.asarray(Image.open(g).resize((size[1], size[0]), Image.NEAREST)).astype(np.int64)
-                panels.append(overlay(None, ga, pal))
-                captions.append("ground truth")
-                ids |= set(np.unique(ga).tolist())
-        legend = [(name(j), tuple(pal[j % len(pal)])) for j in sorted(ids)]
-        save_rgb(targets[i], compose_panels(panels, captions, legend))

@@ -200,7 +200,9 @@ def test_classify_recovers_planted_classes(planted, tmp_path):
     for n in names:
         assert np.array_equal(np.asarray(Image.open(out / n)), np.asarray(Image.open(out2 / n)))
     with ClassStore(res.classes_file) as cs:
-        assert cs.centroids.shape == (5, 32)
+        # over-clustered into twice the classes (the default --over-cluster 2), merged onto the 5
+        assert cs.centroids.shape == (10, 32)
+        assert sorted(set(cs.cluster_class.tolist())) == list(range(5))
     # unweighted classes (the CLI option; pixel-weighted is the default) recover them too, and the classes
     # file says how they were fitted
     r = cli(["classify", c, "-o", tmp_path / "outw", "-K", "5", "--no-background-split", "--weighting", "none", "-q"])
@@ -425,7 +427,7 @@ def test_previews_are_drawn_for_people(images, tmp_path):
 
 
 def test_legend_names_come_from_the_preset_when_matched():
-    from stages.classify import _class_names
+    from stages.labelfolder import _class_names
 
     voc = _class_names("voc", matched=True)
     assert voc(0) == "background" and voc(13) == "horse" and voc(255) == "ignored"
