@@ -10,7 +10,7 @@ from typer.core import TyperGroup
 
 from stages import __version__
 
-from . import backbones, classify, conceptualize, extract, fit_acg, merge, process, score
+from . import backbones, classify, conceptualize, extract, fit_acg, merge, process, refine, score
 from .options import fail
 
 # typer carries its own click: its exception classes, reached through the public BadParameter
@@ -79,6 +79,7 @@ app.command("extract")(extract.command)
 app.command("fit-acg")(fit_acg.command)
 app.command("conceptualize")(conceptualize.command)
 app.command("classify")(classify.command)
+app.command("refine")(refine.command)
 app.command("merge")(merge.command)
 app.command("score")(score.command)
 app.command("backbones")(backbones.command)

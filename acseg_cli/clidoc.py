@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-COMMANDS = ["extract", "fit-acg", "conceptualize", "classify", "score", "backbones"]
+COMMANDS = ["extract", "fit-acg", "conceptualize", "classify", "refine", "score", "backbones"]
 CLI_DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 BLOCK = re.compile(r"(<!-- acseg help: (?P<cmd>[\w-]+) -->\n)(.*?)(<!-- end help -->)", re.S)
 

@@ -15,6 +15,7 @@ mkdir -p "$OUT"
 $ACSEG extract "$IMAGES" -o "$OUT/feats.h5" ${EXTRACT_FLAGS:---overwrite} \
   | $ACSEG conceptualize --fit-steps "${FIT_STEPS:-auto}" --overwrite \
   | $ACSEG classify --n-classes "$K" -o "$OUT/labels" --overwrite \
+  | $ACSEG refine -f "$OUT/feats.h5" -o "$OUT/refined" --overwrite \
   | $ACSEG score - "$GT" --dataset "$DATASET" --no-confusion > "$OUT/score.json"
 
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'mIoU {100*r[\"miou\"]:.1f}, pixel accuracy {100*r[\"pixel_accuracy\"]:.1f}')" "$OUT/score.json"

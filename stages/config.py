@@ -13,6 +13,7 @@ DELTAS = ("plain", "tanh")  # fit-acg --delta
 PROTO_INITS = ("kmeans", "random")  # TrainConfig.proto_init
 WEIGHTINGS = ("none", "pixels", "sqrt-pixels")  # classify --weighting
 UPSAMPLES = ("bilinear", "nearest")  # classify --upsample
+HEAD_KINDS = ("linear", "mlp")  # refine --head-kind
 BACKGROUND_SPLITS = ("on", "off")  # classify --background-split
 PROTOCOLS = ("hungarian", "majority", "per-image")  # score --protocol
 RESIZES = ("nearest",)  # score --resize-pred

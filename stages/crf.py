@@ -54,21 +54,27 @@ def require_crf():
 
 def refine(photo: np.ndarray, patch_map: np.ndarray, params: CRFParams | None = None) -> np.ndarray:
     """photo (H, W, 3) uint8 at the output size, patch_map (h, w) ids -> (H, W) ids refined by the CRF."""
+    ids, _, onehot = onehot_maps(patch_map)
+    if len(ids) == 1:
+        return np.full(photo.shape[:2], ids[0], dtype=patch_map.dtype)
+    return ids[refine_probs(photo, onehot[0], params)]
+
+
+def refine_probs(photo: np.ndarray, probs, params: CRFParams | None = None) -> np.ndarray:
+    """photo (H, W, 3) uint8 at the output size, probs (m, h, w) patch-level class probabilities (a tensor)
+    -> (H, W) indices 0..m-1 refined by the CRF. The probabilities are interpolated bilinearly (their argmax
+    is the plain upsampled map) and mixed with a uniform floor for the unary term."""
     dcrf = require_crf()
     p = params or CRFParams()
     H, W = photo.shape[:2]
     s = min(1.0, p.short_side / min(H, W))
     h, w = (H, W) if s == 1.0 else (max(1, round(H * s)), max(1, round(W * s)))
-    ids, _, onehot = onehot_maps(patch_map)
-    m = len(ids)
-    if m == 1:
-        return np.full((H, W), ids[0], dtype=patch_map.dtype)
-    # the soft maps whose argmax is classify's default output
-    soft = F.interpolate(onehot, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+    m = int(probs.shape[0])
+    soft = F.interpolate(probs[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
     img = photo if (h, w) == (H, W) else np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
     img = np.array(img, dtype=np.uint8, order="C")  # a writable C-contiguous copy, as pydensecrf wants
     prob = p.label_confidence * soft + (1.0 - p.label_confidence) / m
-    unary = np.ascontiguousarray(-np.log(prob).reshape(m, -1), dtype=np.float32)
+    unary = np.ascontiguousarray(-np.log(np.maximum(prob, 1e-12)).reshape(m, -1), dtype=np.float32)
     d = dcrf.DenseCRF2D(w, h, m)
     d.setUnaryEnergy(unary)
     d.addPairwiseGaussian(sxy=p.pos_std, compat=p.pos_weight)
@@ -77,4 +83,4 @@ def refine(photo: np.ndarray, patch_map: np.ndarray, params: CRFParams | None = 
     labels = q.argmax(0)
     if (h, w) != (H, W):
         labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((W, H), Image.NEAREST))
-    return ids[labels]
+    return labels.astype(np.int64)

@@ -107,3 +107,53 @@ def test_crf_needs_the_original_photos(planted_store, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "keep.txt").read_text() == "earlier results"
     r = cli(["classify", conc, "-K", "2", "-o", tmp_path / "o2", "--crf-iterations", "-1"])
     assert r.exit_code == 2 and "--crf-iterations" in r.stderr
+
+
+@needs_crf
+def test_crf_on_probabilities_without_iterations_is_their_bilinear_argmax():
+    import torch
+
+    from stages.crf import refine_probs
+    from stages.refine import upsample_probs
+
+    rng = np.random.default_rng(2)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(3, 6, 8)).astype(np.float32)), 0)
+    photo = rng.integers(0, 255, size=(90, 120, 3)).astype(np.uint8)
+    same = refine_probs(photo, probs, CRFParams(iterations=0)) == upsample_probs(probs, (90, 120))
+    assert same.mean() > 0.999
+
+
+@needs_crf
+def test_refine_crf_writes_maps_at_the_photo_size(images, tmp_path):
+    feats = tmp_path / "f.h5"
+    assert cli(["extract", images, "-o", feats, *TEST_BACKBONE]).exit_code == 0
+    conc = cli(["conceptualize", feats, "--method", "kmeans", "-k", "3", "-q"]).stdout.strip()
+    labels = cli(["classify", conc, "-K", "2", "-o", tmp_path / "labels", "-q"]).stdout.strip()
+    common = ["refine", labels, "-f", feats, "--steps", "20", "-q"]
+    r = cli([*common, "-o", tmp_path / "crf", "--crf", "--crf-iterations", "5"])
+    assert r.exit_code == 0, r.stderr
+    assert cli([*common, "-o", tmp_path / "plain"]).exit_code == 0
+    pngs = sorted((tmp_path / "crf").glob("*.png"))
+    assert len(pngs) == 6
+    differ = 0
+    for p in pngs:
+        assert Image.open(p).size == Image.open(images / p.name).size
+        differ += int((np.asarray(Image.open(p)) != np.asarray(Image.open(tmp_path / "plain" / p.name))).sum())
+    assert differ > 0  # the CRF did something
+    with h5py.File(tmp_path / "crf" / "refined.h5") as f:
+        assert json.loads(f.attrs["params"])["crf"]["iterations"] == 5
+
+
+def test_refine_crf_needs_the_original_photos(planted_store, tmp_path, monkeypatch):
+    import stages.refine
+
+    monkeypatch.setattr(stages.refine, "require_crf", lambda: None)  # runs with or without the package
+    conc = tmp_path / "c.h5"
+    assert cli(["conceptualize", planted_store, "--method", "kmeans", "-k", "3", "-o", conc, "-q"]).exit_code == 0
+    assert cli(["classify", conc, "-K", "2", "-o", tmp_path / "labels", "-q"]).exit_code == 0
+    r = cli(["refine", tmp_path / "labels", "-f", planted_store, "-o", tmp_path / "out", "--crf"])
+    assert r.exit_code == 1
+    assert r.stderr.count("\n") == 1 and "original photos" in r.stderr and "6 of 6" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = cli(["refine", tmp_path / "labels", "-f", planted_store, "-o", tmp_path / "o2", "--crf-iterations", "-1"])
+    assert r.exit_code == 2 and "--crf-iterations" in r.stderr

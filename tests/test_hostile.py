@@ -40,6 +40,7 @@ def _store_commands(kind: str, broken: Path, valid: dict, out: Path) -> dict:
             "conceptualize": ["conceptualize", broken, "--acg", valid["acg"], "-o", out / "c.h5", "-q"],
             "conceptualize --method kmeans": ["conceptualize", broken, "--method", "kmeans", "-o", out / "c.h5", "-q"],
             "merge": ["merge", broken, "-o", out / "m.h5", "-q"],
+            "refine": ["refine", Path(valid["classes"]).parent, "-f", broken, "-o", out / "r", "-q"],
         }
     if kind == "concepts":
         return {
@@ -47,14 +48,17 @@ def _store_commands(kind: str, broken: Path, valid: dict, out: Path) -> dict:
             "classify (two parts)": ["classify", valid["concepts"], broken, "-K", "3", "-o", out / "labels", "-q"],
             "merge": ["merge", broken, "-o", out / "m.h5", "-q"],
         }
-    return {"classify --centroids": ["classify", valid["concepts"], "--centroids", broken, "-o", out / "labels", "-q"]}
+    return {
+        "classify --centroids": ["classify", valid["concepts"], "--centroids", broken, "-o", out / "labels", "-q"],
+        "refine": ["refine", broken, "-f", valid["features"], "-o", out / "r", "-q"],
+    }
 
 
 STORE_CASES = [
     (kind, case, stage)
     for kind in ("features", "concepts", "classes")
     for case in hostile.stores(kind)
-    for stage in _store_commands(kind, Path("x"), {"acg": "", "concepts": ""}, Path("o"))
+    for stage in _store_commands(kind, Path("x"), {"acg": "", "concepts": "", "classes": "", "features": ""}, Path("o"))
 ]
 
 
@@ -80,6 +84,15 @@ def test_hostile_checkpoints(valid, tmp_path, case):
     broken = hostile.checkpoints()[case](valid["acg"], tmp_path / "broken.pt")
     out = tmp_path / "c.h5"
     one_error_line(cli(["conceptualize", valid["features"], "--acg", broken, "-o", out, "-q"]))
+    assert not out.exists()
+    assert not (tmp_path / "PWNED").exists()  # nothing in the file was executed
+
+
+@pytest.mark.parametrize("case", CKPT_CASES)
+def test_hostile_files_as_refine_heads(valid, tmp_path, case):
+    broken = hostile.checkpoints()[case](valid["acg"], tmp_path / "broken.pt")
+    out = tmp_path / "r"
+    one_error_line(cli(["refine", valid["classes"], "-f", valid["features"], "--head", broken, "-o", out, "-q"]))
     assert not out.exists()
     assert not (tmp_path / "PWNED").exists()  # nothing in the file was executed
 

@@ -1,0 +1,126 @@
+"""classify's over-clustering merge and the refine stage: planted data, fit against apply, refused inputs."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from helpers import cli
+from PIL import Image
+from planted import planted_images, write_planted_store
+from test_hostile import one_error_line
+
+from stages.classify import classify
+from stages.conceptualize import conceptualize
+from stages.refine import HEAD_FILE, REFINED_FILE, HeadConfig, fit_head, load_head
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_head_recovers_planted_classes_from_noisy_labels():
+    rng = np.random.default_rng(1)
+    centers = _unit(rng.normal(size=(4, 32))) * 5  # 7 noise stds apart: the classes separable
+    true = rng.integers(0, 4, 6000)
+    x = (centers[true] + rng.normal(size=(6000, 32))).astype(np.float32)
+    noisy = np.where(rng.random(6000) < 0.3, rng.integers(0, 4, 6000), true)
+    assert (noisy == true).mean() < 0.8
+    net = fit_head(x, noisy, 4, HeadConfig(steps=150, batch_size=512, lr=1e-2))
+    with torch.no_grad():
+        pred = net(torch.nn.functional.normalize(torch.from_numpy(x), dim=-1)).argmax(1).numpy()
+    assert (pred == true).mean() > 0.97
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A planted store, per-image k-means concepts, classes fitted on them."""
+    d = tmp_path_factory.mktemp("refine")
+    toks, labels, classes = planted_images(n_images=24, seed=5)
+    feats = write_planted_store(d / "feats.h5", toks, labels)
+    concepts = conceptualize(feats, str(d / "c.h5"), method="kmeans", k=5).path
+    out = classify(concepts, str(d / "classes"), n_classes=5, seed=0)
+    return {"features": feats, "labels": out.path, "d": d, "gt": (labels, classes)}
+
+
+def test_fit_and_apply_give_the_same_labels(labelled, tmp_path):
+    r = cli(["refine", labelled["labels"], "-f", labelled["features"], "-o", tmp_path / "fit", "--steps", "40", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == str((tmp_path / "fit").absolute())
+    head = tmp_path / "fit" / HEAD_FILE
+    assert head.is_file() and (tmp_path / "fit" / REFINED_FILE).is_file()
+    # the labels path also comes from stdin, as from classify's stdout
+    r = cli(
+        ["refine", "-f", labelled["features"], "--head", head, "-o", tmp_path / "app", "-q"], input=labelled["labels"]
+    )
+    assert r.exit_code == 0, r.stderr
+    pngs = sorted(p.name for p in (tmp_path / "fit").glob("*.png"))
+    assert len(pngs) == 24 and pngs == sorted(p.name for p in (tmp_path / "app").glob("*.png"))
+    for n in pngs:
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "fit" / n)), np.asarray(Image.open(tmp_path / "app" / n))
+        )
+    h = load_head(head)
+    assert h.n_classes == 5 and h.dim == 32 and h.cfg.steps == 40
+    # the planted classes survive: refined maps agree with the ground truth up to one renaming
+    labels, classes = labelled["gt"]
+    with h5py.File(tmp_path / "fit" / REFINED_FILE) as f:
+        params = json.loads(f.attrs["params"])
+        assert params["fitted"] and params["keep"] == 0.3
+    from stages.labelfolder import LabelMapStore
+
+    with LabelMapStore(tmp_path / "fit" / REFINED_FILE) as st:
+        conf = np.zeros((5, 5), int)
+        for i in range(st.n_images):
+            np.add.at(conf, (classes[i][labels[i]].ravel(), st.class_map(i).ravel()), 1)
+    assert conf.max(1).sum() / conf.sum() > 0.9
+    # a refine output can be refined again
+    r = cli(["refine", tmp_path / "fit", "-f", labelled["features"], "-o", tmp_path / "again", "--steps", "5", "-q"])
+    assert r.exit_code == 0, r.stderr
+
+
+def test_bad_inputs_are_refused(labelled, tmp_path):
+    d = labelled["d"]
+    fit = tmp_path / "fit"
+    assert (
+        cli(["refine", labelled["labels"], "-f", labelled["features"], "-o", fit, "--steps", "5", "-q"]).exit_code == 0
+    )
+    # a bad option value: usage error before anything exists
+    for opt, val in (("--keep", "1.5"), ("--steps", "0"), ("--lr", "-1"), ("--head-kind", "conv")):
+        r = cli(["refine", labelled["labels"], "-f", labelled["features"], "-o", tmp_path / "bad", opt, val, "-q"])
+        assert r.exit_code == 2, (opt, r.stderr)
+        assert not (tmp_path / "bad").exists()
+    # a head for other features (another backbone's, and another dimension's)
+    toks, labels, _ = planted_images(n_images=24, seed=5)
+    other = write_planted_store(d / "other.h5", toks, labels, backbone="planted-b")
+    msg = one_error_line(
+        cli(["refine", labelled["labels"], "-f", other, "--head", fit / HEAD_FILE, "-o", tmp_path / "o"])
+    )
+    assert "backbone" in msg
+    toks16, labels16, _ = planted_images(n_images=24, dim=16, seed=5)
+    small = write_planted_store(d / "small.h5", toks16, labels16)
+    one_error_line(cli(["refine", labelled["labels"], "-f", small, "-o", tmp_path / "o"]))
+    # labels of images the store does not hold
+    toks8, labels8, _ = planted_images(n_images=30, seed=6)
+    more = write_planted_store(d / "more.h5", toks8, labels8)
+    c8 = conceptualize(more, str(d / "c8.h5"), method="kmeans", k=5).path
+    cl8 = classify(c8, str(d / "classes8"), n_classes=5).path
+    msg = one_error_line(cli(["refine", cl8, "-f", labelled["features"], "-o", tmp_path / "o"]))
+    assert "img_024" in msg
+    # a damaged head, a head of another class count
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a head")
+    one_error_line(cli(["refine", labelled["labels"], "-f", labelled["features"], "--head", bad, "-o", tmp_path / "o"]))
+    c3 = classify(labelled["d"] / "c.h5", str(tmp_path / "classes3"), n_classes=3).path
+    msg = one_error_line(
+        cli(["refine", c3, "-f", labelled["features"], "--head", fit / HEAD_FILE, "-o", tmp_path / "o"])
+    )
+    assert "5 classes" in msg
+    assert not (tmp_path / "o").exists()
+    # an existing output is kept without --overwrite; with it, only refine's own files are replaced
+    before = sorted(p.name for p in fit.iterdir())
+    one_error_line(cli(["refine", labelled["labels"], "-f", labelled["features"], "-o", fit]))
+    (fit / "notes.txt").write_text("mine")
+    one_error_line(cli(["refine", labelled["labels"], "-f", labelled["features"], "-o", fit, "--overwrite"]))
+    assert sorted(p.name for p in fit.iterdir()) == sorted([*before, "notes.txt"])
