@@ -6,9 +6,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from stages.config import HEAD_KINDS
+from stages.config import HEAD_KINDS, HeadConfig
 from stages.datasets import DATASETS
-from stages.refine import HeadConfig
 
 from .options import (
     JsonOut,

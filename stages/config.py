@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from . import validate
+
 # The values of the options that are choices (the command line offers exactly these)
 METHODS = ("acg", "kmeans")  # conceptualize --method
 PRECISIONS = ("auto", "fp32", "bf16")  # conceptualize --precision
@@ -135,3 +137,27 @@ class TrainConfig:
         if self.auto:
             return f"until converged, at most {self.max_steps} steps"
         return f"{self.steps} steps"
+
+
+@dataclass
+class HeadConfig:
+    """refine's head and its fit (stages/refine.py)."""
+
+    kind: str = "linear"  # linear | mlp
+    hidden: int = 256  # the MLP's hidden width
+    steps: int = 200  # optimiser steps (each a batch of tokens from all images)
+    batch_size: int = 8192
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    max_tokens: int = 1_000_000  # tokens sampled for the fit (all of them when fewer)
+    seed: int = 0
+
+    def check(self) -> None:
+        validate.choice("--head-kind", self.kind, HEAD_KINDS)
+        validate.integer("--hidden", self.hidden, min=1, max=65536)
+        validate.integer("--steps", self.steps, min=1, max=10_000_000)
+        validate.integer("--batch-size", self.batch_size, min=1, max=1 << 24)
+        validate.number("--lr", self.lr, above=0.0, max=10.0)
+        validate.number("--weight-decay", self.weight_decay, min=0.0, max=10.0)
+        validate.integer("--max-tokens", self.max_tokens, min=1)
+        validate.seed("--seed", self.seed)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import validate as v
 from .classify import CLASSES_FILE
-from .config import HEAD_KINDS
+from .config import HeadConfig
 from .crf import CRFParams, refine_probs, require_crf
 from .digests import weights_sha256
 from .errors import AcsegError
@@ -52,28 +52,6 @@ HEAD_FILE = "head.pt"
 REFINED_FILE = "refined.h5"
 HEAD_FORMAT = "acseg-head-1"
 PROVENANCE_KEYS = ("backbone", "weights_sha256", "dim", "feature", "layer")
-
-
-@dataclass
-class HeadConfig:
-    kind: str = "linear"  # linear | mlp
-    hidden: int = 256  # the MLP's hidden width
-    steps: int = 200  # optimiser steps (each a batch of tokens from all images)
-    batch_size: int = 8192
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    max_tokens: int = 1_000_000  # tokens sampled for the fit (all of them when fewer)
-    seed: int = 0
-
-    def check(self) -> None:
-        v.choice("--head-kind", self.kind, HEAD_KINDS)
-        v.integer("--hidden", self.hidden, min=1, max=65536)
-        v.integer("--steps", self.steps, min=1, max=10_000_000)
-        v.integer("--batch-size", self.batch_size, min=1, max=1 << 24)
-        v.number("--lr", self.lr, above=0.0, max=10.0)
-        v.number("--weight-decay", self.weight_decay, min=0.0, max=10.0)
-        v.integer("--max-tokens", self.max_tokens, min=1)
-        v.seed("--seed", self.seed)
 
 
 def create_head(cfg: HeadConfig, dim: int, n_classes: int) -> torch.nn.Module:
