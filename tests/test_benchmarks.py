@@ -77,6 +77,42 @@ def test_quality_runs_every_variant(tiny):
     assert all(0 <= r["miou_mean"] <= 100 and "miou_even" in r for r in rows)
 
 
+def test_refine_runs_every_variant(tiny):
+    c = tiny / "c.h5"
+    assert cli(["conceptualize", tiny / "f.h5", "--acg", tiny / "acg.pt", "-o", c, "-q"]).exit_code == 0
+    args = ["--train-features", tiny / "f.h5", "--train", c, "--test-features", tiny / "f.h5", "--test", c]
+    out = run(
+        "refine.py",
+        *args,
+        "--gt",
+        tiny / "gt",
+        "-K",
+        "11",
+        "--ignore",
+        "11",
+        "--acg",
+        tiny / "acg.pt",
+        "--seeds",
+        "1",
+        "--extra",
+        "--out",
+        tiny / "r",
+    )
+    rows = json_lines(out)
+    assert [r["variant"] for r in rows] == [
+        "kmeans",
+        "kmeans-prep",
+        "classify-1",
+        "classify",
+        "refine",
+        "refine keep=0",
+        "refine keep=0.5",
+        "refine mlp",
+        "classify exclusivity=0",
+    ]
+    assert all(len(r["miou_all_even_odd"]) == 3 and 0 <= min(r["miou_all_even_odd"]) for r in rows)
+
+
 def test_speed_fit_and_conceptualize(tiny):
     rows = json_lines(run("speed.py", "fit", "--steps", "1", "--tokens", "32", "--batch-size", "2"))
     assert rows and rows[0]["steps_per_s"] > 0

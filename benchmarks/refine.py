@@ -1,0 +1,165 @@
+"""classify's over-clustering and refine, against k-means on equal features, in one run (issue 27).
+
+For each k-means seed: classify on the TRAIN concepts (fit) and the TEST concepts (--centroids), refine fitted
+on the train label maps and applied to the test ones (--head); pass the same stores twice for a transductive
+set such as the Weizmann horses. Everything goes through the library stages and the written PNGs are scored
+with `acseg score`'s function, on all test images and on the even / odd halves by sorted name (choose on one,
+confirm on the other).
+
+Variants:
+  kmeans          dataset-level k-means of the L2-normalised tokens into K (60,000-token sample, 3 restarts)
+  kmeans-prep     the same on the tokens as the ACG prepares them (centred, whitened): --acg
+  classify-1      classify --over-cluster 1 (plain k-means into K classes, acseg before issue 27)
+  classify        classify with every default (over-cluster 2, exclusivity 0.5)
+  refine          classify + refine with every default
+  extra variants: --keep 0,0.5 (refine's blend), --head-kind mlp, --exclusivity 0 (merge by similarity)
+  --crf: also refine --crf (the dense CRF on the blended probabilities; about a second per photo)
+
+Usage:
+  python benchmarks/refine.py --train-features T.h5 --train C_T.h5 --test-features V.h5 --test C_V.h5 \
+      --gt GT_DIR -K 11 --ignore 11 [--acg ACG.pt] [--seeds 3] [--extra] [--crf] --out DIR
+Prints one JSON line per variant and a table; seconds of classify and refine are in the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.checkpoint import load_checkpoint  # noqa: E402
+from stages.classify import classify  # noqa: E402
+from stages.features import FeatureStore  # noqa: E402
+from stages.kmeans import kmeans  # noqa: E402
+from stages.refine import HeadConfig, refine  # noqa: E402
+from stages.render import save_label_png, upsample_labels  # noqa: E402
+from stages.score import score  # noqa: E402
+
+
+def halves(gt: Path, root: Path) -> list[Path]:
+    files = sorted(p for p in gt.iterdir() if p.suffix == ".png")
+    out = []
+    for i, name in enumerate(("even", "odd")):
+        d = root / f"gt_{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        for f in files[i::2]:
+            if not (d / f.name).exists():
+                (d / f.name).symlink_to(f.resolve())
+        out.append(d)
+    return out
+
+
+def miou(pred: Path, gt: Path, halves_: list[Path], ignore: list[int]) -> list[float]:
+    kw = dict(ignore_index=tuple(ignore), workers=2, include_confusion=False)
+    r = [score(str(pred), str(gt), allow_missing=False, **kw)["miou"]]
+    r += [score(str(pred), str(h), allow_missing=True, **kw)["miou"] for h in halves_]
+    return [round(100 * x, 2) for x in r]
+
+
+def kmeans_baseline(train: str, test: str, out: Path, K: int, seed: int, prepare=None) -> Path:
+    rng = np.random.default_rng(seed)
+    prep = (lambda t: t) if prepare is None else (lambda t: prepare(torch.from_numpy(t)).numpy())
+    with FeatureStore(train) as tr:
+        toks = np.concatenate(tr.read_range(0, tr.n_images))
+    toks = prep(toks[rng.choice(len(toks), min(60000, len(toks)), replace=False)])
+    toks /= np.linalg.norm(toks, axis=1, keepdims=True)
+    cents, _, _ = kmeans(toks, K, n_init=3, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with FeatureStore(test) as te:
+        for i in range(te.n_images):
+            x = prep(te.tokens(i))
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            lab = ((x[:, None, :] - cents[None]) ** 2).sum(-1).argmin(1).reshape(te.grid[i])
+            save_label_png(out / Path(te.names[i]).with_suffix(".png"), upsample_labels(lab, tuple(te.image_size[i])))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train-features", required=True)
+    ap.add_argument("--train", required=True, help="concepts store of the train images")
+    ap.add_argument("--test-features", required=True)
+    ap.add_argument("--test", required=True, help="concepts store of the test images (the same for transductive)")
+    ap.add_argument("--gt", required=True)
+    ap.add_argument("-K", type=int, required=True)
+    ap.add_argument("--ignore", type=int, action="append", default=[])
+    ap.add_argument("--acg", help="the ACG checkpoint, for the kmeans-prep baseline")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--extra", action="store_true", help="also the losing variants (keep, head kind, exclusivity)")
+    ap.add_argument("--crf", action="store_true", help="also refine --crf (about a second per photo)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gt = Path(a.gt)
+    hv = halves(gt, out)
+    rows: dict[str, list] = {}
+
+    def add(name, vals, secs=None):
+        rows.setdefault(name, []).append((vals, secs))
+        print(json.dumps({"variant": name, "miou_all_even_odd": vals, "seconds": secs}), flush=True)
+
+    prepare = load_checkpoint(a.acg).model.eval().prepare if a.acg else None
+    transductive = Path(a.train).resolve() == Path(a.test).resolve()
+    variants = [("classify-1", {"over_cluster": 1}), ("classify", {})]
+    if a.extra:
+        variants.append(("classify exclusivity=0", {"exclusivity": 0.0}))
+    refines = [("refine", {}, HeadConfig())]
+    if a.extra:
+        refines += [
+            ("refine keep=0", {"keep": 0.0}, HeadConfig()),
+            ("refine keep=0.5", {"keep": 0.5}, HeadConfig()),
+            ("refine mlp", {}, HeadConfig(kind="mlp", lr=3e-3)),
+        ]
+    if a.crf:
+        refines.append(("refine crf", {"crf": True}, HeadConfig()))
+    for s in range(a.seeds):
+        d = kmeans_baseline(a.train_features, a.test_features, out / f"km_s{s}", a.K, s)
+        add("kmeans", miou(d, gt, hv, a.ignore))
+        if prepare is not None:
+            with torch.no_grad():
+                d = kmeans_baseline(a.train_features, a.test_features, out / f"kmp_s{s}", a.K, s, prepare)
+            add("kmeans-prep", miou(d, gt, hv, a.ignore))
+        for name, kw in variants:
+            t0 = time.time()
+            fit = classify(a.train, str(out / f"{name}_fit_s{s}"), n_classes=a.K, seed=s, overwrite=True, **kw)
+            test = fit.path
+            if not transductive:
+                test = classify(a.test, str(out / f"{name}_s{s}"), centroids=fit.classes_file, overwrite=True).path
+            add(name, miou(Path(test), gt, hv, a.ignore), round(time.time() - t0, 1))
+            if name != "classify":
+                continue
+            for rname, rkw, cfg in refines:
+                cfg.seed = s
+                t0 = time.time()
+                r = refine(
+                    fit.path, a.train_features, str(out / f"{rname}_fit_s{s}"), config=cfg, overwrite=True, **rkw
+                )
+                if not transductive:
+                    r = refine(
+                        test, a.test_features, str(out / f"{rname}_s{s}"), head=r.head_file, overwrite=True, **rkw
+                    )
+                add(rname, miou(Path(r.path), gt, hv, a.ignore), round(time.time() - t0, 1))
+                if rname != "refine":
+                    shutil.rmtree(out / f"{rname}_fit_s{s}", ignore_errors=True)
+    print()
+    print("| variant | mIoU all | even half | odd half | seconds |")
+    print("|---|---|---|---|---|")
+    for name, vals in rows.items():
+        m = np.array([v for v, _ in vals])
+        secs = [t for _, t in vals if t is not None]
+        cells = " | ".join(f"{m[:, j].mean():.1f} ± {m[:, j].std():.1f}" for j in range(3))
+        print(f"| {name} | {cells} | {np.mean(secs):.1f} |" if secs else f"| {name} | {cells} | - |")
+
+
+if __name__ == "__main__":
+    main()
