@@ -7,11 +7,15 @@ from typing import Annotated, List, Optional
 import typer
 
 from stages.config import BACKGROUND_SPLITS, UPSAMPLES, WEIGHTINGS
-from stages.datasets import DATASETS
 
 from .options import (
+    CrfIterations,
+    GtPreset,
+    IgnoreIndex,
     JsonOut,
+    MatchGt,
     Overwrite,
+    Preview,
     Progress,
     Quiet,
     Verbose,
@@ -28,7 +32,6 @@ from .options import (
 BackgroundSplit = choices("BackgroundSplit", BACKGROUND_SPLITS)
 Weighting = choices("Weighting", WEIGHTINGS)
 Upsample = choices("Upsample", UPSAMPLES)
-Dataset = choices("Dataset", DATASETS)
 
 
 @stage
@@ -92,29 +95,10 @@ def command(
         Optional[str],
         typer.Option("--centroids", help="Apply the classes fitted earlier (a classes.h5) instead of clustering."),
     ] = None,
-    match_gt: Annotated[
-        Optional[str],
-        typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching)."),
-    ] = None,
-    dataset: Annotated[
-        Optional[Dataset],
-        typer.Option(
-            "--dataset",
-            "-d",
-            help="Preset of the ground truth for --match-gt (none: its ids are the classes, as score reads them).",
-        ),
-    ] = None,
-    ignore_index: Annotated[
-        Optional[List[int]],
-        typer.Option(
-            "--ignore-index",
-            help="Ground-truth id(s) --match-gt ignores (as score's); without a preset the first one also marks "
-            "unmatched clusters (default 255).",
-        ),
-    ] = None,
-    preview: Annotated[
-        Optional[str], typer.Option("--preview", help="Write photo / prediction (/ ground truth) pictures here.")
-    ] = None,
+    match_gt: MatchGt = None,
+    dataset: GtPreset = None,
+    ignore_index: IgnoreIndex = None,
+    preview: Preview = None,
     crf: Annotated[
         bool,
         typer.Option(
@@ -123,7 +107,7 @@ def command(
             "original photos; replaces --upsample).",
         ),
     ] = False,
-    crf_iterations: Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations of --crf.")] = 10,
+    crf_iterations: CrfIterations = 10,
     overwrite: Overwrite = False,
     as_json: JsonOut = False,
     verbose: Verbose = 0,

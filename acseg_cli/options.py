@@ -11,7 +11,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -27,6 +27,23 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stder
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object per artifact instead of its path.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its partial file.")]
+# the options of the stages that write label maps (classify, refine)
+MatchGt = Annotated[
+    Optional[str],
+    typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching)."),
+]
+IgnoreIndex = Annotated[
+    Optional[List[int]],
+    typer.Option(
+        "--ignore-index",
+        help="Ground-truth id(s) --match-gt ignores (as score's); without a preset the first one also marks "
+        "unmatched clusters (default 255).",
+    ),
+]
+Preview = Annotated[
+    Optional[str], typer.Option("--preview", help="Write photo / prediction (/ ground truth) pictures here.")
+]
+CrfIterations = Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations of --crf.")]
 InputArg = Annotated[
     Optional[str], typer.Argument(help="Input file; omitted or '-' reads its path from stdin.", show_default=False)
 ]
@@ -288,3 +305,20 @@ class Progress:
         if self._bar is not None:
             self._bar.__exit__(*exc)
         return False
+
+
+def _gt_preset():
+    from stages.datasets import DATASETS
+
+    dataset = choices("Dataset", DATASETS)
+    return Annotated[
+        Optional[dataset],
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Preset of the ground truth for --match-gt (none: its ids are the classes, as score reads them).",
+        ),
+    ]
+
+
+GtPreset = _gt_preset()  # classify's and refine's --dataset (score's has its own help)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, List, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from stages.config import HEAD_KINDS, HeadConfig
-from stages.datasets import DATASETS
 
 from .options import (
+    CrfIterations,
+    GtPreset,
+    IgnoreIndex,
     JsonOut,
+    MatchGt,
     Overwrite,
+    Preview,
     Progress,
     Quiet,
     Verbose,
@@ -26,7 +30,6 @@ from .options import (
 )
 
 HeadKind = choices("HeadKind", HEAD_KINDS)
-Dataset = choices("Dataset", DATASETS)
 D = HeadConfig()
 
 
@@ -62,26 +65,15 @@ def command(
     hidden: Annotated[int, typer.Option("--hidden", help="Hidden width of the mlp head.")] = D.hidden,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps of the fit.")] = D.steps,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per step.")] = D.batch_size,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (one-cycle schedule).")] = D.lr,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (10% warm-up, then cosine decay).")] = D.lr,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", help="Tokens sampled from all images for the fit.")
     ] = D.max_tokens,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling and the fit.")] = D.seed,
-    match_gt: Annotated[
-        Optional[str],
-        typer.Option("--match-gt", help="Ground-truth folder: write maps in its class ids (Hungarian matching)."),
-    ] = None,
-    dataset: Annotated[
-        Optional[Dataset],
-        typer.Option("--dataset", "-d", help="Preset of the ground truth for --match-gt (as classify's)."),
-    ] = None,
-    ignore_index: Annotated[
-        Optional[List[int]],
-        typer.Option("--ignore-index", help="Ground-truth id(s) --match-gt ignores (as classify's)."),
-    ] = None,
-    preview: Annotated[
-        Optional[str], typer.Option("--preview", help="Write photo / prediction (/ ground truth) pictures here.")
-    ] = None,
+    match_gt: MatchGt = None,
+    dataset: GtPreset = None,
+    ignore_index: IgnoreIndex = None,
+    preview: Preview = None,
     crf: Annotated[
         bool,
         typer.Option(
@@ -90,7 +82,7 @@ def command(
             "the optional package pydensecrf2 and the original photos; about a second per photo).",
         ),
     ] = False,
-    crf_iterations: Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations of --crf.")] = 10,
+    crf_iterations: CrfIterations = 10,
     overwrite: Overwrite = False,
     as_json: JsonOut = False,
     verbose: Verbose = 0,

@@ -24,7 +24,14 @@ from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import output_paths
 from .kmeans import kmeans
-from .labelfolder import LabelMapStore, draw_previews, label_maps_schema, match_to_gt, prepare_label_folder
+from .labelfolder import (
+    ClassMapRows,
+    LabelMapStore,
+    draw_previews,
+    label_maps_schema,
+    match_to_gt,
+    prepare_label_folder,
+)
 from .output import (
     acquire_output_lock,
     check_apart,
@@ -287,7 +294,7 @@ def classify(
             "features_provenance": store.provenance,
         }
         with StoreWriter(tmp / CLASSES_FILE, classes_schema(), attrs) as w:
-            maps, start = [], 0  # appended 64 images at a time: each append flushes the file
+            rows = ClassMapRows(w, store)
             for i in range(n):
                 cmap = store.concept_map(i)
                 pmap = concept_class[co[i] + cmap]
@@ -303,20 +310,10 @@ def classify(
                 else:
                     labels = upsample_labels(pmap, tuple(store.image_size[i]), upsample)
                 save_label_png(path, labels)
-                maps.append(pmap.ravel().astype(np.uint16))
-                if len(maps) == 64 or i == n - 1:
-                    w.append(
-                        {
-                            "grid": store.grid[start : i + 1],
-                            "image_size": store.image_size[start : i + 1],
-                            "names": store.names[start : i + 1],
-                            "sources": store.sources[start : i + 1],
-                        },
-                        {"class_map": maps},
-                    )
-                    maps, start = [], i + 1
+                rows.add(pmap)
                 if progress:
                     progress(i + 1, n)
+            rows.flush()
             w.add_dataset("centroids", np.asarray(cents, np.float32))
             w.add_dataset("cluster_class", np.asarray(cluster_class, np.uint16))
         score_res = None

@@ -65,6 +65,34 @@ def label_maps_schema(kind: str) -> Schema:
     )
 
 
+class ClassMapRows:
+    """Appends each image's patch-level class map to a label store being written, 64 images per append (each
+    append flushes the file), with the per-image fields of ``images`` (grid, image_size, names, sources)."""
+
+    def __init__(self, writer, images):
+        self.w, self.images, self.maps, self.start = writer, images, [], 0
+
+    def add(self, class_map: np.ndarray) -> None:
+        self.maps.append(np.asarray(class_map).ravel().astype(np.uint16))
+        if len(self.maps) == 64:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.maps:
+            return
+        a, b, im = self.start, self.start + len(self.maps), self.images
+        self.w.append(
+            {
+                "grid": im.grid[a:b],
+                "image_size": im.image_size[a:b],
+                "names": im.names[a:b],
+                "sources": im.sources[a:b],
+            },
+            {"class_map": self.maps},
+        )
+        self.maps, self.start = [], b
+
+
 class LabelMapStore(Store):
     """The patch-level class map of each image of a label folder, and its number of classes."""
 

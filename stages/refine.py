@@ -34,7 +34,14 @@ from .digests import weights_sha256
 from .errors import AcsegError
 from .features import FeatureStore
 from .images import output_paths
-from .labelfolder import LabelMapStore, draw_previews, label_maps_schema, match_to_gt, prepare_label_folder
+from .labelfolder import (
+    ClassMapRows,
+    LabelMapStore,
+    draw_previews,
+    label_maps_schema,
+    match_to_gt,
+    prepare_label_folder,
+)
 from .output import (
     acquire_output_lock,
     check_apart,
@@ -44,7 +51,7 @@ from .output import (
     replace_folder,
     write_atomic,
 )
-from .render import argmax_channels, load_photo, save_label_png
+from .render import load_photo, save_label_png, upsample_argmax
 from .store import StoreWriter, is_write_error
 
 log = logging.getLogger("acseg.refine")
@@ -120,25 +127,6 @@ def blend(probs: torch.Tensor, class_map: np.ndarray, keep: float) -> torch.Tens
         return probs
     onehot = F.one_hot(torch.as_tensor(class_map, dtype=torch.int64), probs.shape[0]).permute(2, 0, 1).float()
     return keep * onehot + (1.0 - keep) * probs
-
-
-def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(K, h, w) -> (H, W) ids: bilinear interpolation of the probabilities, argmax (rows in chunks for
-    large images)."""
-    H, W = int(size[0]), int(size[1])
-    K, h, _ = probs.shape
-    if K * H * W * 4 <= (256 << 20):
-        return argmax_channels(F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0]).numpy()
-    cols = F.interpolate(probs[None], size=(h, W), mode="bilinear", align_corners=False)[0]
-    out = np.empty((H, W), np.int64)
-    step = max(1, (64 << 20) // (4 * K * W))
-    for r0 in range(0, H, step):
-        ys = ((torch.arange(r0, min(H, r0 + step), dtype=torch.float32) + 0.5) * (h / H) - 0.5).clamp(0, h - 1)
-        y0 = ys.floor().long()
-        y1 = (y0 + 1).clamp(max=h - 1)
-        wy = (ys - y0.float())[:, None]
-        out[r0 : r0 + len(ys)] = argmax_channels(cols[:, y0] * (1 - wy) + cols[:, y1] * wy).numpy()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +363,7 @@ def refine(
         }
         changed = total = at = 0
         with StoreWriter(tmp / REFINED_FILE, label_maps_schema("refined"), attrs) as w, torch.no_grad():
-            maps, start = [], 0
+            rows = ClassMapRows(w, lab)
             for i, j in enumerate(idx):
                 gh, gw = (int(s) for s in lab.grid[i])
                 before = lab.class_map(i)
@@ -398,21 +386,11 @@ def refine(
                         )
                     save_label_png(map_paths[i], refine_probs(photo, probs, crf_params))
                 else:
-                    save_label_png(map_paths[i], upsample_probs(probs, size))
-                maps.append(after.ravel().astype(np.uint16))
-                if len(maps) == 64 or i == lab.n_images - 1:
-                    w.append(
-                        {
-                            "grid": lab.grid[start : i + 1],
-                            "image_size": lab.image_size[start : i + 1],
-                            "names": lab.names[start : i + 1],
-                            "sources": lab.sources[start : i + 1],
-                        },
-                        {"class_map": maps},
-                    )
-                    maps, start = [], i + 1
+                    save_label_png(map_paths[i], upsample_argmax(probs, size))
+                rows.add(after)
                 if progress:
                     progress((cfg.steps if fitted else 0) + i + 1, (cfg.steps if fitted else 0) + lab.n_images)
+            rows.flush()
         if fitted:
             save_head(tmp / HEAD_FILE, net, cfg, n_classes, feats.dim, head_prov)
         score_res = None

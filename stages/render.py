@@ -52,12 +52,19 @@ def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "b
         t = torch.from_numpy(inv.astype(np.float32))[None, None]
         out = F.interpolate(t, size=(H, W), mode="nearest")[0, 0].numpy().astype(np.int64)
         return ids[out]
-    m = len(ids)
+    return ids[upsample_argmax(onehot[0], (H, W))]
+
+
+def upsample_argmax(soft: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(m, h, w) scores (one-hot maps, probabilities) -> (H, W) indices 0..m-1: bilinear interpolation, then
+    the argmax; large images row by row in chunks (the same arithmetic as PyTorch's)."""
+    H, W = int(size[0]), int(size[1])
+    m, h = int(soft.shape[0]), int(soft.shape[1])
+    soft = soft.float()[None]
     if m * H * W * 4 <= (256 << 20):
-        return ids[argmax_channels(F.interpolate(onehot, size=(H, W), mode="bilinear", align_corners=False)[0]).numpy()]
-    # Large images: interpolate along columns once, then rows in chunks (same arithmetic as PyTorch's).
-    h = patch_map.shape[0]
-    cols = F.interpolate(onehot, size=(h, W), mode="bilinear", align_corners=False)[0]  # (m, h, W)
+        return argmax_channels(F.interpolate(soft, size=(H, W), mode="bilinear", align_corners=False)[0]).numpy()
+    # Large images: interpolate along columns once, then rows in chunks.
+    cols = F.interpolate(soft, size=(h, W), mode="bilinear", align_corners=False)[0]  # (m, h, W)
     out = np.empty((H, W), np.int64)
     step = max(1, (64 << 20) // (4 * m * W))
     for r0 in range(0, H, step):
@@ -66,7 +73,7 @@ def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "b
         y1 = (y0 + 1).clamp(max=h - 1)
         wy = (ys - y0.float())[:, None]
         out[r0 : r0 + len(ys)] = argmax_channels(cols[:, y0] * (1 - wy) + cols[:, y1] * wy).numpy()
-    return ids[out]
+    return out
 
 
 def save_label_png(path: str | os.PathLike, labels: np.ndarray, pal: np.ndarray | None = None) -> None:

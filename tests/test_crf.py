@@ -114,12 +114,12 @@ def test_crf_on_probabilities_without_iterations_is_their_bilinear_argmax():
     import torch
 
     from stages.crf import refine_probs
-    from stages.refine import upsample_probs
+    from stages.render import upsample_argmax
 
     rng = np.random.default_rng(2)
     probs = torch.softmax(torch.from_numpy(rng.normal(size=(3, 6, 8)).astype(np.float32)), 0)
     photo = rng.integers(0, 255, size=(90, 120, 3)).astype(np.uint8)
-    same = refine_probs(photo, probs, CRFParams(iterations=0)) == upsample_probs(probs, (90, 120))
+    same = refine_probs(photo, probs, CRFParams(iterations=0)) == upsample_argmax(probs, (90, 120))
     assert same.mean() > 0.999
 
 
