@@ -20,7 +20,7 @@ import numpy as np
 from . import validate as v
 from .concepts import ConceptSet
 from .config import BACKGROUND_SPLITS, UPSAMPLES, WEIGHTINGS
-from .crf import CRFParams, refine, require_crf
+from .crf import CRFParams, check_photos, read_photo, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import output_paths
 from .kmeans import kmeans
@@ -41,18 +41,13 @@ from .output import (
 )
 from .overcluster import merge_clusters
 from .render import (
-    load_photo,
     save_label_png,
     upsample_labels,
 )
-from .store import Schema, StoreWriter, is_write_error
+from .store import StoreWriter, is_write_error
 
 log = logging.getLogger("acseg.classify")
 CLASSES_FILE = "classes.h5"
-
-
-def classes_schema() -> Schema:
-    return label_maps_schema("classes")
 
 
 class ClassStore(LabelMapStore):
@@ -180,13 +175,11 @@ def classify(
     n = store.n_images
     if crf:
         crf_params = crf_params or CRFParams()
-        missing = [s for s in store.sources if not Path(s).is_file()]
-        if missing:
+        try:
+            check_photos(store.sources)
+        except AcsegError:
             store.close()
-            raise AcsegError(
-                f"--crf needs the original photos, and {len(missing)} of {n} are not readable (first: {missing[0]})",
-                "restore them at the paths the features were extracted from, or drop --crf",
-            )
+            raise
 
     # 1. background split per image
     bg = np.zeros(len(feats), bool)
@@ -293,20 +286,14 @@ def classify(
             "parent": store.identity,
             "features_provenance": store.provenance,
         }
-        with StoreWriter(tmp / CLASSES_FILE, classes_schema(), attrs) as w:
+        with StoreWriter(tmp / CLASSES_FILE, label_maps_schema("classes"), attrs) as w:
             rows = ClassMapRows(w, store)
             for i in range(n):
                 cmap = store.concept_map(i)
                 pmap = concept_class[co[i] + cmap]
                 path = map_paths[i]
                 if crf:
-                    photo = load_photo(store.sources[i], tuple(store.image_size[i]))
-                    if photo is None:
-                        raise AcsegError(
-                            f"--crf cannot read the photo {store.sources[i]}",
-                            "restore it at the path the features were extracted from, or drop --crf",
-                        )
-                    labels = refine(photo, pmap, crf_params)
+                    labels = refine(read_photo(store.sources[i], tuple(store.image_size[i])), pmap, crf_params)
                 else:
                     labels = upsample_labels(pmap, tuple(store.image_size[i]), upsample)
                 save_label_png(path, labels)

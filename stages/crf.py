@@ -1,5 +1,6 @@
-"""Optional dense-CRF refinement of label maps (classify --crf), with the fully connected CRF of Krähenbühl and
-Koltun through the ``pydensecrf2`` package (imported as ``pydensecrf``; built from source, so it is an extra).
+"""Optional dense-CRF refinement of label maps (classify --crf, refine --crf), with the fully connected CRF of
+Krähenbühl and Koltun through the ``pydensecrf2`` package (imported as ``pydensecrf``; built from source, so it is
+an extra).
 
 The unary term comes from the label map itself: the patch-level classes, interpolated bilinearly as one-hot
 maps (the same soft maps whose argmax is classify's default output) and mixed with a uniform floor, so that
@@ -11,13 +12,14 @@ uses (STEGO's: position std 1 px at weight 3; position std 67 px and colour std 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch.nn.functional as F
 from PIL import Image
 
 from .errors import AcsegError
-from .render import onehot_maps
+from .render import load_photo, onehot_maps
 
 INSTALL_HINT = (
     "install the optional dense-CRF package: pip install 'pydensecrf2==1.1' (it builds from source: needs a C++ "
@@ -50,6 +52,28 @@ def require_crf():
             "--crf needs the dense-CRF package pydensecrf2, which is not installed", INSTALL_HINT
         ) from None
     return dcrf
+
+
+def check_photos(sources: list) -> None:
+    """--crf reads each original photo: refuse at once, in one line, when some are not readable."""
+    missing = [s for s in sources if not Path(s).is_file()]
+    if missing:
+        raise AcsegError(
+            f"--crf needs the original photos, and {len(missing)} of {len(sources)} are not readable "
+            f"(first: {missing[0]})",
+            "restore them at the paths the features were extracted from, or drop --crf",
+        )
+
+
+def read_photo(source: str, size: tuple[int, int]) -> np.ndarray:
+    """The photo --crf refines a map on, at the map's size, or a one-line error."""
+    photo = load_photo(source, size)
+    if photo is None:
+        raise AcsegError(
+            f"--crf cannot read the photo {source}",
+            "restore it at the path the features were extracted from, or drop --crf",
+        )
+    return photo
 
 
 def refine(photo: np.ndarray, patch_map: np.ndarray, params: CRFParams | None = None) -> np.ndarray:
