@@ -14,7 +14,6 @@ images of the same features with ``head=``: ``classify --centroids`` labels them
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from . import validate as v
 from .classify import CLASSES_FILE
 from .config import HeadConfig
-from .crf import CRFParams, refine_probs, require_crf
+from .crf import CRFParams, check_photos, read_photo, refine_probs, require_crf
 from .digests import weights_sha256
 from .errors import AcsegError
 from .features import FeatureStore
@@ -51,10 +50,9 @@ from .output import (
     replace_folder,
     write_atomic,
 )
-from .render import load_photo, save_label_png, upsample_argmax
+from .render import save_label_png, upsample_argmax
 from .store import StoreWriter, is_write_error
 
-log = logging.getLogger("acseg.refine")
 HEAD_FILE = "head.pt"
 REFINED_FILE = "refined.h5"
 HEAD_FORMAT = "acseg-head-1"
@@ -69,7 +67,8 @@ def create_head(cfg: HeadConfig, dim: int, n_classes: int) -> torch.nn.Module:
     )
 
 
-def _unit(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+def unit(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Tokens as the head sees them: float32, L2-normalised rows."""
     return F.normalize(torch.as_tensor(x, dtype=torch.float32), dim=-1)
 
 
@@ -83,21 +82,23 @@ def _lr_at(step: int, cfg: HeadConfig) -> float:
 
 
 def fit_head(
-    tokens: np.ndarray, labels: np.ndarray, n_classes: int, cfg: HeadConfig, progress: Callable | None = None
+    tokens: torch.Tensor, labels: np.ndarray, n_classes: int, cfg: HeadConfig, progress: Callable | None = None
 ) -> torch.nn.Module:
-    """tokens (N, d) and their class ids (N,) -> a head trained with cross-entropy by AdamW (decoupled weight
-    decay), ``cfg.steps`` batches drawn without replacement, warm-up then cosine learning rate.
+    """tokens (N, d), L2-normalised as the head sees them (``unit``), and their class ids (N,) -> a head trained
+    with cross-entropy by AdamW (decoupled weight decay), ``cfg.steps`` batches drawn without replacement, warm-up
+    then cosine learning rate.
 
     The update is written out here: torch.optim imports torch._dynamo on first use, 2-4 s of a command
     that otherwise takes a few."""
     g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    net = create_head(cfg, tokens.shape[1], n_classes)
+    with torch.random.fork_rng(devices=[]):  # the head's initial weights, without touching the process's RNG
+        torch.manual_seed(cfg.seed)
+        net = create_head(cfg, tokens.shape[1], n_classes)
     params = list(net.parameters())
     m1 = [torch.zeros_like(p) for p in params]
     m2 = [torch.zeros_like(p) for p in params]
     b1, b2, eps = 0.9, 0.999, 1e-8
-    x = _unit(tokens)
+    x = tokens
     y = torch.as_tensor(labels, dtype=torch.int64)
     bs = min(cfg.batch_size, len(x))
     perm, at = torch.randperm(len(x), generator=g), 0
@@ -155,7 +156,6 @@ class Head:
     n_classes: int
     dim: int
     provenance: dict
-    path: str
     weights_sha256: str
 
 
@@ -184,7 +184,7 @@ def load_head(path: str | os.PathLike) -> Head:
         raise AcsegError(f"{path} is a damaged refine head", "re-run refine to fit it again") from None
     if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
         raise AcsegError(f"{path}: the head's weights hold NaN or Inf", "re-run refine to fit it again")
-    return Head(net.eval(), cfg, n_classes, dim, provenance, str(p.absolute()), str(obj.get("weights_sha256", "")))
+    return Head(net.eval(), cfg, n_classes, dim, provenance, str(obj.get("weights_sha256", "")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def _sample(labels: LabelMapStore, feats: FeatureStore, idx: list[int], max_toke
                 x, y = x[pick], y[pick]
             xs.append(x)
             ys.append(y)
-    return _unit(np.concatenate(xs)), np.concatenate(ys), share == 1.0
+    return unit(np.concatenate(xs)), np.concatenate(ys), share == 1.0
 
 
 def refine(
@@ -307,13 +307,7 @@ def refine(
         _check_provenance(lab.path.name, prov, feats)
         idx = _pairs(lab, feats)
         if crf:
-            missing = [s for s in lab.sources if not Path(s).is_file()]
-            if missing:
-                raise AcsegError(
-                    f"--crf needs the original photos, and {len(missing)} of {lab.n_images} are not readable "
-                    f"(first: {missing[0]})",
-                    "restore them at the paths the features were extracted from, or drop --crf",
-                )
+            check_photos(lab.sources)
         fitted = head is None
         whole = False
         if fitted:
@@ -334,7 +328,7 @@ def refine(
                     f"{n_classes} classes and the features {feats.dim} dimensions",
                     "apply a head fitted on labels of the same classify run's classes",
                 )
-            net, cfg, head_prov = h.net, h.cfg, h.provenance
+            net, cfg, head_prov, head_sha = h.net, h.cfg, h.provenance, h.weights_sha256
         inputs = [labels, lab.path, features, head, match_gt]
         lock = acquire_output_lock(out)
         side = (HEAD_FILE,) if fitted else ()
@@ -351,7 +345,7 @@ def refine(
             "keep": keep,
             "head": asdict(cfg),
             "fitted": fitted,
-            "applied_head": None if fitted else str(Path(head).absolute()),
+            "applied_head": None if fitted else {"path": str(Path(head).absolute()), "weights_sha256": head_sha},
             "labels": str(lab.path),
             "crf": crf_params.to_dict() if crf else None,
         }
@@ -370,7 +364,7 @@ def refine(
                 if fitted and whole:
                     tok, at = x[at : at + gh * gw], at + gh * gw
                 else:
-                    tok = _unit(feats.tokens(j))
+                    tok = unit(feats.tokens(j))
                 probs = torch.softmax(net(tok), dim=-1).T.reshape(n_classes, gh, gw)
                 probs = blend(probs, before, keep)
                 after = probs.argmax(0).numpy()
@@ -378,13 +372,7 @@ def refine(
                 total += after.size
                 size = tuple(int(s) for s in lab.image_size[i])
                 if crf:
-                    photo = load_photo(lab.sources[i], size)
-                    if photo is None:
-                        raise AcsegError(
-                            f"--crf cannot read the photo {lab.sources[i]}",
-                            "restore it at the path the features were extracted from, or drop --crf",
-                        )
-                    save_label_png(map_paths[i], refine_probs(photo, probs, crf_params))
+                    save_label_png(map_paths[i], refine_probs(read_photo(lab.sources[i], size), probs, crf_params))
                 else:
                     save_label_png(map_paths[i], upsample_argmax(probs, size))
                 rows.add(after)

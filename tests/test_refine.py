@@ -13,7 +13,7 @@ from test_hostile import one_error_line
 
 from stages.classify import classify
 from stages.conceptualize import conceptualize
-from stages.refine import HEAD_FILE, REFINED_FILE, HeadConfig, fit_head, load_head
+from stages.refine import HEAD_FILE, REFINED_FILE, HeadConfig, fit_head, load_head, unit
 
 
 def _unit(x):
@@ -27,9 +27,12 @@ def test_head_recovers_planted_classes_from_noisy_labels():
     x = (centers[true] + rng.normal(size=(6000, 32))).astype(np.float32)
     noisy = np.where(rng.random(6000) < 0.3, rng.integers(0, 4, 6000), true)
     assert (noisy == true).mean() < 0.8
-    net = fit_head(x, noisy, 4, HeadConfig(steps=150, batch_size=512, lr=1e-2))
+    tokens = unit(x)
+    rng_state = torch.get_rng_state()
+    net = fit_head(tokens, noisy, 4, HeadConfig(steps=150, batch_size=512, lr=1e-2))
+    assert torch.equal(torch.get_rng_state(), rng_state)  # a stage leaves the process's RNG alone
     with torch.no_grad():
-        pred = net(torch.nn.functional.normalize(torch.from_numpy(x), dim=-1)).argmax(1).numpy()
+        pred = net(tokens).argmax(1).numpy()
     assert (pred == true).mean() > 0.97
 
 
@@ -63,6 +66,9 @@ def test_fit_and_apply_give_the_same_labels(labelled, tmp_path):
         )
     h = load_head(head)
     assert h.n_classes == 5 and h.dim == 32 and h.cfg.steps == 40
+    with h5py.File(tmp_path / "app" / REFINED_FILE) as f:
+        applied = json.loads(f.attrs["params"])["applied_head"]
+    assert applied == {"path": str(head.absolute()), "weights_sha256": h.weights_sha256} and len(h.weights_sha256) == 64
     # the planted classes survive: refined maps agree with the ground truth up to one renaming
     labels, classes = labelled["gt"]
     with h5py.File(tmp_path / "fit" / REFINED_FILE) as f:
