@@ -16,6 +16,7 @@ from typing import Annotated, Callable, List, Optional
 import typer
 from rich.console import Console
 
+from stages.datasets import DATASETS
 from stages.errors import AcsegError, UsageError
 from stages.humanize import duration
 
@@ -307,18 +308,12 @@ class Progress:
         return False
 
 
-def _gt_preset():
-    from stages.datasets import DATASETS
-
-    dataset = choices("Dataset", DATASETS)
-    return Annotated[
-        Optional[dataset],
-        typer.Option(
-            "--dataset",
-            "-d",
-            help="Preset of the ground truth for --match-gt (none: its ids are the classes, as score reads them).",
-        ),
-    ]
-
-
-GtPreset = _gt_preset()  # classify's and refine's --dataset (score's has its own help)
+# classify's and refine's --dataset (score's has its own help)
+GtPreset = Annotated[
+    Optional[choices("Dataset", DATASETS)],
+    typer.Option(
+        "--dataset",
+        "-d",
+        help="Preset of the ground truth for --match-gt (none: its ids are the classes, as score reads them).",
+    ),
+]

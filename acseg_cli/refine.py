@@ -108,8 +108,6 @@ def command(
     from stages.refine import refine
 
     cfg.check()
-    if crf_iterations < 0:
-        fail("--crf-iterations must be >= 0; pass 0 (the bilinear map unchanged) or more", 2)
     labels = resolve_input(labels)
     with Progress("refine") as bar:
         res = refine(
