@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.config import HEAD_KINDS, HeadConfig
+from stages.config import HEAD_KINDS, HeadConfig, PAMRParams
 
 from .options import (
     CrfIterations,
@@ -31,6 +31,7 @@ from .options import (
 
 HeadKind = choices("HeadKind", HEAD_KINDS)
 D = HeadConfig()
+P = PAMRParams()
 
 
 @stage
@@ -78,11 +79,19 @@ def command(
         bool,
         typer.Option(
             "--crf",
-            help="Refine each map with a dense CRF on its photo, the blended probabilities as its unary term (needs "
-            "the optional package pydensecrf2 and the original photos; about a second per photo).",
+            help="Refine each map with a dense CRF on its photo instead of --pamr, the blended probabilities as its "
+            "unary term (needs the optional package pydensecrf2 and the original photos; about a second per photo).",
         ),
     ] = False,
     crf_iterations: CrfIterations = 10,
+    pamr: Annotated[
+        int,
+        typer.Option(
+            "--pamr",
+            help="Iterations of pixel-adaptive refinement on each photo, which moves the class boundaries onto its "
+            "edges (reads the original photos; 0: plain bilinear upsampling, no photos needed).",
+        ),
+    ] = P.iterations,
     overwrite: Overwrite = False,
     as_json: JsonOut = False,
     verbose: Verbose = 0,
@@ -123,6 +132,7 @@ def command(
             preview=preview,
             crf=crf,
             crf_params=CRFParams(iterations=crf_iterations),
+            pamr=PAMRParams(iterations=pamr),
             overwrite=overwrite,
             progress=bar,
         )

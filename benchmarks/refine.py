@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages.checkpoint import load_checkpoint  # noqa: E402
 from stages.classify import classify  # noqa: E402
+from stages.config import PAMRParams  # noqa: E402
 from stages.features import FeatureStore  # noqa: E402
 from stages.kmeans import kmeans  # noqa: E402
 from stages.refine import HeadConfig, refine  # noqa: E402
@@ -113,12 +114,13 @@ def main():
     variants = [("classify-1", {"over_cluster": 1}), ("classify", {})]
     if a.extra:
         variants.append(("classify exclusivity=0", {"exclusivity": 0.0}))
-    refines = [("refine", {}, HeadConfig())]
+    refines = [("refine", {}, HeadConfig()), ("refine pamr=0", {"pamr": PAMRParams(iterations=0)}, HeadConfig())]
     if a.extra:
         refines += [
             ("refine keep=0", {"keep": 0.0}, HeadConfig()),
             ("refine keep=0.5", {"keep": 0.5}, HeadConfig()),
             ("refine mlp", {}, HeadConfig(kind="mlp", lr=3e-3)),
+            ("refine pamr=10 224 px", {"pamr": PAMRParams(iterations=10, short_side=224)}, HeadConfig()),
         ]
     if a.crf:
         refines.append(("refine crf", {"crf": True}, HeadConfig()))

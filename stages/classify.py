@@ -20,9 +20,9 @@ import numpy as np
 from . import validate as v
 from .concepts import ConceptSet
 from .config import BACKGROUND_SPLITS, UPSAMPLES, WEIGHTINGS
-from .crf import CRFParams, check_photos, read_photo, refine, require_crf
+from .crf import CRFParams, read_photo, refine, require_crf
 from .errors import AcsegError, UsageError
-from .images import output_paths
+from .images import check_photos, output_paths
 from .kmeans import kmeans
 from .labelfolder import (
     ClassMapRows,

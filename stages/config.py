@@ -4,7 +4,7 @@ takes. Importable without torch, so the command line lists the choices at once."
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from . import validate
 
@@ -161,3 +161,18 @@ class HeadConfig:
         validate.number("--weight-decay", self.weight_decay, min=0.0, max=10.0)
         validate.integer("--max-tokens", self.max_tokens, min=1)
         validate.seed("--seed", self.seed)
+
+
+@dataclass
+class PAMRParams:
+    """refine's pixel-adaptive refinement on the photo (stages/pamr.py)."""
+
+    iterations: int = 5
+    short_side: int = 160  # the working copy's short side (never larger than the photo)
+    sigma: float = 0.05  # colour differences are divided by sigma x the local colour spread
+    dilations: tuple[int, ...] = field(default=(1, 2, 4, 8, 12, 24))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dilations"] = list(self.dilations)
+        return d

@@ -12,7 +12,6 @@ uses (STEGO's: position std 1 px at weight 3; position std 67 px and colour std 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch.nn.functional as F
@@ -52,17 +51,6 @@ def require_crf():
             "--crf needs the dense-CRF package pydensecrf2, which is not installed", INSTALL_HINT
         ) from None
     return dcrf
-
-
-def check_photos(sources: list) -> None:
-    """--crf reads each original photo: refuse at once, in one line, when some are not readable."""
-    missing = [s for s in sources if not Path(s).is_file()]
-    if missing:
-        raise AcsegError(
-            f"--crf needs the original photos, and {len(missing)} of {len(sources)} are not readable "
-            f"(first: {missing[0]})",
-            "restore them at the paths the features were extracted from, or drop --crf",
-        )
 
 
 def read_photo(source: str, size: tuple[int, int]) -> np.ndarray:

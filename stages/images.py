@@ -262,3 +262,15 @@ def output_paths(root: Path, names: list[str], suffix: str) -> list[Path]:
         paths[clashing[0]].name,
     )
     return paths
+
+
+def check_photos(sources: list, needs: str = "--crf", instead: str = "drop --crf") -> None:
+    """A step that reads each original photo (``needs``) refuses at once, in one line, when some are not
+    readable; ``instead`` says how to go without it."""
+    missing = [s for s in sources if not Path(s).is_file()]
+    if missing:
+        raise AcsegError(
+            f"{needs} needs the original photos, and {len(missing)} of {len(sources)} are not readable "
+            f"(first: {missing[0]})",
+            f"restore them at the paths the features were extracted from, or {instead}",
+        )

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 from . import validate as v
 from .classify import CLASSES_FILE
-from .config import HeadConfig
-from .crf import CRFParams, check_photos, read_photo, refine_probs, require_crf
+from .config import HeadConfig, PAMRParams
+from .crf import CRFParams, read_photo, refine_probs, require_crf
 from .digests import weights_sha256
 from .errors import AcsegError
 from .features import FeatureStore
-from .images import output_paths
+from .images import check_photos, output_paths
 from .labelfolder import (
     ClassMapRows,
     LabelMapStore,
@@ -50,6 +50,8 @@ from .output import (
     replace_folder,
     write_atomic,
 )
+from .pamr import read_photo_small, work_size
+from .pamr import refine_probs as pamr_probs
 from .render import save_label_png, upsample_argmax
 from .store import StoreWriter, is_write_error
 
@@ -281,6 +283,7 @@ def refine(
     preview: str | None = None,
     crf: bool = False,
     crf_params: CRFParams | None = None,
+    pamr: PAMRParams | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> RefineResult:
@@ -293,9 +296,12 @@ def refine(
         v.integer("--ignore-index", i, min=0, max=65535, hint="pass a label id 0..65535")
     if crf_params is not None:
         v.integer("--crf-iterations", crf_params.iterations, min=0)
+    pamr = PAMRParams() if pamr is None else pamr
+    v.integer("--pamr", pamr.iterations, min=0, max=1000, hint="pass the iterations of PAMR, 0 to upsample bilinearly")
     if crf:
         require_crf()
         crf_params = crf_params or CRFParams()
+    edges = "crf" if crf else "pamr" if pamr.iterations > 0 else None
     lab = LabelMapStore.open_any(labels_file(labels))
     feats = None
     out = Path(outdir).absolute()
@@ -306,8 +312,8 @@ def refine(
         prov = lab.attr_json("features_provenance", {})
         _check_provenance(lab.path.name, prov, feats)
         idx = _pairs(lab, feats)
-        if crf:
-            check_photos(lab.sources)
+        if edges:
+            check_photos(lab.sources, "--crf" if crf else "refine's PAMR", "drop --crf" if crf else "pass --pamr 0")
         fitted = head is None
         whole = False
         if fitted:
@@ -348,6 +354,7 @@ def refine(
             "applied_head": None if fitted else {"path": str(Path(head).absolute()), "weights_sha256": head_sha},
             "labels": str(lab.path),
             "crf": crf_params.to_dict() if crf else None,
+            "pamr": pamr.to_dict() if edges == "pamr" else None,
         }
         attrs = {
             "params": params,
@@ -371,8 +378,11 @@ def refine(
                 changed += int((after != before).sum())
                 total += after.size
                 size = tuple(int(s) for s in lab.image_size[i])
-                if crf:
+                if edges == "crf":
                     save_label_png(map_paths[i], refine_probs(read_photo(lab.sources[i], size), probs, crf_params))
+                elif edges == "pamr":
+                    photo = read_photo_small(lab.sources[i], work_size(size, pamr.short_side))
+                    save_label_png(map_paths[i], pamr_probs(photo, probs, size, pamr))
                 else:
                     save_label_png(map_paths[i], upsample_argmax(probs, size))
                 rows.add(after)

@@ -32,7 +32,26 @@ def planted_images(n_images=48, dim=32, grid=(8, 8), n_classes=5, groups=(2, 5),
     return toks, labels, classes
 
 
-def write_planted_store(path, toks, labels, *, backbone="planted", patch=16):
+def write_planted_photos(folder, labels, classes, patch=16, seed=0):
+    """One PNG per planted image, each class a flat colour (plus noise) on its groups' patches; -> their paths."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = np.array([[200, 40, 40], [40, 160, 40], [40, 40, 200], [220, 200, 60], [120, 60, 160]] * 4, np.float32)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (lab, cls) in enumerate(zip(labels, classes)):
+        img = colours[cls[lab]].repeat(patch, 0).repeat(patch, 1)
+        img = np.clip(img + rng.normal(scale=6, size=img.shape), 0, 255).astype(np.uint8)
+        paths.append(str(folder / f"img_{i:03d}.png"))
+        Image.fromarray(img).save(paths[-1])
+    return paths
+
+
+def write_planted_store(path, toks, labels, *, backbone="planted", patch=16, sources=None):
     h, w = labels[0].shape
     dim = toks[0].shape[1]
     attrs = {
@@ -49,7 +68,7 @@ def write_planted_store(path, toks, labels, *, backbone="planted", patch=16):
                     "grid": [lab.shape],
                     "image_size": [(lab.shape[0] * patch, lab.shape[1] * patch)],
                     "names": [f"img_{i:03d}.png"],
-                    "sources": [f"/nonexistent/img_{i:03d}.png"],
+                    "sources": [sources[i] if sources else f"/nonexistent/img_{i:03d}.png"],
                 },
                 {"tokens": [t.astype(np.float16)], "cls_attn": [attn]},
             )

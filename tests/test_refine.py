@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import cli
 from PIL import Image
-from planted import planted_images, write_planted_store
+from planted import planted_images, write_planted_photos, write_planted_store
 from test_hostile import one_error_line
 
 from stages.classify import classify
@@ -41,7 +41,8 @@ def labelled(tmp_path_factory):
     """A planted store, per-image k-means concepts, classes fitted on them."""
     d = tmp_path_factory.mktemp("refine")
     toks, labels, classes = planted_images(n_images=24, seed=5)
-    feats = write_planted_store(d / "feats.h5", toks, labels)
+    photos = write_planted_photos(d / "photos", labels, classes)
+    feats = write_planted_store(d / "feats.h5", toks, labels, sources=photos)
     concepts = conceptualize(feats, str(d / "c.h5"), method="kmeans", k=5).path
     out = classify(concepts, str(d / "classes"), n_classes=5, seed=0)
     return {"features": feats, "labels": out.path, "d": d, "gt": (labels, classes)}
@@ -130,3 +131,35 @@ def test_bad_inputs_are_refused(labelled, tmp_path):
     (fit / "notes.txt").write_text("mine")
     one_error_line(cli(["refine", labelled["labels"], "-f", labelled["features"], "-o", fit, "--overwrite"]))
     assert sorted(p.name for p in fit.iterdir()) == sorted([*before, "notes.txt"])
+
+
+def test_pamr_reads_the_photos_and_can_be_turned_off(labelled, tmp_path):
+    feats, labels = labelled["features"], labelled["labels"]
+    common = ["refine", labels, "-f", feats, "--steps", "20", "-q"]
+    r = cli([*common, "-o", tmp_path / "bad", "--pamr", "-1"])
+    assert r.exit_code == 2 and "--pamr" in r.stderr and not (tmp_path / "bad").exists()
+    assert cli([*common, "-o", tmp_path / "on"]).exit_code == 0
+    assert cli([*common, "-o", tmp_path / "off", "--pamr", "0"]).exit_code == 0
+    with h5py.File(tmp_path / "on" / REFINED_FILE) as f:
+        assert json.loads(f.attrs["params"])["pamr"] == {
+            "iterations": 5,
+            "short_side": 160,
+            "sigma": 0.05,
+            "dilations": [1, 2, 4, 8, 12, 24],
+        }
+    with h5py.File(tmp_path / "off" / REFINED_FILE) as f:
+        assert json.loads(f.attrs["params"])["pamr"] is None
+    # the patch labels are the same; only the upsampling differs, and PAMR's maps follow the photos' edges
+    from stages.labelfolder import LabelMapStore
+
+    with LabelMapStore(tmp_path / "on" / REFINED_FILE) as a, LabelMapStore(tmp_path / "off" / REFINED_FILE) as b:
+        assert all(np.array_equal(a.class_map(i), b.class_map(i)) for i in range(a.n_images))
+    # without the photos: one line that says how to go on, and --pamr 0 goes on
+    photos, away = labelled["d"] / "photos", labelled["d"] / "photos-away"
+    photos.rename(away)
+    try:
+        msg = one_error_line(cli([*common, "-o", tmp_path / "o"]))
+        assert "photos" in msg and "--pamr 0" in msg and not (tmp_path / "o").exists()
+        assert cli([*common, "-o", tmp_path / "o", "--pamr", "0"]).exit_code == 0
+    finally:
+        away.rename(photos)

@@ -1,0 +1,105 @@
+"""Pixel-adaptive refinement of class probabilities on the photo (refine's default last step, docs/method.md,
+section 7).
+
+The head labels 14-pixel patches; bilinear upsampling puts the boundaries between patch centres, not on the
+photo's edges. PAMR (Araslanov and Roth, "Single-stage semantic segmentation from image labels", CVPR 2020)
+moves them there: each pixel's probabilities become, ten times over, a weighted mean of its neighbours' at
+dilations 1 to 24, with weights from colour similarity (a softmax over the neighbours of minus the colour
+difference, scaled by the local colour spread). It runs in plain torch, on a small copy of the photo (short side
+160 by default), so it costs a few hundredths of a second per photo where the dense CRF costs about a second.
+
+Every step is a convex combination, so a class whose probability stays below 1 / K everywhere can never win a
+pixel: such classes are dropped first, which leaves the labels unchanged and saves their arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .config import PAMRParams
+from .errors import AcsegError
+from .images import ImageError, to_rgb
+from .render import upsample_argmax
+
+NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+MAX_WORK_PIXELS = 1 << 18  # the working copy of a very long photo is made smaller still (memory: 600 B a pixel)
+
+
+def work_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """The working copy's (h, w) for an output of ``size`` (H, W): short side ``short_side`` at most, aspect kept."""
+    H, W = int(size[0]), int(size[1])
+    s = min(1.0, short_side / min(H, W), (MAX_WORK_PIXELS / (H * W)) ** 0.5)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def read_photo_small(source: str, size: tuple[int, int]) -> np.ndarray:
+    """The photo at ``source`` as a (h, w, 3) uint8 array of the given size; JPEGs are decoded at a reduced
+    scale where that is still at least this size. A one-line error when it cannot be read."""
+    h, w = size
+    try:
+        with Image.open(source) as im:
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(h, w), max(h, w)))  # each side stays >= the larger of h and w
+            im.seek(0)
+            im.load()
+            im = to_rgb(ImageOps.exif_transpose(im) or im)
+            return np.asarray(im.resize((w, h), Image.BILINEAR))
+    except (ImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise AcsegError(
+            f"refine cannot read the photo {source} ({type(e).__name__})",
+            "restore it at the path the features were extracted from, or pass --pamr 0",
+        ) from None
+
+
+def affinities(img: torch.Tensor, params: PAMRParams) -> torch.Tensor:
+    """img (3, h, w) float -> (n, h, w) weights of each pixel's n = 8 x len(dilations) neighbours, summing to 1."""
+    c, h, w = img.shape
+    pad = max(params.dilations)
+    ip = F.pad(img[None], (pad, pad, pad, pad), mode="replicate")[0]
+    offs = [(dy * d, dx * d) for d in params.dilations for dy, dx in NEIGHBOURS]
+    # differences to the pixel itself, (n, 3, h, w)
+    diff = torch.stack([ip[:, pad + oy : pad + oy + h, pad + ox : pad + ox + w] for oy, ox in offs]).sub_(img)
+    # the colour spread over the pixel and its n neighbours, per channel: the unbiased std, as PAMR's, from the
+    # sums of the differences (shifted by the pixel itself, so no cancellation; torch's std over the first axis
+    # is ten times slower on a CPU)
+    n = len(offs) + 1
+    s1 = diff.sum(0)
+    var = (diff * diff).sum(0).sub_(s1 * s1 / n).div_(n - 1).clamp_(min=0.0)
+    scale = var.sqrt_().mul_(params.sigma).add_(1e-8)
+    diff.abs_().div_(scale)
+    aff = sum(diff[:, k] for k in range(c)).mul_(-1.0 / c)
+    return torch.softmax(aff, 0)
+
+
+def propagate(probs: torch.Tensor, aff: torch.Tensor, params: PAMRParams) -> torch.Tensor:
+    """probs (m, h, w) -> the same after ``params.iterations`` steps of the weighted neighbour mean."""
+    _, h, w = probs.shape
+    pad = max(params.dilations)
+    offs = [(dy * d, dx * d) for d in params.dilations for dy, dx in NEIGHBOURS]
+    m = probs.contiguous()
+    for _ in range(params.iterations):
+        mp = F.pad(m[None], (pad, pad, pad, pad), mode="replicate")[0]
+        out = torch.zeros_like(m)
+        for k, (oy, ox) in enumerate(offs):
+            out.addcmul_(mp[:, pad + oy : pad + oy + h, pad + ox : pad + ox + w], aff[k])
+        m = out
+    return m
+
+
+def refine_probs(photo: np.ndarray, probs: torch.Tensor, size: tuple[int, int], params: PAMRParams) -> np.ndarray:
+    """photo (h, w, 3) uint8, the working copy (``work_size``); probs (K, gh, gw) patch-level class
+    probabilities summing to 1 -> (H, W) class indices 0..K-1 at the output ``size``."""
+    K = int(probs.shape[0])
+    h, w = photo.shape[:2]
+    soft = F.interpolate(probs[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+    live = torch.nonzero(soft.amax(dim=(1, 2)) >= 1.0 / K - 1e-6)[:, 0]  # the others never win a pixel
+    if len(live) == 1 or params.iterations == 0:
+        if len(live) == 1:
+            return np.full((int(size[0]), int(size[1])), int(live[0]), dtype=np.int64)
+        return upsample_argmax(probs, size)
+    img = torch.from_numpy(np.array(photo, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    out = propagate(soft[live], affinities(img, params), params)
+    return live.numpy()[upsample_argmax(out, size)]
