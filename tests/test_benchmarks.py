@@ -105,9 +105,11 @@ def test_refine_runs_every_variant(tiny):
         "classify-1",
         "classify",
         "refine",
+        "refine pamr=0",
         "refine keep=0",
         "refine keep=0.5",
         "refine mlp",
+        "refine pamr=10 224 px",
         "classify exclusivity=0",
     ]
     assert all(len(r["miou_all_even_odd"]) == 3 and 0 <= min(r["miou_all_even_odd"]) for r in rows)
