@@ -7,6 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from stages.config import EXTRACT_PRECISIONS
 from stages.presets import DEFAULT_BACKBONE, DEFAULT_FEATURE, FEATURE_KINDS, PRESETS
 
 from .backbones import print_backbones
@@ -29,6 +30,7 @@ from .options import (
 
 Backbone = choices("Backbone", PRESETS)
 Feature = choices("Feature", FEATURE_KINDS)
+Precision = choices("Precision", EXTRACT_PRECISIONS)
 
 
 @stage
@@ -71,6 +73,14 @@ def command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option("--workers", help="Decoding worker processes (0 = in the main process).")] = 1,
     device: Device = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help="What the backbone computes in: auto (bf16 autocast on a GPU, fp32 on a CPU), fp32, or bf16 "
+            "(autocast; on a CPU fast only with native bf16, AVX512-BF16 or AMX).",
+        ),
+    ] = Precision("auto"),
     shard: Annotated[
         Optional[str],
         typer.Option(
@@ -139,6 +149,7 @@ def command(
             list_text=list_text,
             shard=shard,
             max_aspect=max_aspect,
+            precision=value_of(precision),
             progress=bar,
         )
     msg = f"extracted {res.n_images} images"

@@ -25,6 +25,7 @@ from .backbones import (
 from .errors import AcsegError, UsageError
 from .features import features_schema
 from .output import check_output
+from .precision import extract_precision
 from .shards import parse_shard, plan_datasets, shard_range
 from .store import StoreWriter
 
@@ -116,6 +117,7 @@ def extract(
     list_text: str | None = None,
     shard: str | None = None,
     max_aspect: float = 8.0,
+    precision: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> ExtractResult:
     """Extract features of ``inputs`` (folders, files, list files) into the store ``output``.
@@ -134,6 +136,7 @@ def extract(
     if max_pixels is not None:
         v.integer("--max-pixels", max_pixels, min=1)
     device = v.device(device)
+    precision = extract_precision(precision, device)
     short_side = short_side or preset.short_side
     if short_side < preset.patch:
         raise UsageError(
@@ -200,6 +203,7 @@ def extract(
         "n_inputs": len(items),
         "max_aspect": max_aspect,
         "plan_sha256": _plan_digest(grids, batches),
+        "precision": precision,
     }
     attrs = {"params": params, "backbone": bb.describe(), "parent": {}}
     if shard_attr:
@@ -227,7 +231,9 @@ def extract(
         done = sum(len(batches[j]) for j in range(first, start))
         if progress:
             progress(done, total)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+        autocast = (
+            torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        )
         for j, ok, x, sizes, failed in loader:
             for i, reason in failed:
                 _skip(skipped, items[i], reason, strict)

@@ -1,4 +1,4 @@
-"""The dtype the ACG runs in at inference, from what the hardware multiplies natively."""
+"""The arithmetic the backbone and the ACG run in at inference, from what the hardware multiplies natively."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRECISIONS
+from .config import EXTRACT_PRECISIONS, PRECISIONS
 from .validate import choice
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -32,3 +32,12 @@ def inference_dtype(precision: str, device: str) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def extract_precision(precision: str, device: str) -> str:
+    """What extract's backbone computes in: 'auto' is bf16 autocast on a GPU (as before the option existed) and
+    fp32 on a CPU; 'bf16' on a CPU is autocast too, fast only where the CPU multiplies bf16 natively."""
+    choice("--precision", precision, EXTRACT_PRECISIONS)
+    if precision == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return precision

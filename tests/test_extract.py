@@ -352,3 +352,34 @@ def test_a_second_writer_of_the_same_output_is_refused(images, tmp_path):
     finally:
         release_output_lock(out, fd)
     assert run_extract(images, out).exit_code == 0
+
+
+def test_precision_bf16_stays_close_to_fp32_and_is_recorded(images, tmp_path):
+    stores = {}
+    for p in ("fp32", "bf16", "auto"):
+        stores[p] = tmp_path / f"{p}.h5"
+        r = run_extract(images, stores[p], "--device", "cpu", "--precision", p)
+        assert r.exit_code == 0, r.stderr
+    with FeatureStore(stores["fp32"]) as ref, FeatureStore(stores["bf16"]) as st, FeatureStore(stores["auto"]) as au:
+        assert ref.params["precision"] == "fp32" and st.params["precision"] == "bf16"
+        assert au.params["precision"] == "fp32"  # auto on a CPU
+        assert st.backbone["weights_sha256"] == ref.backbone["weights_sha256"]
+        for i in range(ref.n_images):
+            w, got = ref.tokens(i).astype(np.float32), st.tokens(i).astype(np.float32)
+            cos = (got * w).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(w, axis=1))
+            assert got.shape == w.shape and cos.min() > 0.98, cos.min()
+            assert np.abs(got - w).max() > 0  # bf16 arithmetic, not the fp32 path under another name
+            assert np.array_equal(au.tokens(i), ref.tokens(i))
+
+
+def test_auto_precision_is_bf16_on_a_gpu_and_fp32_on_a_cpu():
+    from stages.precision import extract_precision
+
+    assert extract_precision("auto", "cpu") == "fp32" and extract_precision("auto", "cuda:0") == "bf16"
+    assert extract_precision("fp32", "cuda") == "fp32"
+
+
+def test_a_bad_precision_option_writes_nothing(images, tmp_path):
+    for bad in ("fp16", "int8"):
+        r = run_extract(images, tmp_path / "f.h5", "--precision", bad)
+        assert r.exit_code == 2 and "--precision" in r.stderr and not (tmp_path / "f.h5").exists()
