@@ -86,8 +86,17 @@ def variant_a(
     prepare=None,
     tag: str = "a",
 ):
-    """Dataset-level k-means on L2-normalised tokens: fit on a train sample, label every test token.
-    ``prepare`` (an ACG's ``prepare``): the tokens as that model sees them (centred, whitened) first."""
+    """Dataset-level k-means on L2-normalised tokens, scored (``kmeans_label_maps``)."""
+    d = out / f"{tag}{'_crf' if crf else ''}_s{seed}"
+    return miou(kmeans_label_maps(train, test, d, seed, K, sample, crf, prepare))
+
+
+def kmeans_label_maps(
+    train: str, test: str, d: Path, seed: int, K: int = 11, sample: int = 60000, crf: bool = False, prepare=None
+) -> Path:
+    """Dataset-level k-means on L2-normalised tokens: fit on a train sample, label every test token, write the
+    label maps into ``d``. ``prepare`` (an ACG's ``prepare``): the tokens as that model sees them (centred,
+    whitened) first. Also the baseline of benchmarks/refine.py."""
     rng = np.random.default_rng(seed)
     prep = (lambda t: t) if prepare is None else (lambda t: prepare(torch.from_numpy(t)).numpy())
     with FeatureStore(train) as tr:
@@ -95,7 +104,6 @@ def variant_a(
     toks = prep(toks[rng.choice(len(toks), min(sample, len(toks)), replace=False)])
     toks /= np.linalg.norm(toks, axis=1, keepdims=True)
     cents, _, _ = kmeans(toks, K, n_init=3, seed=seed)
-    d = out / f"{tag}{'_crf' if crf else ''}_s{seed}"
     d.mkdir(parents=True, exist_ok=True)
     with FeatureStore(test) as te:
         for i in range(te.n_images):
@@ -105,7 +113,7 @@ def variant_a(
             size = tuple(te.image_size[i])
             labels = refine(load_photo(te.sources[i], size), lab) if crf else upsample_labels(lab, size)
             save_label_png(d / Path(te.names[i]).with_suffix(".png"), labels)
-    return miou(d)
+    return d
 
 
 @contextmanager

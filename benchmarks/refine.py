@@ -36,13 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quality import kmeans_label_maps  # noqa: E402  (benchmarks/, the script's own folder)
+
 from stages.checkpoint import load_checkpoint  # noqa: E402
 from stages.classify import classify  # noqa: E402
 from stages.config import PAMRParams  # noqa: E402
-from stages.features import FeatureStore  # noqa: E402
-from stages.kmeans import kmeans  # noqa: E402
 from stages.refine import HeadConfig, refine  # noqa: E402
-from stages.render import save_label_png, upsample_labels  # noqa: E402
 from stages.score import score  # noqa: E402
 
 
@@ -64,24 +63,6 @@ def miou(pred: Path, gt: Path, halves_: list[Path], ignore: list[int]) -> list[f
     r = [score(str(pred), str(gt), allow_missing=False, **kw)["miou"]]
     r += [score(str(pred), str(h), allow_missing=True, **kw)["miou"] for h in halves_]
     return [round(100 * x, 2) for x in r]
-
-
-def kmeans_baseline(train: str, test: str, out: Path, K: int, seed: int, prepare=None) -> Path:
-    rng = np.random.default_rng(seed)
-    prep = (lambda t: t) if prepare is None else (lambda t: prepare(torch.from_numpy(t)).numpy())
-    with FeatureStore(train) as tr:
-        toks = np.concatenate(tr.read_range(0, tr.n_images))
-    toks = prep(toks[rng.choice(len(toks), min(60000, len(toks)), replace=False)])
-    toks /= np.linalg.norm(toks, axis=1, keepdims=True)
-    cents, _, _ = kmeans(toks, K, n_init=3, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    with FeatureStore(test) as te:
-        for i in range(te.n_images):
-            x = prep(te.tokens(i))
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            lab = ((x[:, None, :] - cents[None]) ** 2).sum(-1).argmin(1).reshape(te.grid[i])
-            save_label_png(out / Path(te.names[i]).with_suffix(".png"), upsample_labels(lab, tuple(te.image_size[i])))
-    return out
 
 
 def main():
@@ -125,11 +106,11 @@ def main():
     if a.crf:
         refines.append(("refine crf", {"crf": True}, HeadConfig()))
     for s in range(a.seeds):
-        d = kmeans_baseline(a.train_features, a.test_features, out / f"km_s{s}", a.K, s)
+        d = kmeans_label_maps(a.train_features, a.test_features, out / f"km_s{s}", s, a.K)
         add("kmeans", miou(d, gt, hv, a.ignore))
         if prepare is not None:
             with torch.no_grad():
-                d = kmeans_baseline(a.train_features, a.test_features, out / f"kmp_s{s}", a.K, s, prepare)
+                d = kmeans_label_maps(a.train_features, a.test_features, out / f"kmp_s{s}", s, a.K, prepare=prepare)
             add("kmeans-prep", miou(d, gt, hv, a.ignore))
         for name, kw in variants:
             t0 = time.time()
