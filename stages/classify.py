@@ -20,7 +20,7 @@ import numpy as np
 from . import validate as v
 from .concepts import ConceptSet
 from .config import BACKGROUND_SPLITS, UPSAMPLES, WEIGHTINGS
-from .crf import CRFParams, read_photo, refine, require_crf
+from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import check_photos, output_paths
 from .kmeans import kmeans
@@ -41,6 +41,7 @@ from .output import (
 )
 from .overcluster import merge_clusters
 from .render import (
+    read_photo,
     save_label_png,
     upsample_labels,
 )

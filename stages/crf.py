@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import AcsegError
-from .render import load_photo, onehot_maps
+from .render import onehot_maps
 
 INSTALL_HINT = (
     "install the optional dense-CRF package: pip install 'pydensecrf2==1.1' (it builds from source: needs a C++ "
@@ -51,17 +51,6 @@ def require_crf():
             "--crf needs the dense-CRF package pydensecrf2, which is not installed", INSTALL_HINT
         ) from None
     return dcrf
-
-
-def read_photo(source: str, size: tuple[int, int]) -> np.ndarray:
-    """The photo --crf refines a map on, at the map's size, or a one-line error."""
-    photo = load_photo(source, size)
-    if photo is None:
-        raise AcsegError(
-            f"--crf cannot read the photo {source}",
-            "restore it at the path the features were extracted from, or drop --crf",
-        )
-    return photo
 
 
 def refine(photo: np.ndarray, patch_map: np.ndarray, params: CRFParams | None = None) -> np.ndarray:

@@ -176,15 +176,18 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str, max_pixels: int | None = None) -> Image.Image:
+def load_rgb(path: str, max_pixels: int | None = None, at_least: int | None = None) -> Image.Image:
     """Decode one image fully: EXIF orientation applied, 8-bit RGB. Raises ImageError (``max_pixels``: as in
-    ``peek_size``, checked before decoding)."""
+    ``peek_size``, checked before decoding). ``at_least``: a JPEG may be decoded at a reduced scale (1/2 to 1/8)
+    that keeps both sides at least this long, for callers that shrink it anyway."""
     _regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter(_bomb_filter(max_pixels), Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 _check_pixels(*im.size, max_pixels)
+                if at_least and im.format == "JPEG":
+                    im.draft(im.mode, (at_least, at_least))
                 im.seek(0)  # first frame of an animation
                 im.load()
                 im = ImageOps.exif_transpose(im) or im

@@ -17,11 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 from .config import PAMRParams
-from .errors import AcsegError
-from .images import ImageError, to_rgb
 from .render import upsample_argmax
 
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -33,25 +30,6 @@ def work_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
     H, W = int(size[0]), int(size[1])
     s = min(1.0, short_side / min(H, W), (MAX_WORK_PIXELS / (H * W)) ** 0.5)
     return max(1, round(H * s)), max(1, round(W * s))
-
-
-def read_photo_small(source: str, size: tuple[int, int]) -> np.ndarray:
-    """The photo at ``source`` as a (h, w, 3) uint8 array of the given size; JPEGs are decoded at a reduced
-    scale where that is still at least this size. A one-line error when it cannot be read."""
-    h, w = size
-    try:
-        with Image.open(source) as im:
-            if im.format == "JPEG":
-                im.draft(im.mode, (max(h, w), max(h, w)))  # each side stays >= the larger of h and w
-            im.seek(0)
-            im.load()
-            im = to_rgb(ImageOps.exif_transpose(im) or im)
-            return np.asarray(im.resize((w, h), Image.BILINEAR))
-    except (ImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise AcsegError(
-            f"refine cannot read the photo {source} ({type(e).__name__})",
-            "restore it at the path the features were extracted from, or pass --pamr 0",
-        ) from None
 
 
 def affinities(img: torch.Tensor, params: PAMRParams) -> torch.Tensor:
@@ -92,14 +70,14 @@ def propagate(probs: torch.Tensor, aff: torch.Tensor, params: PAMRParams) -> tor
 def refine_probs(photo: np.ndarray, probs: torch.Tensor, size: tuple[int, int], params: PAMRParams) -> np.ndarray:
     """photo (h, w, 3) uint8, the working copy (``work_size``); probs (K, gh, gw) patch-level class
     probabilities summing to 1 -> (H, W) class indices 0..K-1 at the output ``size``."""
+    if params.iterations == 0:
+        return upsample_argmax(probs, size)
     K = int(probs.shape[0])
     h, w = photo.shape[:2]
     soft = F.interpolate(probs[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
     live = torch.nonzero(soft.amax(dim=(1, 2)) >= 1.0 / K - 1e-6)[:, 0]  # the others never win a pixel
-    if len(live) == 1 or params.iterations == 0:
-        if len(live) == 1:
-            return np.full((int(size[0]), int(size[1])), int(live[0]), dtype=np.int64)
-        return upsample_argmax(probs, size)
+    if len(live) == 1:
+        return np.full((int(size[0]), int(size[1])), int(live[0]), dtype=np.int64)
     img = torch.from_numpy(np.array(photo, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     out = propagate(soft[live], affinities(img, params), params)
     return live.numpy()[upsample_argmax(out, size)]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import validate as v
 from .classify import CLASSES_FILE
 from .config import HeadConfig, PAMRParams
-from .crf import CRFParams, read_photo, refine_probs, require_crf
+from .crf import CRFParams, refine_probs, require_crf
 from .digests import weights_sha256
 from .errors import AcsegError
 from .features import FeatureStore
@@ -50,14 +50,15 @@ from .output import (
     replace_folder,
     write_atomic,
 )
-from .pamr import read_photo_small, work_size
 from .pamr import refine_probs as pamr_probs
-from .render import save_label_png, upsample_argmax
+from .pamr import work_size
+from .render import read_photo, save_label_png, upsample_argmax
 from .store import StoreWriter, is_write_error
 
 HEAD_FILE = "head.pt"
 REFINED_FILE = "refined.h5"
 HEAD_FORMAT = "acseg-head-1"
+PAMR_NEEDS = "refine's PAMR"  # the step that reads the photos, as errors name it
 PROVENANCE_KEYS = ("backbone", "weights_sha256", "dim", "feature", "layer")
 
 
@@ -313,7 +314,7 @@ def refine(
         _check_provenance(lab.path.name, prov, feats)
         idx = _pairs(lab, feats)
         if edges:
-            check_photos(lab.sources, "--crf" if crf else "refine's PAMR", "drop --crf" if crf else "pass --pamr 0")
+            check_photos(lab.sources, "--crf" if crf else PAMR_NEEDS, "drop --crf" if crf else "pass --pamr 0")
         fitted = head is None
         whole = False
         if fitted:
@@ -381,7 +382,9 @@ def refine(
                 if edges == "crf":
                     save_label_png(map_paths[i], refine_probs(read_photo(lab.sources[i], size), probs, crf_params))
                 elif edges == "pamr":
-                    photo = read_photo_small(lab.sources[i], work_size(size, pamr.short_side))
+                    photo = read_photo(
+                        lab.sources[i], work_size(size, pamr.short_side), PAMR_NEEDS, "pass --pamr 0", draft=True
+                    )
                     save_label_png(map_paths[i], pamr_probs(photo, probs, size, pamr))
                 else:
                     save_label_png(map_paths[i], upsample_argmax(probs, size))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import AcsegError
 from .images import ImageError, load_rgb
 from .output import write_atomic
 
@@ -111,13 +112,28 @@ def overlay(photo: np.ndarray | None, labels: np.ndarray, pal: np.ndarray, alpha
     return out.clip(0, 255).astype(np.uint8)
 
 
-def load_photo(source: str, size: tuple[int, int]) -> np.ndarray | None:
-    """The original photo resized to (H, W), or None when it cannot be read any more."""
+def load_photo(source: str, size: tuple[int, int], draft: bool = False) -> np.ndarray | None:
+    """The original photo resized to (H, W), or None when it cannot be read any more. ``draft``: a JPEG may be
+    decoded at a reduced scale first (``load_rgb``'s ``at_least``), for small sizes."""
     try:
-        img = load_rgb(source)
+        img = load_rgb(source, at_least=max(size) if draft else None)
     except (ImageError, OSError):
         return None
     return np.asarray(img.resize((size[1], size[0]), Image.BILINEAR))
+
+
+def read_photo(
+    source: str, size: tuple[int, int], needs: str = "--crf", instead: str = "drop --crf", draft: bool = False
+) -> np.ndarray:
+    """The photo a step that looks at it (``needs``) works on, at ``size``, or a one-line error that says how to
+    go without it (``instead``); ``draft`` as in ``load_photo``."""
+    photo = load_photo(source, size, draft)
+    if photo is None:
+        raise AcsegError(
+            f"{needs} cannot read the photo {source}",
+            f"restore it at the path the features were extracted from, or {instead}",
+        )
+    return photo
 
 
 def display_size(size: tuple[int, int], max_side: int = 640) -> tuple[int, int]:

@@ -8,8 +8,8 @@ from test_crf import two_colour_photo
 
 from stages.config import PAMRParams
 from stages.errors import AcsegError
-from stages.pamr import affinities, propagate, read_photo_small, refine_probs, work_size
-from stages.render import upsample_argmax
+from stages.pamr import affinities, propagate, refine_probs, work_size
+from stages.render import read_photo, upsample_argmax
 
 
 def patch_probs(pmap, n_classes, confidence=0.9):
@@ -80,9 +80,9 @@ def test_photos_are_read_small_and_unreadable_ones_refused(tmp_path, fmt):
     photo = two_colour_photo(h=480, w=640, edge=320)
     path = tmp_path / f"p.{fmt.lower()}"
     Image.fromarray(photo).save(path, format=fmt)
-    small = read_photo_small(str(path), (120, 160))
+    small = read_photo(str(path), (120, 160), "refine's PAMR", "pass --pamr 0", draft=True)
     assert small.shape == (120, 160, 3) and small.dtype == np.uint8
     assert abs(int(small[60, 20, 0]) - 200) < 20 and abs(int(small[60, 150, 2]) - 200) < 20
     (tmp_path / "bad.jpg").write_bytes(b"not a photo")
     with pytest.raises(AcsegError, match="--pamr 0"):
-        read_photo_small(str(tmp_path / "bad.jpg"), (120, 160))
+        read_photo(str(tmp_path / "bad.jpg"), (120, 160), "refine's PAMR", "pass --pamr 0", draft=True)
