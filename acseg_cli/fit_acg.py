@@ -144,6 +144,9 @@ def command(
     )
     from stages.fit import fit_acg
 
+    from .process import keep_heap
+
+    keep_heap()
     with Progress("fit-acg", unit="steps", total_is_bound=train.auto) as bar:
         res = fit_acg(
             features,

@@ -6,6 +6,7 @@
   complain again while being freed ("Exception ignored in ObjectID.__dealloc__", with a traceback) around
   acseg's one error line, so those reports (and only those) are dropped.
 - ``bound_heap()``, by ``extract``: glibc hands large buffers back to the OS.
+- ``keep_heap()``, by ``fit-acg``: glibc keeps freed buffers for the next step instead.
 - ``leave()``, at exit: without the interpreter's teardown, when that loses nothing (see there).
 """
 
@@ -66,6 +67,21 @@ def bound_heap() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: buffers above 64 KB are mmap'ed and unmapped when freed
         libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD: return free heap tops above 64 KB
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def keep_heap() -> None:
+    """Serve every buffer from glibc's heap and keep what is freed there: a training loop frees and allocates
+    the same large tensors at every step, and glibc maps buffers above 32 MB afresh each time, so each step paid
+    the kernel's page faults again for every one of them (2-3 ms per MB on this project's VM; fit-acg at
+    batch 16 and 768 tokens ran 0.94 -> 0.35 s per step with this). The heap then stays at the loop's peak."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no buffer is mmap'ed, so none is unmapped when freed
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap top
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
