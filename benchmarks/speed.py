@@ -244,9 +244,19 @@ def bench_score(a):
 
 
 def bench_fit(a):
+    """A fit-acg step on synthetic tokens (one batch of --batch-size images, every step the same), with each
+    step's graphs rebuilt (``soft_modularity``, as on a GPU) and kept (``graphs``, the CPU's path), alternated
+    in one process, under the fit-acg command's malloc settings; steps/s and their ratio. The whole command:
+    ``ab.py --method fit``."""
+    import numpy as np
     import torch
 
+    from acseg_cli.process import keep_heap
+
+    keep_heap()
+
     from stages.acg import create_acg
+    from stages.graphs import GraphBatch, GraphCache, graph_modularity, kernel_available
     from stages.modularity import assignment, modularity_loss
 
     torch.manual_seed(0)
@@ -254,27 +264,41 @@ def bench_fit(a):
     mask = torch.ones(a.batch_size, a.tokens, dtype=torch.bool)
     m = create_acg(dim=384)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    cache = GraphCache(np.full(a.batch_size, a.tokens), 1 << 34) if kernel_available() else None
 
-    def step():
+    def step(kept):
         xc = m.prepare(x)
-        loss, _ = modularity_loss(xc, assignment(xc, m(xc, mask)), mask)
+        s = assignment(xc, m(xc, mask))
+        if kept:
+            batch = GraphBatch(cache, a.tokens)
+            for b in range(a.batch_size):
+                batch.add_cached(cache.graph_offset(b, lambda b=b: xc[b].detach()), a.tokens, None)
+            loss = -graph_modularity(batch, s, mask).mean()
+        else:
+            loss, _ = modularity_loss(xc, s, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    step()
-    t = time.perf_counter()
+    sides = ("rebuilt", "kept") if cache is not None else ("rebuilt",)
+    times = {side: [] for side in sides}
+    for side in sides:
+        step(side == "kept")  # warm-up (and the graphs, and numba's compilation)
     for _ in range(a.steps):
-        step()
-    sps = a.steps / (time.perf_counter() - t)
+        for side in sides:
+            t = time.perf_counter()
+            step(side == "kept")
+            times[side].append(time.perf_counter() - t)
+    sps = {side: 1 / float(np.median(v)) for side, v in times.items()}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out(
         stage="fit-acg",
         batch=a.batch_size,
         tokens=a.tokens,
-        steps_per_s=round(sps, 3),
+        **{f"steps_per_s_graphs_{side}": round(v, 3) for side, v in sps.items()},
+        **({"ratio_kept_vs_rebuilt": round(sps["kept"] / sps["rebuilt"], 2)} if cache is not None else {}),
         peak_rss_mb=round(rss),
-        note="process peak RSS, includes torch and the batch",
+        note="median step; process peak RSS, includes torch and the batch",
     )
 
 

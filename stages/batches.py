@@ -72,6 +72,10 @@ class ResidentTokens:
             a, b = int(store.offsets[s]), int(store.offsets[e])
             self.tokens[a:b].copy_(torch.from_numpy(store.stored_rows(s, e, dtype=np.float16)))
 
+    def image(self, i: int) -> torch.Tensor:
+        """All of image ``i``'s tokens, float32, as ``read_batch`` would give them."""
+        return self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])].float()
+
     @staticmethod
     def nbytes(store: FeatureStore) -> int:
         return int(store.offsets[-1]) * store.dim * 2

@@ -117,7 +117,7 @@ def test_refine_runs_every_variant(tiny):
 
 def test_speed_fit_and_conceptualize(tiny):
     rows = json_lines(run("speed.py", "fit", "--steps", "1", "--tokens", "32", "--batch-size", "2"))
-    assert rows and rows[0]["steps_per_s"] > 0
+    assert rows and rows[0]["steps_per_s_graphs_rebuilt"] > 0 and rows[0]["steps_per_s_graphs_kept"] > 0
     rows = json_lines(run("speed.py", "loss", "--tokens", "50", "--batch-size", "2", "--repeats", "1"))
     assert [r["delta"] for r in rows] == ["plain", "tanh"] and all(r["max_abs_dq"] < 1e-6 for r in rows)
     rows = json_lines(
@@ -142,6 +142,15 @@ def test_ab_compares_a_tree_with_itself(tiny):
         )
     )
     assert len(rows) >= 2
+
+
+def test_ab_fit_times_the_command_and_compares_the_loss_curves(tiny):
+    rows = json_lines(
+        run("ab.py", "--old", ROOT, "--new", ROOT, "--features", tiny / "f.h5", "--method", "fit", "--pairs", "1",
+            "--steps", "12", "--batch-size", "2", "--max-tokens", "0")
+    )  # fmt: skip
+    assert [r.get("side") for r in rows[:2]] == ["old", "new"] and rows[0]["median"] > 0
+    assert rows[-1]["max_abs_loss_difference"] == 0  # one tree, one seed: the same curve
 
 
 def test_plan_prints_its_table():

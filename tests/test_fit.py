@@ -1,6 +1,7 @@
 """fit-acg on planted-cluster stores: the groups are recovered; checkpoints, resume, CLI errors."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -275,6 +276,34 @@ def test_a_fit_from_memory_equals_a_fit_from_the_file(planted, tmp_path):
     sa, sb = load_checkpoint(a.path).model.state_dict(), load_checkpoint(b.path).model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.final_loss == b.final_loss
+
+
+@pytest.mark.parametrize("delta", ["plain", "tanh"])
+def test_cached_graphs_keep_the_loss_curve_of_graphs_built_every_step(planted, tmp_path, delta, caplog, monkeypatch):
+    """issue 28's contract: the compiled loss with every graph kept between steps, with the 12 that 200 kB hold
+    (the others built at their steps), and with none kept, gives the loss curve of soft_modularity (the path
+    without numba) to 1e-5, tokens subsampled."""
+    import stages.fit
+    from stages.graphs import kernel_available
+
+    if not kernel_available():
+        pytest.skip("numba is not installed")
+    path = planted[0]
+    cfg = TrainConfig(steps=25, batch_size=6, lr=3e-3, warmup=2, max_tokens=40, log_every=1, delta=delta)
+    curves = {}
+    for name, memory in (("soft_modularity", None), ("all kept", None), ("some kept", 200_000), ("none kept", 0)):
+        with monkeypatch.context() as m, caplog.at_level(logging.DEBUG, logger="acseg.fit"):
+            if name == "soft_modularity":
+                m.setattr(stages.fit, "kernel_available", lambda: False)
+            r = fit_acg(path, tmp_path / f"{name}.pt", train=cfg, device="cpu", graph_memory=memory)
+        curves[name] = np.array([h["loss"] for h in r.history])
+    assert "fit-acg: 47 graphs kept (1 MB), 0 computed" in caplog.text  # every image the 25 steps drew
+    assert "fit-acg: 12 graphs kept (0 MB), 109 computed" in caplog.text  # 64 tokens per image: 16 kB a graph
+    assert "fit-acg: 0 graphs kept (0 MB), 150 computed" in caplog.text  # 25 steps of 6
+    assert len(curves["soft_modularity"]) == 25
+    for name in ("all kept", "some kept", "none kept"):
+        assert np.abs(curves[name] - curves["soft_modularity"]).max() < 1e-5, name
+    assert np.ptp(curves["soft_modularity"]) > 0.01  # a curve that moves, not a flat line
 
 
 def test_tokens_held_in_memory_are_checked(tmp_path):
