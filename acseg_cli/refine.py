@@ -116,8 +116,11 @@ def command(
     from stages.crf import CRFParams
     from stages.refine import refine
 
+    from .process import keep_heap
+
     cfg.check()
     labels = resolve_input(labels)
+    keep_heap()
     with Progress("refine") as bar:
         res = refine(
             labels,
