@@ -146,7 +146,8 @@ def command(
 
     from .process import keep_heap
 
-    keep_heap()
+    if preload is not False:  # --stream asks for memory flat with the store: glibc then returns what is freed
+        keep_heap()
     with Progress("fit-acg", unit="steps", total_is_bound=train.auto) as bar:
         res = fit_acg(
             features,

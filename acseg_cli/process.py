@@ -6,7 +6,8 @@
   complain again while being freed ("Exception ignored in ObjectID.__dealloc__", with a traceback) around
   acseg's one error line, so those reports (and only those) are dropped.
 - ``bound_heap()``, by ``extract``: glibc hands large buffers back to the OS.
-- ``keep_heap()``, by ``fit-acg`` and ``refine``: glibc keeps freed buffers for the next use instead.
+- ``keep_heap()``, by ``fit-acg`` (not under ``--stream``) and ``refine``: glibc keeps freed buffers for the
+  next use instead.
 - ``leave()``, at exit: without the interpreter's teardown, when that loses nothing (see there).
 """
 
