@@ -270,7 +270,7 @@ def bench_fit(a):
         xc = m.prepare(x)
         s = assignment(xc, m(xc, mask))
         if kept:
-            batch = GraphBatch(cache, a.tokens)
+            batch = GraphBatch(cache)
             for b in range(a.batch_size):
                 batch.add_cached(cache.graph_offset(b, lambda b=b: xc[b].detach()), a.tokens, None)
             loss = -graph_modularity(batch, s, mask).mean()

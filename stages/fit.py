@@ -74,7 +74,7 @@ def step_graphs(graphs: GraphCache, train: TrainConfig, step: int, rank: int, wo
     """The graphs of this rank's images at ``step`` (the images and token samples of ``read_batch``), from the
     cache where they are kept, else from the batch's prepared tokens ``x``."""
     idx = batch_indices(len(graphs.sizes), train.batch_size, train.seed, step)[rank::world]
-    batch = GraphBatch(graphs, x.shape[1])
+    batch = GraphBatch(graphs)
     lengths = mask.sum(1).tolist()
     for b, i in enumerate(idx):
         n = int(graphs.sizes[i])

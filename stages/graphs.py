@@ -100,13 +100,12 @@ class GraphBatch:
     """The graphs of one step's images, in the order of the batch: from the cache or, for an image not kept
     there, computed from the batch's own (possibly subsampled) tokens."""
 
-    def __init__(self, cache: GraphCache, n_rows: int):
+    def __init__(self, cache: GraphCache):
         self.cache = cache
         self.scratch: list[np.ndarray] = []
         self.source: list[int] = []  # 0: the cache's pool, 1: scratch
         self.offset: list[int] = []
         self.stride: list[int] = []
-        self.rows = np.zeros((0, n_rows), np.int64)
         self._rows: list[np.ndarray] = []
 
     def add_cached(self, offset: int, n_all: int, sel: np.ndarray | None):

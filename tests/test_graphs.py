@@ -52,14 +52,14 @@ def test_cached_graphs_give_soft_modularity_and_its_gradient(keep_diagonal, delt
     sel = [None, np.array([0, 3, 4, 8, 9, 15, 21]), None, np.arange(1, 9)]  # two images subsampled
     rows = [t if i is None else t[i] for t, i in zip(toks, sel)]
     x, mask, s = padded(rows)
-    batch = GraphBatch(cache, x.shape[1])
+    batch = GraphBatch(cache)
     for b, t in enumerate(toks):
         batch.add_cached(cache.graph_offset(b, lambda t=t: t), len(t), sel[b])
     kw = dict(keep_diagonal=keep_diagonal, delta=delta, tau=0.2)
     q, grad = cached(batch, mask, s, **kw)
     q_ref, grad_ref = reference(x, mask, s, **kw)
     assert torch.allclose(q, q_ref, atol=1e-6), (q, q_ref)
-    assert torch.allclose(grad, grad_ref, atol=1e-7 * grad_ref.abs().max().item() * 100)
+    assert torch.allclose(grad, grad_ref, atol=1e-5 * grad_ref.abs().max().item())
     assert grad[~mask].abs().max() == 0  # no gradient into the padding
 
 
@@ -68,7 +68,7 @@ def test_images_beyond_the_budget_are_computed_per_step_and_give_the_same():
     sizes = np.array([len(t) for t in toks])
     cache = GraphCache(sizes, budget=4 * (20 * 20 + 25 * 25))  # room for the first two graphs only
     x, mask, s = padded(toks, seed=4)
-    batch = GraphBatch(cache, x.shape[1])
+    batch = GraphBatch(cache)
     calls = []
     for b, t in enumerate(toks):
         off = cache.graph_offset(b, lambda t=t, b=b: calls.append(b) or t)
