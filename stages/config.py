@@ -11,7 +11,7 @@ from . import validate
 # The values of the options that are choices (the command line offers exactly these)
 METHODS = ("acg", "kmeans")  # conceptualize --method
 PRECISIONS = ("auto", "fp32", "bf16")  # conceptualize --precision
-EXTRACT_PRECISIONS = ("auto", "fp32", "bf16")  # extract --precision
+EXTRACT_PRECISIONS = PRECISIONS  # extract --precision: the same choices
 DELTAS = ("plain", "tanh")  # fit-acg --delta
 PROTO_INITS = ("kmeans", "random")  # TrainConfig.proto_init
 WEIGHTINGS = ("none", "pixels", "sqrt-pixels")  # classify --weighting

@@ -3,7 +3,7 @@ section 7).
 
 The head labels 14-pixel patches; bilinear upsampling puts the boundaries between patch centres, not on the
 photo's edges. PAMR (Araslanov and Roth, "Single-stage semantic segmentation from image labels", CVPR 2020)
-moves them there: each pixel's probabilities become, ten times over, a weighted mean of its neighbours' at
+moves them there: each pixel's probabilities become, 5 times over by default, a weighted mean of its neighbours' at
 dilations 1 to 24, with weights from colour similarity (a softmax over the neighbours of minus the colour
 difference, scaled by the local colour spread). It runs in plain torch, on a small copy of the photo (short side
 160 by default), so it costs a few hundredths of a second per photo where the dense CRF costs about a second.
@@ -32,12 +32,17 @@ def work_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
     return max(1, round(H * s)), max(1, round(W * s))
 
 
+def _offsets(params: PAMRParams) -> list[tuple[int, int]]:
+    """The (dy, dx) of each pixel's neighbours: the 8 directions at every dilation."""
+    return [(dy * d, dx * d) for d in params.dilations for dy, dx in NEIGHBOURS]
+
+
 def affinities(img: torch.Tensor, params: PAMRParams) -> torch.Tensor:
     """img (3, h, w) float -> (n, h, w) weights of each pixel's n = 8 x len(dilations) neighbours, summing to 1."""
     c, h, w = img.shape
     pad = max(params.dilations)
     ip = F.pad(img[None], (pad, pad, pad, pad), mode="replicate")[0]
-    offs = [(dy * d, dx * d) for d in params.dilations for dy, dx in NEIGHBOURS]
+    offs = _offsets(params)
     # differences to the pixel itself, (n, 3, h, w)
     diff = torch.stack([ip[:, pad + oy : pad + oy + h, pad + ox : pad + ox + w] for oy, ox in offs]).sub_(img)
     # the colour spread over the pixel and its n neighbours, per channel: the unbiased std, as PAMR's, from the
@@ -56,7 +61,7 @@ def propagate(probs: torch.Tensor, aff: torch.Tensor, params: PAMRParams) -> tor
     """probs (m, h, w) -> the same after ``params.iterations`` steps of the weighted neighbour mean."""
     _, h, w = probs.shape
     pad = max(params.dilations)
-    offs = [(dy * d, dx * d) for d in params.dilations for dy, dx in NEIGHBOURS]
+    offs = _offsets(params)
     m = probs.contiguous()
     for _ in range(params.iterations):
         mp = F.pad(m[None], (pad, pad, pad, pad), mode="replicate")[0]
