@@ -75,7 +75,7 @@ def bound_heap() -> None:
 def keep_heap() -> None:
     """Serve every buffer from glibc's heap and keep what is freed there: a training loop frees and allocates
     the same large tensors at every step, and glibc maps buffers above 32 MB afresh each time, so each step paid
-    the kernel's page faults again for every one of them (2-3 ms per MB on this project's VM; fit-acg at
+    the kernel's page faults again for every one of them (1-12 ms per MB on this project's VM; fit-acg at
     batch 16 and 768 tokens ran 0.94 -> 0.35 s per step with this; refine, which does the same per photo, fit
     and apply on the CamVid photos 19.7-21.2 -> 16.3-16.5 s, peak memory unchanged). The heap then stays at the peak.
     Not for extract, whose heap grew with the images until ``bound_heap``; conceptualize and classify together

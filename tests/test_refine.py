@@ -149,7 +149,7 @@ def test_pamr_reads_the_photos_and_can_be_turned_off(labelled, tmp_path):
         }
     with h5py.File(tmp_path / "off" / REFINED_FILE) as f:
         assert json.loads(f.attrs["params"])["pamr"] is None
-    # the patch labels are the same; only the upsampling differs, and PAMR's maps follow the photos' edges
+    # the patch labels are the same; only the upsampling differs (test_pamr checks that it follows the edges)
     from stages.labelfolder import LabelMapStore
 
     with LabelMapStore(tmp_path / "on" / REFINED_FILE) as a, LabelMapStore(tmp_path / "off" / REFINED_FILE) as b:
