@@ -6,7 +6,9 @@ photo's edges. PAMR (Araslanov and Roth, "Single-stage semantic segmentation fro
 moves them there: each pixel's probabilities become, 5 times over by default, a weighted mean of its neighbours' at
 dilations 1 to 24, with weights from colour similarity (a softmax over the neighbours of minus the colour
 difference, scaled by the local colour spread). It runs in plain torch, on a small copy of the photo (short side
-160 by default), so it costs a few hundredths of a second per photo where the dense CRF costs about a second.
+160 by default). On the CPU two compiled loops (numba, ``_pamr_kernel``) do the arithmetic of the torch
+functions here, which stay as the reference and the fallback: a photo costs about 10 ms where the dense CRF costs
+about a second.
 
 Every step is a convex combination, so a class whose probability stays below 1 / K everywhere can never win a
 pixel: such classes are dropped first, which leaves the labels unchanged and saves their arithmetic.
@@ -23,6 +25,19 @@ from .render import upsample_argmax
 
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 MAX_WORK_PIXELS = 1 << 18  # the working copy of a very long photo is made smaller still (memory: 600 B a pixel)
+_KERNEL = None
+
+
+def _kernel():
+    """The compiled loops, or None without numba (numba caches their machine code on disk, a few seconds once)."""
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            from . import _pamr_kernel as kernel
+        except ImportError:
+            kernel = False
+        _KERNEL = kernel
+    return _KERNEL or None
 
 
 def work_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
@@ -72,9 +87,12 @@ def propagate(probs: torch.Tensor, aff: torch.Tensor, params: PAMRParams) -> tor
     return m
 
 
-def refine_probs(photo: np.ndarray, probs: torch.Tensor, size: tuple[int, int], params: PAMRParams) -> np.ndarray:
+def refine_probs(
+    photo: np.ndarray, probs: torch.Tensor, size: tuple[int, int], params: PAMRParams, compiled: bool = True
+) -> np.ndarray:
     """photo (h, w, 3) uint8, the working copy (``work_size``); probs (K, gh, gw) patch-level class
-    probabilities summing to 1 -> (H, W) class indices 0..K-1 at the output ``size``."""
+    probabilities summing to 1 -> (H, W) class indices 0..K-1 at the output ``size``. ``compiled``: the
+    compiled loops when numba is there, else the torch functions."""
     if params.iterations == 0:
         return upsample_argmax(probs, size)
     K = int(probs.shape[0])
@@ -84,5 +102,11 @@ def refine_probs(photo: np.ndarray, probs: torch.Tensor, size: tuple[int, int], 
     if len(live) == 1:
         return np.full((int(size[0]), int(size[1])), int(live[0]), dtype=np.int64)
     img = torch.from_numpy(np.array(photo, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-    out = propagate(soft[live], affinities(img, params), params)
+    kernel = _kernel() if compiled else None
+    if kernel is None:
+        out = propagate(soft[live], affinities(img, params), params)
+    else:
+        offs, pad = np.array(_offsets(params), np.int64), max(params.dilations)
+        aff = kernel.affinities(img.contiguous().numpy(), offs, params.sigma, pad)
+        out = torch.from_numpy(kernel.propagate(soft[live].contiguous().numpy(), aff, offs, pad, params.iterations))
     return live.numpy()[upsample_argmax(out, size)]

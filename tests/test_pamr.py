@@ -8,7 +8,7 @@ from test_crf import two_colour_photo
 
 from stages.config import PAMRParams
 from stages.errors import AcsegError
-from stages.pamr import affinities, propagate, refine_probs, work_size
+from stages.pamr import _kernel, _offsets, affinities, propagate, refine_probs, work_size
 from stages.render import read_photo, upsample_argmax
 
 
@@ -50,7 +50,7 @@ def test_dropping_classes_that_cannot_win_changes_no_label():
     p = PAMRParams(short_side=35)
     small = np.asarray(Image.fromarray(photo).resize((49, 35), Image.BILINEAR))
     assert work_size((70, 98), p.short_side) == (35, 49)
-    got = refine_probs(small, probs, (70, 98), p)
+    got = refine_probs(small, probs, (70, 98), p, compiled=False)
     soft = torch.nn.functional.interpolate(probs[None], size=(35, 49), mode="bilinear", align_corners=False)[0]
     img = torch.from_numpy(small.copy()).permute(2, 0, 1).float() / 255
     full = propagate(soft, affinities(img, p), p)  # every class kept
@@ -86,3 +86,49 @@ def test_photos_are_read_small_and_unreadable_ones_refused(tmp_path, fmt):
     (tmp_path / "bad.jpg").write_bytes(b"not a photo")
     with pytest.raises(AcsegError, match="--pamr 0"):
         read_photo(str(tmp_path / "bad.jpg"), (120, 160), "refine's PAMR", "pass --pamr 0", draft=True)
+
+
+needs_kernel = pytest.mark.skipif(_kernel() is None, reason="numba is not installed")
+
+
+def noisy_photo(h, w, seed):
+    """Two colour regions with a soft edge, noise and a flat block: every term of the affinities matters."""
+    rng = np.random.default_rng(seed)
+    photo = two_colour_photo(h=h, w=w, edge=w // 3).astype(np.float64)
+    photo += rng.normal(0, 12, size=photo.shape)
+    photo[h // 2 :, w // 2 :] = 90  # no spread at all here
+    return photo.clip(0, 255).astype(np.uint8)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "h, w, params",
+    [
+        (64, 96, PAMRParams()),
+        (3, 5, PAMRParams()),  # smaller than the largest dilation
+        (41, 37, PAMRParams(iterations=3, sigma=0.1, dilations=(1, 3, 7))),
+    ],
+)
+def test_the_compiled_loops_compute_the_reference(h, w, params):
+    img = torch.from_numpy(noisy_photo(h, w, h)).permute(2, 0, 1).float().div(255).contiguous()
+    offs, pad = np.array(_offsets(params), np.int64), max(params.dilations)
+    want = affinities(img, params)
+    got = _kernel().affinities(img.numpy(), offs, params.sigma, pad)
+    assert got.shape == tuple(want.shape) and got.dtype == np.float32
+    assert np.abs(got - want.numpy()).max() < 2e-5
+    probs = torch.softmax(torch.randn(5, h, w, generator=torch.Generator().manual_seed(w)) * 3, 0)
+    before = probs.clone()
+    ref = propagate(probs, want, params).numpy()
+    out = _kernel().propagate(probs.numpy(), got, offs, pad, params.iterations)
+    assert np.abs(out - ref).max() < 2e-5
+    assert torch.equal(probs, before)  # the input is left as it was
+
+
+@needs_kernel
+def test_refine_probs_gives_the_same_labels_compiled_or_not():
+    rng = np.random.default_rng(5)
+    probs = torch.softmax(torch.as_tensor(rng.normal(size=(6, 9, 12)), dtype=torch.float32) * 2, 0)
+    photo = noisy_photo(120, 160, 3)
+    a = refine_probs(photo, probs, (240, 320), PAMRParams())
+    b = refine_probs(photo, probs, (240, 320), PAMRParams(), compiled=False)
+    assert (a != b).mean() < 1e-3 and len(np.unique(a)) > 1

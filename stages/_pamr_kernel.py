@@ -1,0 +1,131 @@
+"""The compiled loops of PAMR (``pamr.affinities`` and ``pamr.propagate``; numba, imported on first use).
+
+The arithmetic of the torch reference in ``pamr``, organised for the cache and for vector instructions: the
+photo and the probabilities are padded once (replicate), then each row of the result is summed over its
+neighbours' rows, contiguous slices that the compiler vectorises, while that row stays in the first-level cache.
+Rows are split into blocks that run in parallel. float32 throughout, as the reference; sums run in another order,
+so results differ from it by float rounding (tests bound it)."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+BLOCKS = 16  # row blocks handed to the threads
+
+
+@numba.njit(cache=True, nogil=True)
+def _pad_rows(x, pad, out, r0, r1):
+    """Rows r0..r1 (of all channels' padded rows, channel-major) of ``x`` (c, h, w) padded by ``pad`` on every
+    side into ``out`` (c, h + 2 pad, w + 2 pad), edges repeated (torch's replicate padding)."""
+    _, h, w = x.shape
+    hp = h + 2 * pad
+    for r in range(r0, r1):
+        ch, yy = r // hp, r % hp
+        src = x[ch, min(max(yy - pad, 0), h - 1)]
+        dst = out[ch, yy]
+        dst[:pad] = src[0]
+        dst[pad : pad + w] = src
+        dst[pad + w :] = src[w - 1]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _affinity_rows(imgp, offs, sigma, pad, out, y0, y1):
+    c = imgp.shape[0]
+    n, _, w = out.shape
+    d = np.empty((n, c, w), np.float32)  # each neighbour's colour difference to the pixel
+    inv = np.empty((c, w), np.float32)  # sums of d, then 1 / (sigma x spread)
+    sq = np.empty((c, w), np.float32)  # sums of d^2
+    top = np.empty(w, np.float32)
+    total = np.empty(w, np.float32)
+    for y in range(y0, y1):
+        inv[:] = 0.0
+        sq[:] = 0.0
+        for k in range(n):
+            yy, base = y + pad + offs[k, 0], pad + offs[k, 1]
+            for ch in range(c):
+                src = imgp[ch, yy, base : base + w]
+                ctr = imgp[ch, y + pad, pad : pad + w]
+                dk, s1, s2 = d[k, ch], inv[ch], sq[ch]
+                for x in range(w):
+                    v = src[x] - ctr[x]
+                    dk[x] = v
+                    s1[x] += v
+                    s2[x] += v * v
+        for ch in range(c):
+            s1, s2 = inv[ch], sq[ch]
+            for x in range(w):
+                # the unbiased variance over the pixel and its n neighbours (its own difference is 0)
+                var = (s2[x] - s1[x] * s1[x] / (n + 1)) / n
+                s1[x] = np.float32(1.0) / (math.sqrt(max(var, np.float32(0.0))) * sigma + np.float32(1e-8))
+        top[:] = -np.inf
+        for k in range(n):
+            o = out[k, y]
+            o[:] = 0.0
+            for ch in range(c):
+                dk, s1 = d[k, ch], inv[ch]
+                for x in range(w):
+                    o[x] += abs(dk[x]) * s1[x]
+            for x in range(w):
+                o[x] *= np.float32(-1.0 / c)
+                top[x] = max(top[x], o[x])
+        total[:] = 0.0
+        for k in range(n):  # softmax over the neighbours
+            o = out[k, y]
+            for x in range(w):
+                o[x] = math.exp(o[x] - top[x])
+                total[x] += o[x]
+        for x in range(w):
+            total[x] = np.float32(1.0) / total[x]
+        for k in range(n):
+            o = out[k, y]
+            for x in range(w):
+                o[x] *= total[x]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def affinities(img, offs, sigma, pad):
+    """img (3, h, w) float32, offs (n, 2) int64 (dy, dx), |dy|, |dx| <= pad -> (n, h, w) float32 weights
+    (a softmax over the n neighbours)."""
+    c, h, w = img.shape
+    imgp = np.empty((c, h + 2 * pad, w + 2 * pad), np.float32)
+    _pad_rows(img, pad, imgp, 0, c * (h + 2 * pad))
+    out = np.empty((offs.shape[0], h, w), np.float32)
+    for b in numba.prange(BLOCKS):
+        _affinity_rows(imgp, offs, np.float32(sigma), pad, out, b * h // BLOCKS, (b + 1) * h // BLOCKS)
+    return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _propagate_rows(padded, aff, offs, pad, out, y0, y1):
+    m, _, w = out.shape
+    acc = np.empty((m, w), np.float32)
+    for y in range(y0, y1):
+        acc[:] = 0.0
+        for k in range(offs.shape[0]):
+            yy, base = y + pad + offs[k, 0], pad + offs[k, 1]
+            a = aff[k, y]
+            for c in range(m):
+                src = padded[c, yy, base : base + w]
+                row = acc[c]
+                for x in range(w):
+                    row[x] += a[x] * src[x]
+        out[:, y, :] = acc
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def propagate(probs, aff, offs, pad, iterations):
+    """probs (m, h, w) float32 -> the same after ``iterations`` steps of out[y, x] = sum_k aff[k, y, x] *
+    probs[y + dy_k, x + dx_k], coordinates clamped to the photo."""
+    m, h, w = probs.shape
+    out = probs.copy()
+    padded = np.empty((m, h + 2 * pad, w + 2 * pad), np.float32)
+    rows = m * (h + 2 * pad)
+    for _ in range(iterations):
+        for b in numba.prange(BLOCKS):
+            _pad_rows(out, pad, padded, b * rows // BLOCKS, (b + 1) * rows // BLOCKS)
+        for b in numba.prange(BLOCKS):
+            _propagate_rows(padded, aff, offs, pad, out, b * h // BLOCKS, (b + 1) * h // BLOCKS)
+    return out
