@@ -129,3 +129,59 @@ def propagate(probs, aff, offs, pad, iterations):
         for b in numba.prange(BLOCKS):
             _propagate_rows(padded, aff, offs, pad, out, b * h // BLOCKS, (b + 1) * h // BLOCKS)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _source(n_out, n_in):
+    """torch's bilinear source positions (align_corners=False): for each output index, the two input indices
+    and their weights."""
+    lo = np.empty(n_out, np.int64)
+    hi = np.empty(n_out, np.int64)
+    w1 = np.empty(n_out, np.float32)
+    scale = np.float32(n_in / n_out)
+    for i in range(n_out):
+        s = max(scale * (np.float32(i) + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
+        i0 = min(int(math.floor(s)), n_in - 1)
+        lo[i], hi[i] = i0, min(i0 + 1, n_in - 1)
+        w1[i] = min(max(s - np.float32(i0), np.float32(0.0)), np.float32(1.0))
+    return lo, hi, w1
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _argmax_rows(probs, ylo, yhi, wy, xlo, xhi, wx, out, r0, r1):
+    m = probs.shape[0]
+    W = out.shape[1]
+    best = np.empty(W, np.float32)
+    row = np.empty(W, np.float32)
+    for Y in range(r0, r1):
+        b = wy[Y]
+        a = np.float32(1.0) - b
+        for c in range(m):
+            top, bot = probs[c, ylo[Y]], probs[c, yhi[Y]]
+            for X in range(W):
+                e = wx[X]
+                row[X] = (top[xlo[X]] * (np.float32(1.0) - e) + top[xhi[X]] * e) * a + (
+                    bot[xlo[X]] * (np.float32(1.0) - e) + bot[xhi[X]] * e
+                ) * b
+            o = out[Y]
+            if c == 0:
+                best[:] = row
+                o[:] = 0
+            else:
+                for X in range(W):
+                    if row[X] > best[X]:  # the first maximum wins ties, as torch's argmax
+                        best[X] = row[X]
+                        o[X] = c
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def upsample_argmax(probs, H, W):
+    """probs (m, h, w) float32 -> (H, W) int64: the argmax over m of the bilinear interpolation to (H, W), as
+    ``render.upsample_argmax`` without the (m, H, W) interpolated array."""
+    _, h, w = probs.shape
+    ylo, yhi, wy = _source(H, h)
+    xlo, xhi, wx = _source(W, w)
+    out = np.empty((H, W), np.int64)
+    for b in numba.prange(BLOCKS):
+        _argmax_rows(probs, ylo, yhi, wy, xlo, xhi, wx, out, b * H // BLOCKS, (b + 1) * H // BLOCKS)
+    return out

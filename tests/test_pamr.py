@@ -132,3 +132,11 @@ def test_refine_probs_gives_the_same_labels_compiled_or_not():
     a = refine_probs(photo, probs, (240, 320), PAMRParams())
     b = refine_probs(photo, probs, (240, 320), PAMRParams(), compiled=False)
     assert (a != b).mean() < 1e-3 and len(np.unique(a)) > 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, size", [((10, 40, 53), (90, 120)), ((3, 7, 5), (30, 41)), ((4, 50, 60), (20, 25))])
+def test_the_compiled_upsampling_labels_as_render_does(shape, size):
+    probs = torch.softmax(torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 2, 0)
+    got = _kernel().upsample_argmax(probs.numpy(), *size)
+    assert got.dtype == np.int64 and np.array_equal(got, upsample_argmax(probs, size))
