@@ -14,10 +14,11 @@ Variants:
   refine          classify + refine with every default
   extra variants: --keep 0,0.5 (refine's blend), --head-kind mlp, --exclusivity 0 (merge by similarity)
   --crf: also refine --crf (the dense CRF on the blended probabilities; about a second per photo)
+  --pamr-variants: also cheaper PAMR settings (3 iterations; 3 iterations with dilations up to 16)
 
 Usage:
   python benchmarks/refine.py --train-features T.h5 --train C_T.h5 --test-features V.h5 --test C_V.h5 \
-      --gt GT_DIR -K 11 --ignore 11 [--acg ACG.pt] [--seeds 3] [--extra] [--crf] --out DIR
+      --gt GT_DIR -K 11 --ignore 11 [--acg ACG.pt] [--seeds 3] [--extra] [--crf] [--pamr-variants] --out DIR
 Prints one JSON line per variant and a table; seconds of classify and refine are in the rows.
 """
 
@@ -78,6 +79,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--extra", action="store_true", help="also the losing variants (keep, head kind, exclusivity)")
     ap.add_argument("--crf", action="store_true", help="also refine --crf (about a second per photo)")
+    ap.add_argument("--pamr-variants", action="store_true", help="also cheaper PAMR settings")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     out = Path(a.out)
@@ -102,6 +104,11 @@ def main():
             ("refine keep=0.5", {"keep": 0.5}, HeadConfig()),
             ("refine mlp", {}, HeadConfig(kind="mlp", lr=3e-3)),
             ("refine pamr=10 224 px", {"pamr": PAMRParams(iterations=10, short_side=224)}, HeadConfig()),
+        ]
+    if a.pamr_variants:
+        refines += [
+            ("refine pamr=3", {"pamr": PAMRParams(iterations=3)}, HeadConfig()),
+            ("refine pamr=3 to 16", {"pamr": PAMRParams(iterations=3, dilations=(1, 2, 4, 8, 16))}, HeadConfig()),
         ]
     if a.crf:
         refines.append(("refine crf", {"crf": True}, HeadConfig()))
