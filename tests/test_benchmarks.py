@@ -95,6 +95,7 @@ def test_refine_runs_every_variant(tiny):
         "--seeds",
         "1",
         "--extra",
+        "--pamr-variants",
         "--out",
         tiny / "r",
     )
@@ -110,6 +111,8 @@ def test_refine_runs_every_variant(tiny):
         "refine keep=0.5",
         "refine mlp",
         "refine pamr=10 224 px",
+        "refine pamr=3",
+        "refine pamr=3 to 16",
         "classify exclusivity=0",
     ]
     assert all(len(r["miou_all_even_odd"]) == 3 and 0 <= min(r["miou_all_even_odd"]) for r in rows)

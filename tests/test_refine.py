@@ -163,3 +163,15 @@ def test_pamr_reads_the_photos_and_can_be_turned_off(labelled, tmp_path):
         assert cli([*common, "-o", tmp_path / "o", "--pamr", "0"]).exit_code == 0
     finally:
         away.rename(photos)
+    # a photo that cannot be decoded, met half-way through: the same one line, the
+    # previous output untouched
+    victim = sorted(photos.iterdir())[len(list(photos.iterdir())) // 2]
+    good = victim.read_bytes()
+    victim.write_bytes(b"not a photo")
+    try:
+        msg = one_error_line(cli([*common, "-o", tmp_path / "on", "--overwrite"]))
+        assert victim.name in msg and "--pamr 0" in msg
+        with h5py.File(tmp_path / "on" / REFINED_FILE) as f:
+            assert json.loads(f.attrs["params"])["pamr"]["iterations"] == 5
+    finally:
+        victim.write_bytes(good)
