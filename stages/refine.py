@@ -253,21 +253,28 @@ def _check_provenance(what: str, have: dict, feats: FeatureStore) -> None:
 def _sample(labels: LabelMapStore, feats: FeatureStore, idx: list[int], max_tokens: int, seed: int):
     """The fit's tokens (unit rows) and labels: every token when there are at most ``max_tokens``, else the same
     share of each image's at random. Returns (tokens, labels, whole): whole when every token was kept, in
-    image order, so that the relabelling reuses them instead of reading the store again."""
-    total = int(sum(int(np.prod(labels.grid[i])) for i in range(labels.n_images)))
-    share = min(1.0, max_tokens / max(total, 1))
+    image order, so that the relabelling reuses them instead of reading the store again. The tokens are
+    written into one array and normalised in place (each copy of them costs a second on a VM whose page
+    faults are slow)."""
+    sizes = [int(np.prod(labels.grid[i])) for i in range(labels.n_images)]
+    share = min(1.0, max_tokens / max(sum(sizes), 1))
+    counts = sizes if share == 1.0 else [max(1, int(round(share * n))) for n in sizes]
+    x = torch.empty((sum(counts), feats.dim), dtype=torch.float32)
+    y = np.empty(sum(counts), np.int64)
     rng = np.random.default_rng(seed)
-    xs, ys = [], []
+    at = 0
     for start in range(0, len(idx), 64):
         part = idx[start : start + 64]
-        for i, x in zip(range(start, start + len(part)), feats.read_many(part)):
-            y = labels.class_map(i).ravel()
+        for i, t in zip(range(start, start + len(part)), feats.read_many(part)):
+            lab = labels.class_map(i).ravel()
             if share < 1.0:
-                pick = np.sort(rng.choice(len(y), max(1, int(round(share * len(y)))), replace=False))
-                x, y = x[pick], y[pick]
-            xs.append(x)
-            ys.append(y)
-    return unit(np.concatenate(xs)), np.concatenate(ys), share == 1.0
+                pick = np.sort(rng.choice(len(lab), counts[i], replace=False))
+                t, lab = t[pick], lab[pick]
+            x[at : at + counts[i]] = torch.from_numpy(np.asarray(t, np.float32))
+            y[at : at + counts[i]] = lab
+            at += counts[i]
+    x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # unit(): F.normalize's arithmetic, in place
+    return x, y, share == 1.0
 
 
 def refine(
