@@ -29,7 +29,8 @@ _KERNEL = None
 
 
 def _kernel():
-    """The compiled loops, or None without numba (numba caches their machine code on disk, a few seconds once)."""
+    """The compiled loops, or None without numba (compiled on first use, about 15 s once on 2 cores; numba
+    caches the machine code on disk)."""
     global _KERNEL
     if _KERNEL is None:
         try:
