@@ -127,7 +127,7 @@ def test_spectral_runs_classify_and_refine_on_spectral_clusters(tiny):
         "spectral.py", *args, "--gt", tiny / "gt", "-K", "4", "--ignore", "11", "--seeds", "1", "--out", tiny / "s"
     )
     rows = json_lines(out)
-    assert len(rows) == 1 and rows[0]["neighbours"] == 10
+    assert len(rows) == 1 and rows[0]["neighbours"] == [10]
     assert all(len(rows[0][k]) == 3 and 0 <= min(rows[0][k]) <= 100 for k in ("classify", "refine"))
 
 
