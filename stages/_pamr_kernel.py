@@ -185,3 +185,12 @@ def upsample_argmax(probs, H, W):
     for b in numba.prange(BLOCKS):
         _argmax_rows(probs, ylo, yhi, wy, xlo, xhi, wx, out, b * H // BLOCKS, (b + 1) * H // BLOCKS)
     return out
+
+
+def refine(img, probs, offs, sigma, pad, iterations, size, threads):
+    """``pamr.refine_probs``'s arithmetic: the affinities of img (3, h, w), ``iterations`` propagation steps of
+    probs (m, h, w), then the argmax of their bilinear upsampling to ``size`` (H, W); on at most ``threads``
+    threads (torch's count, so that OMP_NUM_THREADS bounds both)."""
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    out = propagate(probs, affinities(img, offs, sigma, pad), offs, pad, iterations)
+    return upsample_argmax(out, int(size[0]), int(size[1]))

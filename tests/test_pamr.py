@@ -132,6 +132,16 @@ def test_refine_probs_gives_the_same_labels_compiled_or_not():
     a = refine_probs(photo, probs, (240, 320), PAMRParams())
     b = refine_probs(photo, probs, (240, 320), PAMRParams(), compiled=False)
     assert (a != b).mean() < 1e-3 and len(np.unique(a)) > 1
+    # on torch's thread count (OMP_NUM_THREADS bounds both), with the same labels
+    import numba
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert np.array_equal(refine_probs(photo, probs, (240, 320), PAMRParams()), a)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernel
