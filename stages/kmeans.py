@@ -33,10 +33,18 @@ def _sqdist_kn(x: torch.Tensor, c: torch.Tensor, xx_t: torch.Tensor) -> torch.Te
 
 
 def kmeans_pp(
-    x: torch.Tensor, k: int, gen: torch.Generator, w: torch.Tensor | None = None, xx: torch.Tensor | None = None
+    x: torch.Tensor,
+    k: int,
+    gen: torch.Generator,
+    w: torch.Tensor | None = None,
+    xx: torch.Tensor | None = None,
+    trials: int = 1,
 ) -> torch.Tensor:
     """k-means++ seeding of one point set (n, d) -> (k, d), optionally with sample weights (xx: _sqnorm(x)).
-    ``gen`` is a CPU generator: the draws are made on the CPU wherever ``x`` lives (same numbers)."""
+    ``gen`` is a CPU generator: the draws are made on the CPU wherever ``x`` lives (same numbers).
+
+    ``trials`` > 1: greedy k-means++ (Arthur and Vassilvitskii; scikit-learn's seeding): each new centroid is
+    the best of that many draws, the one that lowers the summed squared distance most."""
     n = x.shape[0]
     xx = _sqnorm(x) if xx is None else xx
     idx = [
@@ -50,10 +58,17 @@ def kmeans_pp(
         total = pw.sum()
         if total <= 0:
             j = int(torch.randint(n, (1,), generator=gen))
-        else:
+            d2 = torch.minimum(d2, _sqdist(x, x[j : j + 1], xx).squeeze(-1))
+        elif trials <= 1:
             j = int(torch.multinomial((pw / total).cpu(), 1, generator=gen))
+            d2 = torch.minimum(d2, _sqdist(x, x[j : j + 1], xx).squeeze(-1))
+        else:
+            cand = torch.multinomial((pw / total).cpu(), trials, replacement=True, generator=gen).to(x.device)
+            new = torch.minimum(d2[None], _sqdist(x, x[cand], xx).T)  # (trials, n)
+            cost = new.sum(1) if w is None else new @ w
+            best = int(cost.argmin())
+            j, d2 = int(cand[best]), new[best]
         idx.append(j)
-        d2 = torch.minimum(d2, _sqdist(x, x[j : j + 1], xx).squeeze(-1))
     return x[idx].clone()
 
 
@@ -66,8 +81,10 @@ def kmeans(
     seed: int = 0,
     tol: float = 1e-6,
     weights: np.ndarray | None = None,
+    trials: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Lloyd's k-means on (n, d) points, optionally weighted. Returns (centroids (k, d), labels (n,), inertia)."""
+    """Lloyd's k-means on (n, d) points, optionally weighted. Returns (centroids (k, d), labels (n,), inertia).
+    ``trials``: draws per centroid in the seeding (``kmeans_pp``; 1: plain k-means++)."""
     x = torch.as_tensor(np.asarray(x, np.float32))
     n = x.shape[0]
     w = torch.ones(n) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
@@ -77,7 +94,7 @@ def kmeans(
     xw = x if weights is None else x * w[:, None]  # the weighted points, once
     best = None
     for _ in range(max(1, n_init)):
-        c = kmeans_pp(x, k, gen, None if weights is None else w, xx)
+        c = kmeans_pp(x, k, gen, None if weights is None else w, xx, trials)
         prev = None
         for _ in range(iters):
             d = _sqdist(x, c, xx)

@@ -238,6 +238,29 @@ def test_weighted_kmeans_weights_the_centroids():
     assert np.allclose(np.sort(heavy[:, 0]), [0.99, 10.0])
 
 
+def test_greedy_seeding_starts_lower_than_plain_kmeans_pp():
+    """trials > 1 (greedy k-means++): each centroid the best of several draws, so the seeds' summed squared
+    distance is lower on average; the weights still count in the draws and in the choice."""
+    from stages.kmeans import _sqdist, kmeans_pp
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(60, 5, generator=g) + 6 * torch.randn(1, 5, generator=g) for _ in range(12)])
+
+    def cost(c, w=None):
+        d = _sqdist(x, c).min(1).values
+        return float(d.sum() if w is None else d @ w)
+
+    plain = [cost(kmeans_pp(x, 12, torch.Generator().manual_seed(s))) for s in range(30)]
+    greedy = [cost(kmeans_pp(x, 12, torch.Generator().manual_seed(s), trials=4)) for s in range(30)]
+    assert np.mean(greedy) < 0.8 * np.mean(plain)
+    # a point of zero weight is never drawn
+    w = torch.ones(len(x))
+    w[:60] = 0
+    for s in range(5):
+        c = kmeans_pp(x, 12, torch.Generator().manual_seed(s), w=w, trials=4)
+        assert not any(bool((x[:60] == row).all(1).any()) for row in c)
+
+
 def test_kmeans_distances_with_precomputed_norms():
     """The squared distances k-means uses, with the points' norms computed once, are the pairwise ones."""
     from stages.kmeans import _sqdist, _sqdist_kn, _sqnorm
