@@ -6,7 +6,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from stages.config import BACKGROUND_SPLITS, UPSAMPLES, WEIGHTINGS
+from stages.config import BACKGROUND_SPLITS, CLUSTERINGS, UPSAMPLES, WEIGHTINGS
 
 from .options import (
     CrfIterations,
@@ -32,6 +32,7 @@ from .options import (
 BackgroundSplit = choices("BackgroundSplit", BACKGROUND_SPLITS)
 Weighting = choices("Weighting", WEIGHTINGS)
 Upsample = choices("Upsample", UPSAMPLES)
+Clustering = choices("Clustering", CLUSTERINGS)
 
 
 @stage
@@ -88,6 +89,22 @@ def command(
             "(0: by feature similarity alone).",
         ),
     ] = 0.5,
+    cluster: Annotated[
+        Clustering,
+        typer.Option(
+            "--cluster",
+            help="How the concepts are over-clustered before the merge: 'kmeans' (weighted k-means on their features) "
+            "or 'spectral' (k-means in the spectral embedding of their nearest-neighbour graph).",
+        ),
+    ] = Clustering("kmeans"),
+    neighbours: Annotated[
+        str,
+        typer.Option(
+            "--neighbours",
+            help="With --cluster spectral: the neighbour counts of the graph, separated by commas; several: the mean "
+            "of their graphs.",
+        ),
+    ] = "5,10,20",
     upsample: Annotated[
         Upsample, typer.Option("--upsample", help="'bilinear' (smooth) or 'nearest' (blocky).")
     ] = Upsample("bilinear"),
@@ -135,6 +152,8 @@ def command(
             weighting=value_of(weighting),
             over_cluster=over_cluster,
             exclusivity=exclusivity,
+            cluster=value_of(cluster),
+            neighbours=neighbours,
             upsample=value_of(upsample),
             centroids=centroids,
             match_gt=match_gt,

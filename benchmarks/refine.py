@@ -12,6 +12,7 @@ Variants:
   classify-1      classify --over-cluster 1 (plain k-means into K classes, acseg before issue 27)
   classify        classify with every default (over-cluster 2, exclusivity 0.5)
   refine          classify + refine with every default
+  classify spectral, refine spectral: the same with classify --cluster spectral (neighbours 5,10,20)
   extra variants: --keep 0,0.5 (refine's blend), --head-kind mlp, --exclusivity 0 (merge by similarity)
   --crf: also refine --crf (the dense CRF on the blended probabilities; about a second per photo)
   --pamr-variants: also cheaper PAMR settings (3 iterations; 3 iterations with dilations up to 16)
@@ -94,7 +95,7 @@ def main():
 
     prepare = load_checkpoint(a.acg).model.eval().prepare if a.acg else None
     transductive = Path(a.train).resolve() == Path(a.test).resolve()
-    variants = [("classify-1", {"over_cluster": 1}), ("classify", {})]
+    variants = [("classify-1", {"over_cluster": 1}), ("classify", {}), ("classify spectral", {"cluster": "spectral"})]
     if a.extra:
         variants.append(("classify exclusivity=0", {"exclusivity": 0.0}))
     refines = [("refine", {}, HeadConfig()), ("refine pamr=0", {"pamr": PAMRParams(iterations=0)}, HeadConfig())]
@@ -126,9 +127,13 @@ def main():
             if not transductive:
                 test = classify(a.test, str(out / f"{name}_s{s}"), centroids=fit.classes_file, overwrite=True).path
             add(name, miou(Path(test), gt, hv, a.ignore), round(time.time() - t0, 1))
-            if name != "classify":
+            if name == "classify spectral":
+                todo = [("refine spectral", {}, HeadConfig())]
+            elif name == "classify":
+                todo = refines
+            else:
                 continue
-            for rname, rkw, cfg in refines:
+            for rname, rkw, cfg in todo:
                 cfg.seed = s
                 t0 = time.time()
                 r = refine(

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import validate as v
 from .concepts import ConceptSet
-from .config import BACKGROUND_SPLITS, UPSAMPLES, WEIGHTINGS
+from .config import BACKGROUND_SPLITS, CLUSTERINGS, UPSAMPLES, WEIGHTINGS
 from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import check_photos, output_paths
@@ -45,6 +45,7 @@ from .render import (
     save_label_png,
     upsample_labels,
 )
+from .spectral import NEIGHBOURS, parse_neighbours, spectral_clusters
 from .store import StoreWriter, is_write_error
 
 log = logging.getLogger("acseg.classify")
@@ -142,6 +143,8 @@ def classify(
     weighting: str = "pixels",
     over_cluster: int = 2,
     exclusivity: float = 0.5,
+    cluster: str = "kmeans",
+    neighbours: str | tuple = NEIGHBOURS,
     centroids: str | None = None,
     match_gt: str | None = None,
     dataset: str | None = None,
@@ -160,6 +163,8 @@ def classify(
     v.integer("--over-cluster", over_cluster, min=1, max=64)
     v.number("--exclusivity", exclusivity, min=0.0, max=100.0)
     v.integer("--n-init", n_init, min=1)
+    v.choice("--cluster", cluster, CLUSTERINGS)
+    neighbours = parse_neighbours(neighbours)
     if n_classes is not None:
         v.integer("--n-classes", n_classes, min=1, max=65535)
     for i in ignore_index:
@@ -234,7 +239,16 @@ def classify(
         w = None if weighting == "none" else store.pixels[fg] if weighting == "pixels" else np.sqrt(store.pixels[fg])
         # over-cluster, then merge down to k_fg classes (stages/overcluster.py)
         k_fit = max(k_fg, min(over_cluster * k_fg, int(fg.sum())))
-        cents, _, _ = kmeans(feats[fg], k_fit, n_init=n_init, seed=seed, weights=w)
+        if cluster == "spectral":
+            cents, _ = spectral_clusters(feats[fg], k_fit, neighbours=neighbours, n_init=n_init, seed=seed, weights=w)
+            if len(cents) < k_fg:
+                raise AcsegError(
+                    f"spectral clustering found only {len(cents)} clusters for {k_fg} classes",
+                    "lower --n-classes, raise --neighbours, or pass --cluster kmeans",
+                )
+            k_fit = len(cents)
+        else:
+            cents, _, _ = kmeans(feats[fg], k_fit, n_init=n_init, seed=seed, weights=w)
         image_of = np.repeat(np.arange(n), np.diff(co))[fg]
         cluster_class = merge_clusters(
             feats[fg],
@@ -276,6 +290,8 @@ def classify(
             "weighting": weighting,
             "over_cluster": None if centroids else over_cluster,
             "exclusivity": None if centroids else exclusivity,
+            "cluster": None if centroids else cluster,
+            "neighbours": list(neighbours) if cluster == "spectral" and not centroids else None,
             "n_clusters": len(cents),
             "applied_centroids": str(Path(centroids).absolute()) if centroids else None,
             "concept_feature": "concept_mean",

@@ -18,6 +18,7 @@ WEIGHTINGS = ("none", "pixels", "sqrt-pixels")  # classify --weighting
 UPSAMPLES = ("bilinear", "nearest")  # classify --upsample
 HEAD_KINDS = ("linear", "mlp")  # refine --head-kind
 BACKGROUND_SPLITS = ("on", "off")  # classify --background-split
+CLUSTERINGS = ("kmeans", "spectral")  # classify --cluster
 PROTOCOLS = ("hungarian", "majority", "per-image")  # score --protocol
 RESIZES = ("nearest",)  # score --resize-pred
 
