@@ -56,21 +56,24 @@ def command(
         typer.Option(
             "--background-split",
             help="'on': split off a background class (class 0) per image, the concepts of low CLS-attention density "
-            "(the paper's step); 'off': every concept goes to the k-means. Off by default: on ACSeg's concepts it "
+            "(the paper's step); 'off': every concept goes to the clustering. Off by default: on ACSeg's concepts it "
             "lost on street scenes and on figure/ground photos alike.",
         ),
     ] = BackgroundSplit("off"),
     no_background_split: Annotated[
         bool, typer.Option("--no-background-split", hidden=True, help="The same as --background-split off.")
     ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
-    n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="Clustering seed.")] = 0,
+    n_init: Annotated[
+        int, typer.Option("--n-init", help="Restarts of the k-means (in the embedding with spectral).")
+    ] = 10,
     weighting: Annotated[
         Weighting,
         typer.Option(
             "--weighting",
-            help="Weight of each concept in the k-means: 'pixels' (its pixel count, so the classes fit the pixels the "
-            "score counts), 'sqrt-pixels' or 'none' (every concept alike).",
+            help="Weight of each concept in the clusters' centroids (and in the k-means with --cluster kmeans): "
+            "'pixels' (its pixel count, so the classes fit the pixels the score counts), 'sqrt-pixels' or 'none' "
+            "(every concept alike).",
         ),
     ] = Weighting("pixels"),
     over_cluster: Annotated[
@@ -78,7 +81,7 @@ def command(
         typer.Option(
             "--over-cluster",
             help="Cluster the concepts into this many times -K clusters, then merge similar clusters that seldom "
-            "meet in one image until -K remain (1: plain k-means with -K clusters).",
+            "meet in one image until -K remain (1: -K clusters, no merge).",
         ),
     ] = 2,
     exclusivity: Annotated[
@@ -93,10 +96,11 @@ def command(
         Clustering,
         typer.Option(
             "--cluster",
-            help="How the concepts are over-clustered before the merge: 'kmeans' (weighted k-means on their features) "
-            "or 'spectral' (k-means in the spectral embedding of their nearest-neighbour graph).",
+            help="How the concepts are over-clustered before the merge: 'spectral' (k-means in the spectral "
+            "embedding of their nearest-neighbour graph: steadier, and better on street scenes) or 'kmeans' "
+            "(weighted k-means on their features, the default before).",
         ),
-    ] = Clustering("kmeans"),
+    ] = Clustering("spectral"),
     neighbours: Annotated[
         str,
         typer.Option(

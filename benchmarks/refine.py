@@ -9,10 +9,10 @@ confirm on the other).
 Variants:
   kmeans          dataset-level k-means of the L2-normalised tokens into K (60,000-token sample, 3 restarts)
   kmeans-prep     the same on the tokens as the ACG prepares them (centred, whitened): --acg
-  classify-1      classify --over-cluster 1 (plain k-means into K classes, acseg before issue 27)
-  classify        classify with every default (over-cluster 2, exclusivity 0.5)
+  classify-1      classify --cluster kmeans --over-cluster 1 (plain k-means into K classes, acseg before issue 27)
+  classify        classify with every default (spectral, neighbours 5,10,20, over-cluster 2, exclusivity 0.5)
   refine          classify + refine with every default
-  classify spectral, refine spectral: the same with classify --cluster spectral (neighbours 5,10,20)
+  classify kmeans, refine kmeans: the same with classify --cluster kmeans (the default before)
   extra variants: --keep 0,0.5 (refine's blend), --head-kind mlp, --exclusivity 0 (merge by similarity)
   --crf: also refine --crf (the dense CRF on the blended probabilities; about a second per photo)
   --pamr-variants: also cheaper PAMR settings (3 iterations; 3 iterations with dilations up to 16)
@@ -95,7 +95,11 @@ def main():
 
     prepare = load_checkpoint(a.acg).model.eval().prepare if a.acg else None
     transductive = Path(a.train).resolve() == Path(a.test).resolve()
-    variants = [("classify-1", {"over_cluster": 1}), ("classify", {}), ("classify spectral", {"cluster": "spectral"})]
+    variants = [
+        ("classify-1", {"over_cluster": 1, "cluster": "kmeans"}),
+        ("classify", {}),
+        ("classify kmeans", {"cluster": "kmeans"}),
+    ]
     if a.extra:
         variants.append(("classify exclusivity=0", {"exclusivity": 0.0}))
     refines = [("refine", {}, HeadConfig()), ("refine pamr=0", {"pamr": PAMRParams(iterations=0)}, HeadConfig())]
@@ -127,8 +131,8 @@ def main():
             if not transductive:
                 test = classify(a.test, str(out / f"{name}_s{s}"), centroids=fit.classes_file, overwrite=True).path
             add(name, miou(Path(test), gt, hv, a.ignore), round(time.time() - t0, 1))
-            if name == "classify spectral":
-                todo = [("refine spectral", {}, HeadConfig())]
+            if name == "classify kmeans":
+                todo = [("refine kmeans", {}, HeadConfig())]
             elif name == "classify":
                 todo = refines
             else:

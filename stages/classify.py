@@ -1,8 +1,10 @@
 """Stage ``classify``: concepts of the whole dataset -> semantic classes -> label maps (docs/method.md, section 6).
 
 Optionally (``background_split="on"``), per image a 2-means on the concepts' CLS-attention density (the mean
-attention of their pixels) splits off the low group as background (class 0); k-means over the remaining
-concept features of the dataset gives the other classes; each pixel takes its concept's class. Label maps
+attention of their pixels) splits off the low group as background (class 0). The remaining concepts of the
+dataset are over-clustered (spectral clustering of their neighbour graph, stages/spectral.py, or k-means) and
+the clusters merged into the other classes (stages/overcluster.py); each concept takes its nearest centroid's
+class, each pixel its concept's. Label maps
 are upsampled smoothly to the original image size and written as PNGs named after the images.
 """
 
@@ -143,7 +145,7 @@ def classify(
     weighting: str = "pixels",
     over_cluster: int = 2,
     exclusivity: float = 0.5,
-    cluster: str = "kmeans",
+    cluster: str = "spectral",
     neighbours: str | tuple = NEIGHBOURS,
     centroids: str | None = None,
     match_gt: str | None = None,
@@ -229,7 +231,7 @@ def classify(
     k_fg = n_classes - 1 if background_split else n_classes
     offset = 1 if background_split else 0
 
-    # 2. k-means over the foreground concepts of the dataset (or apply fitted centroids)
+    # 2. cluster the foreground concepts of the dataset (or apply fitted centroids)
     if not centroids:
         if fg.sum() < k_fg:
             raise AcsegError(

@@ -113,22 +113,11 @@ def test_refine_runs_every_variant(tiny):
         "refine pamr=10 224 px",
         "refine pamr=3",
         "refine pamr=3 to 16",
+        "classify kmeans",
+        "refine kmeans",
         "classify exclusivity=0",
     ]
     assert all(len(r["miou_all_even_odd"]) == 3 and 0 <= min(r["miou_all_even_odd"]) for r in rows)
-
-
-def test_spectral_runs_classify_and_refine_on_spectral_clusters(tiny):
-    pytest.importorskip("sklearn")
-    c = tiny / "c_spectral.h5"
-    assert cli(["conceptualize", tiny / "f.h5", "--acg", tiny / "acg.pt", "-o", c, "-q"]).exit_code == 0
-    args = ["--train-features", tiny / "f.h5", "--train", c, "--test-features", tiny / "f.h5", "--test", c]
-    out = run(
-        "spectral.py", *args, "--gt", tiny / "gt", "-K", "4", "--ignore", "11", "--seeds", "1", "--out", tiny / "s"
-    )
-    rows = json_lines(out)
-    assert len(rows) == 1 and rows[0]["neighbours"] == [10]
-    assert all(len(rows[0][k]) == 3 and 0 <= min(rows[0][k]) <= 100 for k in ("classify", "refine"))
 
 
 def test_speed_fit_and_conceptualize(tiny):
