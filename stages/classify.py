@@ -4,8 +4,8 @@ Optionally (``background_split="on"``), per image a 2-means on the concepts' CLS
 attention of their pixels) splits off the low group as background (class 0). The remaining concepts of the
 dataset are over-clustered (spectral clustering of their neighbour graph, stages/spectral.py, or k-means) and
 the clusters merged into the other classes (stages/overcluster.py); each concept takes its nearest centroid's
-class, each pixel its concept's. Label maps
-are upsampled smoothly to the original image size and written as PNGs named after the images.
+class, each pixel its concept's. Label maps are upsampled smoothly to the original image size and written as
+PNGs named after the images.
 """
 
 from __future__ import annotations
