@@ -168,6 +168,16 @@ def test_classify_cluster_spectral_recovers_planted_classes_and_applies_as_fitte
     with h5py.File(applied.classes_file) as f:
         params = json.loads(f.attrs["params"])
     assert params["cluster"] is None and params["neighbours"] is None  # applied, not clustered
+    # k-means, the default before, stays one option away and says so in its params
+    r = cli(["classify", c, "-o", tmp_path / "k", "-K", "5", "--cluster", "kmeans", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert score(str(tmp_path / "k"), str(gt))["miou"] >= 0.9
+    with h5py.File(tmp_path / "k" / "classes.h5") as f:
+        params = json.loads(f.attrs["params"])
+    assert params["cluster"] == "kmeans" and params["neighbours"] is None
+    # identical concepts (ties everywhere in the graph) still give clusters for every class
+    same = spectral.spectral_clusters(np.ones((50, 8), np.float32), 10, seed=0)
+    assert len(same[0]) >= 1 and np.bincount(same[1]).sum() == 50
 
 
 @pytest.mark.parametrize(
