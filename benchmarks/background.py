@@ -38,9 +38,10 @@ from scipy.optimize import linear_sum_assignment
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.classify import _nearest, concept_attention_density, split_background  # noqa: E402
+from stages.classify import concept_attention_density, split_background  # noqa: E402
 from stages.concepts import ConceptSet  # noqa: E402
 from stages.kmeans import kmeans  # noqa: E402
+from stages.kmeans import nearest as _nearest  # noqa: E402
 from stages.render import upsample_labels  # noqa: E402
 
 VARIANTS = "off,sum,density,density_eta0.5,density_eta0.7,density_ratio2,density_ratio3"

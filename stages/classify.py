@@ -25,7 +25,7 @@ from .config import BACKGROUND_SPLITS, CLUSTERINGS, UPSAMPLES, WEIGHTINGS
 from .crf import CRFParams, refine, require_crf
 from .errors import AcsegError, UsageError
 from .images import check_photos, output_paths
-from .kmeans import kmeans
+from .kmeans import kmeans, nearest
 from .labelfolder import (
     ClassMapRows,
     LabelMapStore,
@@ -126,11 +126,6 @@ def split_background(scores: np.ndarray) -> np.ndarray:
             best, cut = cost, j
     bg[order[:cut]] = True
     return bg
-
-
-def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    d = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
-    return d.argmin(1)
 
 
 def classify(
@@ -256,7 +251,7 @@ def classify(
             feats[fg],
             np.ones(int(fg.sum())) if w is None else w,
             image_of,
-            _nearest(feats[fg], cents),
+            nearest(feats[fg], cents),
             k_fit,
             k_fg,
             exclusivity,
@@ -268,7 +263,7 @@ def classify(
         )
     concept_class = np.zeros(len(feats), np.int64)
     if fg.any():
-        concept_class[fg] = cluster_class[_nearest(feats[fg], cents)] + offset
+        concept_class[fg] = cluster_class[nearest(feats[fg], cents)] + offset
 
     # 3. label maps at the original size, into a partial folder renamed when complete
     out = Path(outdir).absolute()

@@ -32,6 +32,13 @@ def _sqdist_kn(x: torch.Tensor, c: torch.Tensor, xx_t: torch.Tensor) -> torch.Te
     return d.transpose(-2, -1).contiguous()
 
 
+def nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Each point's nearest centroid (squared Euclidean): (n, d), (k, d) -> (n,). classify labels concepts
+    with it, in fit and apply alike."""
+    d = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
+    return d.argmin(1)
+
+
 def kmeans_pp(
     x: torch.Tensor,
     k: int,
