@@ -21,8 +21,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from . import validate as v
 from .errors import UsageError
-from .kmeans import kmeans
+from .kmeans import kmeans, nearest
 
 NEIGHBOURS = (5, 10, 20)
 # up to this many concepts the embedding comes from a dense eigen-solver (exact), beyond from LOBPCG on the
@@ -30,17 +31,16 @@ NEIGHBOURS = (5, 10, 20)
 DENSE_MAX = 1500
 _CHUNK_ELEMENTS = 1 << 24  # similarities computed at once while searching neighbours (64 MB)
 # beyond this many concepts the clusters are found on a random sample of them: the neighbour search grows with
-# the square of the count (50,000 concepts: 23 s on 2 cores, against 3.4 s for k-means; 590,000, COCO's
-# train set at 5 concepts an image, would take about 50 minutes), and the clusters are only summed up by their
-# centroids, which a sample of 50,000 pins down; every concept then takes its nearest centroid, as always
+# the square of the count (50,000 concepts: 23 s on 2 cores, against 3.4 s for k-means; 590,000, COCO's train
+# set at 5 concepts an image, would take about 50 minutes by that square, not timed), and the clusters are only
+# summed up by their centroids, which a sample of 50,000 pins down; every concept then takes its nearest
+# centroid, as always
 MAX_POINTS = 50_000
 
 
 def parse_neighbours(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"5,10,20"`` (or a sequence) -> (5, 10, 20), sorted, each once; a usage error for anything but
     whole numbers 2..1000."""
-    from . import validate as v
-
     items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
     if not items or items == [""]:
         raise UsageError("--neighbours is empty", "pass neighbour counts separated by commas, e.g. 5,10,20")
@@ -124,7 +124,8 @@ def spectral_clusters(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Spectral clustering of the rows of ``x`` into ``k`` clusters. Returns their centroids (k', d), the
     weighted mean of each non-empty cluster's rows (k' <= k; fewer only when the embedding's k-means leaves a
-    cluster empty), and each row's cluster (n,) in 0..k'-1. Deterministic for a given seed.
+    cluster empty), and each row's cluster (n,) in 0..k'-1. ``weights``: positive (classify's pixel counts).
+    Deterministic for a given seed.
 
     More rows than ``max_points`` (default ``MAX_POINTS``): the clusters are found on a random sample of that
     many rows (drawn with ``seed``), and every row's cluster is its nearest centroid."""
@@ -134,8 +135,10 @@ def spectral_clusters(
     cap = MAX_POINTS if max_points is None else max_points
     if n > cap:
         pick = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
-        cents, _ = spectral_clusters(x[pick], k, neighbours=neighbours, n_init=n_init, seed=seed, weights=w[pick])
-        return cents, _nearest(x, cents)
+        cents, _ = spectral_clusters(
+            x[pick], k, neighbours=neighbours, n_init=n_init, seed=seed, weights=w[pick], max_points=cap
+        )
+        return cents, nearest(x, cents)
     if k >= n:
         return x.copy(), np.arange(n)
     emb = spectral_embedding(knn_graph(x, neighbours), k, seed)
@@ -143,24 +146,10 @@ def spectral_clusters(
     # ended 1-17% above the best inertia in 7 of 10 CamVid fits (seeds 0-4, two ACGs), with greedy in none by
     # more than 0.7%, at the same cost (0.05 s)
     _, lab, _ = kmeans(emb.astype(np.float32), k, n_init=n_init, seed=seed, trials=2 + int(np.log(k)))
-    sums, plain = np.zeros((k, x.shape[1])), np.zeros((k, x.shape[1]))
+    sums = np.zeros((k, x.shape[1]))
     np.add.at(sums, lab, x * w[:, None])
-    np.add.at(plain, lab, x)
-    mass, count = np.bincount(lab, weights=w, minlength=k), np.bincount(lab, minlength=k)
-    # a cluster whose rows all weigh 0 takes their plain mean
-    cents = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], plain / np.maximum(count, 1)[:, None])
-    keep = count > 0
+    mass = np.bincount(lab, weights=w, minlength=k)
+    keep = np.bincount(lab, minlength=k) > 0
+    cents = sums[keep] / mass[keep, None]
     renumber = np.cumsum(keep) - 1
-    return cents[keep].astype(np.float32), renumber[lab]
-
-
-def _nearest(x: np.ndarray, cents: np.ndarray) -> np.ndarray:
-    """Each row's nearest centroid (squared Euclidean), in chunks."""
-    c = torch.as_tensor(cents)
-    cc = (c * c).sum(1)
-    out = np.empty(len(x), np.int64)
-    step = max(1, _CHUNK_ELEMENTS // max(len(c), 1))
-    for a in range(0, len(x), step):
-        xa = torch.as_tensor(x[a : a + step])
-        out[a : a + step] = (cc[None] - 2 * xa @ c.T).argmin(1).numpy()
-    return out
+    return cents.astype(np.float32), renumber[lab]
