@@ -150,3 +150,15 @@ def test_the_compiled_upsampling_labels_as_render_does(shape, size):
     probs = torch.softmax(torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 2, 0)
     got = _kernel().upsample_argmax(probs.numpy(), *size)
     assert got.dtype == np.int64 and np.array_equal(got, upsample_argmax(probs, size))
+
+
+@needs_kernel
+def test_the_compiled_exp_is_within_float_rounding():
+    t = np.concatenate([-np.geomspace(1e-9, 86.0, 5000), [0.0, -0.34657, -0.34658, -0.6931472, -87.0, -100.0, -1e30]])
+    t = t.astype(np.float32)
+    got = t.copy()
+    _kernel()._exp(got, np.empty(len(t), np.int32))
+    want = np.exp(t.astype(np.float64))
+    normal = want > 1.2e-38
+    assert np.all(np.abs(got[normal] - want[normal]) <= 3e-7 * want[normal])
+    assert np.all((got[~normal] > 0) & (got[~normal] < 2e-38))  # below -87: exp(-87)
