@@ -175,31 +175,50 @@ def _source(n_out, n_in):
     return lo, hi, w1
 
 
+@numba.njit(cache=True, nogil=True)
+def _labels_rows(probs, lab, r0, r1):
+    """lab[y] = the first argmax over the classes of probs[:, y], rows r0..r1."""
+    m = probs.shape[0]
+    for y in range(r0, r1):
+        best = probs[0, y].copy()
+        row = lab[y]
+        row[:] = 0
+        for c in range(1, m):
+            p = probs[c, y]
+            for x in range(best.shape[0]):
+                if p[x] > best[x]:
+                    best[x] = p[x]
+                    row[x] = c
+
+
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _argmax_rows(probs, ylo, yhi, wy, xlo, xhi, wx, out, r0, r1):
+def _argmax_rows(probs, lab, ylo, yhi, wy, xlo, xhi, wx, out, r0, r1):
+    """Rows r0..r1 of the upsampled argmax. Where the four source pixels share their argmax c, so does every
+    bilinear mean of them (each class's value is the same convex combination, and rounding is monotone), so
+    only the pixels between differently labelled ones are interpolated, class by class."""
     m = probs.shape[0]
     W = out.shape[1]
-    best = np.empty(W, np.float32)
-    row = np.empty(W, np.float32)
     for Y in range(r0, r1):
+        y0, y1 = ylo[Y], yhi[Y]
         b = wy[Y]
         a = np.float32(1.0) - b
-        for c in range(m):
-            top, bot = probs[c, ylo[Y]], probs[c, yhi[Y]]
-            for X in range(W):
-                e = wx[X]
-                row[X] = (top[xlo[X]] * (np.float32(1.0) - e) + top[xhi[X]] * e) * a + (
-                    bot[xlo[X]] * (np.float32(1.0) - e) + bot[xhi[X]] * e
+        o = out[Y]
+        for X in range(W):
+            x0, x1 = xlo[X], xhi[X]
+            c = lab[y0, x0]
+            if lab[y0, x1] == c and lab[y1, x0] == c and lab[y1, x1] == c:
+                o[X] = c
+                continue
+            e = wx[X]
+            f = np.float32(1.0) - e
+            best, arg = np.float32(-np.inf), 0
+            for k in range(m):
+                v = (probs[k, y0, x0] * f + probs[k, y0, x1] * e) * a + (
+                    probs[k, y1, x0] * f + probs[k, y1, x1] * e
                 ) * b
-            o = out[Y]
-            if c == 0:
-                best[:] = row
-                o[:] = 0
-            else:
-                for X in range(W):
-                    if row[X] > best[X]:  # the first maximum wins ties, as torch's argmax
-                        best[X] = row[X]
-                        o[X] = c
+                if v > best:  # the first maximum wins ties, as torch's argmax
+                    best, arg = v, k
+            o[X] = arg
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -209,9 +228,12 @@ def upsample_argmax(probs, H, W):
     _, h, w = probs.shape
     ylo, yhi, wy = _source(H, h)
     xlo, xhi, wx = _source(W, w)
+    lab = np.empty((h, w), np.int64)
+    for b in numba.prange(BLOCKS):
+        _labels_rows(probs, lab, b * h // BLOCKS, (b + 1) * h // BLOCKS)
     out = np.empty((H, W), np.int64)
     for b in numba.prange(BLOCKS):
-        _argmax_rows(probs, ylo, yhi, wy, xlo, xhi, wx, out, b * H // BLOCKS, (b + 1) * H // BLOCKS)
+        _argmax_rows(probs, lab, ylo, yhi, wy, xlo, xhi, wx, out, b * H // BLOCKS, (b + 1) * H // BLOCKS)
     return out
 
 

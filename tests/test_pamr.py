@@ -153,6 +153,20 @@ def test_the_compiled_upsampling_labels_as_render_does(shape, size):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape, size", [((5, 48, 64), (108, 144)), ((3, 20, 30), (20, 30)), ((4, 40, 40), (17, 95))])
+def test_the_compiled_upsampling_of_regions_labels_as_render_does(shape, size):
+    # smooth fields: large regions where the four source pixels agree (the shortcut) and edges between them
+    m, h, w = shape
+    yy, xx = torch.meshgrid(torch.linspace(0, 3, h), torch.linspace(0, 4, w), indexing="ij")
+    phase = torch.arange(m, dtype=torch.float32)[:, None, None]
+    probs = torch.softmax(4 * torch.sin(yy + 1.7 * phase) * torch.cos(xx - phase), 0)
+    probs[:, : h // 4, : w // 4] = probs[:, : h // 4, : w // 4].mean(0, keepdim=True)  # exact ties: the first wins
+    got = _kernel().upsample_argmax(probs.numpy(), *size)
+    want = upsample_argmax(probs, size)
+    assert len(np.unique(want)) >= 3 and np.array_equal(got, want)
+
+
+@needs_kernel
 def test_the_compiled_exp_is_within_float_rounding():
     t = np.concatenate([-np.geomspace(1e-9, 86.0, 5000), [0.0, -0.34657, -0.34658, -0.6931472, -87.0, -100.0, -1e30]])
     t = t.astype(np.float32)
