@@ -104,13 +104,14 @@ def fit_head(
     x = tokens
     y = torch.as_tensor(labels, dtype=torch.int64)
     bs = min(cfg.batch_size, len(x))
+    batch = torch.empty((bs, x.shape[1]), dtype=x.dtype)  # one buffer: a fresh batch each step costs its page faults
     perm, at = torch.randperm(len(x), generator=g), 0
     for step in range(cfg.steps):
         if at + bs > len(x):
             perm, at = torch.randperm(len(x), generator=g), 0
         idx = perm[at : at + bs]
         at += bs
-        loss = F.cross_entropy(net(x[idx]), y[idx])
+        loss = F.cross_entropy(net(torch.index_select(x, 0, idx, out=batch)), y[idx])
         grads = torch.autograd.grad(loss, params)
         lr, t = _lr_at(step, cfg), step + 1
         with torch.no_grad():
