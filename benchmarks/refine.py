@@ -16,10 +16,12 @@ Variants:
   extra variants: --keep 0,0.5 (refine's blend), --head-kind mlp, --exclusivity 0 (merge by similarity)
   --crf: also refine --crf (the dense CRF on the blended probabilities; about a second per photo)
   --pamr-variants: also cheaper PAMR settings (3 iterations; 3 iterations with dilations up to 16)
+  --head-variants: also the head's fit with 100 and 400 steps, and with batches of 4,096, 2,048 and 1,024 tokens
 
 Usage:
   python benchmarks/refine.py --train-features T.h5 --train C_T.h5 --test-features V.h5 --test C_V.h5 \
-      --gt GT_DIR -K 11 --ignore 11 [--acg ACG.pt] [--seeds 3] [--extra] [--crf] [--pamr-variants] --out DIR
+      --gt GT_DIR -K 11 --ignore 11 [--acg ACG.pt] [--seeds 3] [--extra] [--crf] [--pamr-variants] \
+      [--head-variants] --out DIR
 Prints one JSON line per variant and a table; seconds of classify and refine are in the rows.
 """
 
@@ -81,6 +83,7 @@ def main():
     ap.add_argument("--extra", action="store_true", help="also the losing variants (keep, head kind, exclusivity)")
     ap.add_argument("--crf", action="store_true", help="also refine --crf (about a second per photo)")
     ap.add_argument("--pamr-variants", action="store_true", help="also cheaper PAMR settings")
+    ap.add_argument("--head-variants", action="store_true", help="also the head's fit at half and twice the cost")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     out = Path(a.out)
@@ -114,6 +117,14 @@ def main():
         refines += [
             ("refine pamr=3", {"pamr": PAMRParams(iterations=3)}, HeadConfig()),
             ("refine pamr=3 to 16", {"pamr": PAMRParams(iterations=3, dilations=(1, 2, 4, 8, 16))}, HeadConfig()),
+        ]
+    if a.head_variants:
+        refines += [
+            ("refine steps=100", {}, HeadConfig(steps=100)),
+            ("refine batch=4096", {}, HeadConfig(batch_size=4096)),
+            ("refine batch=2048", {}, HeadConfig(batch_size=2048)),
+            ("refine batch=1024", {}, HeadConfig(batch_size=1024)),
+            ("refine steps=400", {}, HeadConfig(steps=400)),
         ]
     if a.crf:
         refines.append(("refine crf", {"crf": True}, HeadConfig()))

@@ -148,7 +148,7 @@ class HeadConfig:
     kind: str = "linear"  # linear | mlp
     hidden: int = 256  # the MLP's hidden width
     steps: int = 200  # optimiser steps (each a batch of tokens from all images)
-    batch_size: int = 8192
+    batch_size: int = 1024  # as good as 8,192 on every half of CamVid and the horses, at an eighth of the work
     lr: float = 1e-2
     weight_decay: float = 1e-4
     max_tokens: int = 1_000_000  # tokens sampled for the fit (all of them when fewer)
