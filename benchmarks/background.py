@@ -40,8 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages.classify import concept_attention_density, split_background  # noqa: E402
 from stages.concepts import ConceptSet  # noqa: E402
-from stages.kmeans import kmeans  # noqa: E402
-from stages.kmeans import nearest as _nearest  # noqa: E402
+from stages.kmeans import kmeans, nearest  # noqa: E402
 from stages.render import upsample_labels  # noqa: E402
 
 VARIANTS = "off,sum,density,density_eta0.5,density_eta0.7,density_ratio2,density_ratio3"
@@ -149,11 +148,11 @@ def run(tr: dict, te: dict, gts: list, ups: list, halves: dict, K: int, ignore: 
     cls = np.zeros(len(te["feats"]), np.int64)
     off = 1 if split else 0
     fg = ~bg_te & dec_te
-    cls[fg] = _nearest(te["feats"][fg], cents) + off
+    cls[fg] = nearest(te["feats"][fg], cents) + off
     und = ~dec_te
     if und.any():
         allc = np.vstack([bc[None], cents]) if bc is not None else cents
-        cls[und] = _nearest(te["feats"][und], allc) + (0 if bc is not None else off)
+        cls[und] = nearest(te["feats"][und], allc) + (0 if bc is not None else off)
     conf = {h: np.zeros((K, K), np.int64) for h in ("all", "even", "odd")}
     for i in range(len(te["names"])):
         pred, g = cls[te["co"][i] + ups[i]], gts[i]
@@ -186,7 +185,7 @@ def kmeans_baseline(
         cents, _, _ = kmeans(sample, K, n_init=3, seed=seed)
         conf = {h: np.zeros((K, K), np.int64) for h in rows}
         for i, (u, grid) in enumerate(zip(unit, grids)):
-            lab = _nearest(u, cents).reshape(grid)
+            lab = nearest(u, cents).reshape(grid)
             g = gts[i]
             pred = upsample_labels(lab, g.shape)
             valid = g != ignore if ignore is not None else np.ones(g.shape, bool)

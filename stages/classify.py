@@ -247,11 +247,12 @@ def classify(
         else:
             cents, _, _ = kmeans(feats[fg], k_fit, n_init=n_init, seed=seed, weights=w)
         image_of = np.repeat(np.arange(n), np.diff(co))[fg]
+        assign = nearest(feats[fg], cents)  # each concept's cluster, for the merge and its class
         cluster_class = merge_clusters(
             feats[fg],
             np.ones(int(fg.sum())) if w is None else w,
             image_of,
-            nearest(feats[fg], cents),
+            assign,
             k_fit,
             k_fg,
             exclusivity,
@@ -261,9 +262,10 @@ def classify(
             f"centroids have dimension {cents.shape[1]} but the concepts {feats.shape[1]}",
             "apply centroids only to concepts from the same backbone",
         )
+    else:
+        assign = nearest(feats[fg], cents)
     concept_class = np.zeros(len(feats), np.int64)
-    if fg.any():
-        concept_class[fg] = cluster_class[nearest(feats[fg], cents)] + offset
+    concept_class[fg] = cluster_class[assign] + offset
 
     # 3. label maps at the original size, into a partial folder renamed when complete
     out = Path(outdir).absolute()
