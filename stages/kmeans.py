@@ -63,18 +63,18 @@ def kmeans_pp(
     for _ in range(1, k):
         pw = d2 if w is None else d2 * w
         total = pw.sum()
-        if total <= 0:
-            j = int(torch.randint(n, (1,), generator=gen))
-            d2 = torch.minimum(d2, _sqdist(x, x[j : j + 1], xx).squeeze(-1))
-        elif trials <= 1:
-            j = int(torch.multinomial((pw / total).cpu(), 1, generator=gen))
-            d2 = torch.minimum(d2, _sqdist(x, x[j : j + 1], xx).squeeze(-1))
-        else:
+        if total > 0 and trials > 1:
             cand = torch.multinomial((pw / total).cpu(), trials, replacement=True, generator=gen).to(x.device)
             new = torch.minimum(d2[None], _sqdist(x, x[cand], xx).T)  # (trials, n)
             cost = new.sum(1) if w is None else new @ w
             best = int(cost.argmin())
             j, d2 = int(cand[best]), new[best]
+        else:
+            if total <= 0:
+                j = int(torch.randint(n, (1,), generator=gen))
+            else:
+                j = int(torch.multinomial((pw / total).cpu(), 1, generator=gen))
+            d2 = torch.minimum(d2, _sqdist(x, x[j : j + 1], xx).squeeze(-1))
         idx.append(j)
     return x[idx].clone()
 
