@@ -83,7 +83,7 @@ def main():
     ap.add_argument("--extra", action="store_true", help="also the losing variants (keep, head kind, exclusivity)")
     ap.add_argument("--crf", action="store_true", help="also refine --crf (about a second per photo)")
     ap.add_argument("--pamr-variants", action="store_true", help="also cheaper PAMR settings")
-    ap.add_argument("--head-variants", action="store_true", help="also the head's fit at half and twice the cost")
+    ap.add_argument("--head-variants", action="store_true", help="also other steps and batch sizes of the head's fit")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     out = Path(a.out)

@@ -35,9 +35,10 @@ def _pad_rows(x, pad, out, r0, r1):
 def _exp(t, bits):
     """t[:] = exp(t), for t <= 0, in loops the compiler vectorises (math.exp is a call per element without
     Intel's SVML, most of the affinities' time): 2^n exp(r) with n = round(t / ln 2), r = t - n ln 2 (ln 2 in
-    two parts), exp(r) by its Taylor polynomial of degree 7 (|r| <= ln 2 / 2; relative error under 2e-7), 2^n
-    from its exponent bits. t below -87 (where float32 leaves the normal numbers) counts as -87: 1.6e-38 for 0
-    or about 1e-38 too much; the softmax's largest term is 1."""
+    two parts), exp(r) by its Taylor polynomial of degree 7 (|r| <= ln 2 / 2), 2^n from its exponent bits:
+    relative error under 3e-7, about 5 float32 ulps (at most 2.97e-7 over 40 million sampled values). t below
+    -87 (where float32 leaves the normal numbers) counts as -87: 1.6e-38 for 0 or about 1e-38 too much; the
+    softmax's largest term is 1."""
     for x in range(t.shape[0]):
         v = max(t[x], np.float32(-87.0))
         n = np.floor(v * np.float32(1.4426950408889634) + np.float32(0.5))
