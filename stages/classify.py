@@ -27,8 +27,9 @@ from .errors import AcsegError, UsageError
 from .images import check_photos, output_paths
 from .kmeans import kmeans, nearest
 from .labelfolder import (
+    CLASSES_FILE,
     ClassMapRows,
-    LabelMapStore,
+    ClassStore,
     draw_previews,
     label_maps_schema,
     match_to_gt,
@@ -51,35 +52,6 @@ from .spectral import NEIGHBOURS, parse_neighbours, spectral_clusters
 from .store import StoreWriter, is_write_error
 
 log = logging.getLogger("acseg.classify")
-CLASSES_FILE = "classes.h5"
-
-
-class ClassStore(LabelMapStore):
-    """classify's store: the label folder's maps, and the centroids that label new concepts."""
-
-    kind = "classes"
-
-    def _validate(self) -> None:
-        p = self.params
-        if not isinstance(p.get("background_split"), bool):
-            raise AcsegError(f"{self.path}: its background_split is not of the right type", self.DAMAGED)
-        super()._validate()
-        self.centroids = self._need("centroids", 2, None, "f")[:].astype(np.float32)
-        if not np.isfinite(self.centroids).all():
-            raise AcsegError(f"{self.path}: centroids hold NaN or Inf", "the file is damaged; re-run classify")
-        want = p["n_classes"] - (1 if p["background_split"] else 0)
-        # cluster_class: the class of each centroid when classify over-clustered and merged (stages/overcluster.py);
-        # files written before it have one centroid per class
-        if self.has("cluster_class"):
-            lut = self._need("cluster_class", 1, len(self.centroids), "iu")[:].astype(np.int64)
-        else:
-            lut = np.arange(len(self.centroids), dtype=np.int64)
-        if len(self.centroids) < 1 or len(self.centroids) < want or not np.array_equal(np.unique(lut), np.arange(want)):
-            raise AcsegError(
-                f"{self.path}: {len(self.centroids)} centroids do not map onto its {p.get('n_classes')} classes",
-                "the file is damaged; re-run classify",
-            )
-        self.cluster_class = lut
 
 
 @dataclass

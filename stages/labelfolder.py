@@ -17,6 +17,7 @@ from .render import compose_panels, display_size, load_photo, overlay, palette, 
 from .store import STR, Group, Schema, Store, decode_names
 
 log = logging.getLogger("acseg.labels")
+CLASSES_FILE = "classes.h5"  # classify's store of patch-level classes in its output folder
 
 
 def expected_entries(outdir: Path, store_file: str, side_files: tuple = ()) -> set[str]:
@@ -122,14 +123,40 @@ class LabelMapStore(Store):
     @staticmethod
     def open_any(path: Path) -> "LabelMapStore":
         """A classify (``classes``) or refine (``refined``) store, by the kind the file says it holds."""
-        from .classify import ClassStore
-
         try:
             with h5py.File(path, "r") as f:
                 kind = f.attrs.get("kind")
         except Exception:
             kind = None
         return ClassStore(path) if kind == "classes" else LabelMapStore(path)
+
+
+class ClassStore(LabelMapStore):
+    """classify's store: the label folder's maps, and the centroids that label new concepts."""
+
+    kind = "classes"
+
+    def _validate(self) -> None:
+        p = self.params
+        if not isinstance(p.get("background_split"), bool):
+            raise AcsegError(f"{self.path}: its background_split is not of the right type", self.DAMAGED)
+        super()._validate()
+        self.centroids = self._need("centroids", 2, None, "f")[:].astype(np.float32)
+        if not np.isfinite(self.centroids).all():
+            raise AcsegError(f"{self.path}: centroids hold NaN or Inf", "the file is damaged; re-run classify")
+        want = p["n_classes"] - (1 if p["background_split"] else 0)
+        # cluster_class: the class of each centroid when classify over-clustered and merged (stages/overcluster.py);
+        # files written before it have one centroid per class
+        if self.has("cluster_class"):
+            lut = self._need("cluster_class", 1, len(self.centroids), "iu")[:].astype(np.int64)
+        else:
+            lut = np.arange(len(self.centroids), dtype=np.int64)
+        if len(self.centroids) < 1 or len(self.centroids) < want or not np.array_equal(np.unique(lut), np.arange(want)):
+            raise AcsegError(
+                f"{self.path}: {len(self.centroids)} centroids do not map onto its {p.get('n_classes')} classes",
+                "the file is damaged; re-run classify",
+            )
+        self.cluster_class = lut
 
 
 def _gt_id_of_class(dataset: str | None, class_ids: list, ignore_index: tuple = ()):
