@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch.nn.functional as F
 from PIL import Image
 
 from .errors import AcsegError
@@ -62,16 +61,20 @@ def refine(photo: np.ndarray, patch_map: np.ndarray, params: CRFParams | None = 
 
 
 def refine_probs(photo: np.ndarray, probs, params: CRFParams | None = None) -> np.ndarray:
-    """photo (H, W, 3) uint8 at the output size, probs (m, h, w) patch-level class probabilities (a tensor)
+    """photo (H, W, 3) uint8 at the output size, probs (m, h, w) patch-level class probabilities (a tensor or an array)
     -> (H, W) indices 0..m-1 refined by the CRF. The probabilities are interpolated bilinearly (their argmax
     is the plain upsampled map) and mixed with a uniform floor for the unary term."""
+    import torch
+    import torch.nn.functional as F
+
     dcrf = require_crf()
     p = params or CRFParams()
     H, W = photo.shape[:2]
     s = min(1.0, p.short_side / min(H, W))
     h, w = (H, W) if s == 1.0 else (max(1, round(H * s)), max(1, round(W * s)))
     m = int(probs.shape[0])
-    soft = F.interpolate(probs[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+    t = torch.as_tensor(np.asarray(probs, dtype=np.float32))[None]
+    soft = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
     img = photo if (h, w) == (H, W) else np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
     img = np.array(img, dtype=np.uint8, order="C")  # a writable C-contiguous copy, as pydensecrf wants
     prob = p.label_confidence * soft + (1.0 - p.label_confidence) / m

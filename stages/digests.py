@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-import torch
+import numpy as np
 
 # How a state dict is hashed. Both schemes are recorded in files already written, so neither can change:
 #   "acg"      per tensor in name order: "name|dtype|shape|" then its bytes as stored (ACG checkpoints)
@@ -18,6 +18,8 @@ def weights_sha256(state_dict: dict, scheme: str = "acg") -> str:
     """sha256 of a state dict's tensors under ``scheme`` (``WEIGHT_SCHEMES``)."""
     if scheme not in WEIGHT_SCHEMES:
         raise ValueError(f"unknown weights hash scheme {scheme!r}")
+    import torch
+
     h = hashlib.sha256()
     for k in sorted(state_dict):
         v = state_dict[k].detach()
@@ -28,6 +30,17 @@ def weights_sha256(state_dict: dict, scheme: str = "acg") -> str:
         else:
             h.update(k.encode())
             h.update(v.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of named numpy arrays, in name order: "name|dtype|shape|" then their C-order bytes (numpy's dtype
+    names, so not the "acg" scheme's torch names: a refine head's weights, written without torch)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        v = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.tobytes())
     return h.hexdigest()
 
 

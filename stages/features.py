@@ -9,21 +9,39 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import AcsegError
 from .store import STR, Group, Schema, Store, decode_names
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a tensor is made (the batches of the ACG's stages), not here: refine reads tokens
+# without it, and importing torch costs 2 s of a command that takes a few.
+_HALF_TABLE = None
+
 
 def _f32(a: np.ndarray) -> np.ndarray:
-    """float16 -> float32 through torch (vectorised; numpy's cast is several times slower)."""
-    return torch.from_numpy(np.ascontiguousarray(a)).float().numpy() if a.dtype == np.float16 else a.astype(np.float32)
+    """float16 -> float32. Through a table of all 65,536 float16 values, looked up with ``np.take``: bit for bit
+    numpy's cast (NaN payloads included), 3-4 times faster than it (numpy converts element by element)."""
+    global _HALF_TABLE
+    if a.dtype != np.float16:
+        return a.astype(np.float32)
+    if _HALF_TABLE is None:
+        _HALF_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    out = np.empty(a.shape, np.float32)
+    np.take(_HALF_TABLE, np.ascontiguousarray(a).view(np.uint16), out=out)
+    return out
 
 
 def scratch(reuse: dict, key, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised (shape) tensor from memory kept in ``reuse`` under ``key``, grown when too small."""
+    import torch
+
     n = int(np.prod(shape))
     buf = reuse.get(key)
     if buf is None or buf.dtype != dtype or buf.numel() < n:
@@ -182,9 +200,14 @@ class FeatureStore(Store):
         }
 
     def _finite(self, a, what: str):
-        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
-        # NaN and Inf survive a sum; one cheap pass (float16 summed in float32, where large sums fit)
-        total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+        # NaN and Inf survive a sum; one cheap pass (float16 summed in float32, where large sums fit), through
+        # torch when the process has it (threaded; numpy casts float16 element by element), else numpy
+        torch = sys.modules.get("torch")
+        if torch is None:
+            total = a.sum(dtype=np.float32) if a.dtype == np.float16 else a.sum()
+        else:
+            t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
+            total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
         if not np.isfinite(float(total)):
             raise AcsegError(f"{self.path}: {what} holds NaN or Inf values", "the file is damaged; re-run extract")
         return a
@@ -247,6 +270,8 @@ class FeatureStore(Store):
         allocations cost more in page faults than the float16 -> float32 conversion itself. ``check=False``
         skips the pass that looks for NaN and Inf: the caller must find them itself (``check_finite``).
         ``as_stored``: float16 rows stay float16 (half the bytes to move to a GPU, converted there)."""
+        import torch
+
         a, b = self.offsets[start], self.offsets[stop]
         block = self._read_block(field, a, b, reuse, as_stored)
         if check:
@@ -264,6 +289,8 @@ class FeatureStore(Store):
 
     def _read_block(self, field: str, a: int, b: int, reuse: dict | None, as_stored: bool = False) -> torch.Tensor:
         """Rows a..b-1 as a float32 tensor of our own (float16 when ``as_stored`` and so stored)."""
+        import torch
+
         ds = self._f[field]
         half = as_stored and ds.dtype == np.float16
         if reuse is None:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .errors import AcsegError
 from .images import ImageError, load_rgb
 from .output import write_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 
 def palette(n: int) -> np.ndarray:
@@ -32,6 +34,9 @@ def palette(n: int) -> np.ndarray:
 def onehot_maps(patch_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """(h, w) ids -> (the ids present, sorted; each patch's index into them, (h, w); their (1, m, h, w) float
     one-hot maps, ready to interpolate)."""
+    import torch
+    import torch.nn.functional as F
+
     ids, inv = np.unique(patch_map, return_inverse=True)
     inv = inv.reshape(patch_map.shape)
     return ids, inv, F.one_hot(torch.from_numpy(inv.astype(np.int64)), len(ids)).permute(2, 0, 1).float()[None]
@@ -47,6 +52,9 @@ def argmax_channels(t: torch.Tensor) -> torch.Tensor:
 def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
     """(h, w) ids -> (H, W) ids. 'bilinear' interpolates one-hot maps and takes the argmax (smooth
     boundaries); 'nearest' repeats patches (blocky)."""
+    import torch
+    import torch.nn.functional as F
+
     H, W = int(size[0]), int(size[1])
     ids, inv, onehot = onehot_maps(patch_map)
     if mode == "nearest" or len(ids) == 1:
@@ -59,6 +67,9 @@ def upsample_labels(patch_map: np.ndarray, size: tuple[int, int], mode: str = "b
 def upsample_argmax(soft: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(m, h, w) scores (one-hot maps, probabilities) -> (H, W) indices 0..m-1: bilinear interpolation, then
     the argmax; large images row by row in chunks (the same arithmetic as PyTorch's)."""
+    import torch
+    import torch.nn.functional as F
+
     H, W = int(size[0]), int(size[1])
     m, h = int(soft.shape[0]), int(soft.shape[1])
     soft = soft.float()[None]
