@@ -48,11 +48,11 @@ def command(
         typer.Option("--features", "-f", help="The feature store the labelled concepts were made from."),
     ] = None,
     output: Annotated[
-        Optional[str], typer.Option("--output", "-o", help="Output folder for the label maps, refined.h5, head.pt.")
+        Optional[str], typer.Option("--output", "-o", help="Output folder for the label maps, refined.h5, head.npz.")
     ] = None,
     head: Annotated[
         Optional[str],
-        typer.Option("--head", help="Apply this fitted head (a head.pt refine wrote) instead of fitting one."),
+        typer.Option("--head", help="Apply this fitted head (the head.npz refine wrote) instead of fitting one."),
     ] = None,
     keep: Annotated[
         float,

@@ -238,10 +238,46 @@ def upsample_argmax(probs, H, W):
     return out
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _resize_rows(probs, ylo, yhi, wy, xlo, xhi, wx, out, r0, r1):
+    """Rows r0..r1 (of all classes' output rows, class-major) of the bilinear interpolation, in torch's order
+    of operations: (p00 (1 - ex) + p01 ex) (1 - ey) + (p10 (1 - ex) + p11 ex) ey."""
+    H, W = out.shape[1], out.shape[2]
+    for r in range(r0, r1):
+        k, Y = r // H, r % H
+        b = wy[Y]
+        a = np.float32(1.0) - b
+        top, bot, o = probs[k, ylo[Y]], probs[k, yhi[Y]], out[k, Y]
+        for X in range(W):
+            x0, x1 = xlo[X], xhi[X]
+            e = wx[X]
+            f = np.float32(1.0) - e
+            o[X] = (top[x0] * f + top[x1] * e) * a + (bot[x0] * f + bot[x1] * e) * b
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def resize(probs, H, W):
+    """probs (m, h, w) float32 -> (m, H, W) float32, bilinear with torch's ``F.interpolate(mode="bilinear",
+    align_corners=False)`` source positions and weights (tests bound the difference to float rounding)."""
+    m, h, w = probs.shape
+    ylo, yhi, wy = _source(H, h)
+    xlo, xhi, wx = _source(W, w)
+    out = np.empty((m, H, W), np.float32)
+    rows = m * H
+    for b in numba.prange(BLOCKS):
+        _resize_rows(probs, ylo, yhi, wy, xlo, xhi, wx, out, b * rows // BLOCKS, (b + 1) * rows // BLOCKS)
+    return out
+
+
+def set_threads(threads):
+    """Run the parallel loops on at most ``threads`` threads (and at most numba's own limit)."""
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
 def refine(img, probs, offs, sigma, pad, iterations, size, threads):
     """``pamr.refine_probs``'s arithmetic: the affinities of img (3, h, w), ``iterations`` propagation steps of
     probs (m, h, w), then the argmax of their bilinear upsampling to ``size`` (H, W); on at most ``threads``
-    threads (torch's count, so that OMP_NUM_THREADS bounds both)."""
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    threads (``pamr.threads``)."""
+    set_threads(threads)
     out = propagate(probs, affinities(img, offs, sigma, pad), offs, pad, iterations)
     return upsample_argmax(out, int(size[0]), int(size[1]))

@@ -13,27 +13,28 @@ images of the same features with ``head=``: ``classify --centroids`` labels them
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from . import validate as v
-from .classify import CLASSES_FILE
 from .config import HeadConfig, PAMRParams
 from .crf import CRFParams, refine_probs, require_crf
-from .digests import weights_sha256
+from .digests import arrays_sha256
 from .errors import AcsegError
 from .features import FeatureStore
 from .images import check_photos, output_paths
 from .labelfolder import (
+    CLASSES_FILE,
     ClassMapRows,
     LabelMapStore,
     draw_previews,
@@ -52,27 +53,76 @@ from .output import (
 )
 from .pamr import refine_probs as pamr_probs
 from .pamr import work_size
-from .render import read_photo, save_label_png, upsample_argmax
+from .render import read_photo, save_label_png
 from .store import StoreWriter, is_write_error
 
-HEAD_FILE = "head.pt"
+HEAD_FILE = "head.npz"
+LEGACY_HEAD_FILE = "head.pt"  # what refine wrote before its head left torch: still read, and replaced by --overwrite
 REFINED_FILE = "refined.h5"
-HEAD_FORMAT = "acseg-head-1"
+HEAD_FORMAT = "acseg-head-2"
+LEGACY_HEAD_FORMAT = "acseg-head-1"  # a torch file
 PAMR_NEEDS = "refine's PAMR"  # the step that reads the photos, as errors name it
 PROVENANCE_KEYS = ("backbone", "weights_sha256", "dim", "feature", "layer")
 
 
-def create_head(cfg: HeadConfig, dim: int, n_classes: int) -> torch.nn.Module:
+# ---------------------------------------------------------------------------------------------
+# The head: numpy arithmetic, so that refine runs without importing torch (2 s of a command that takes a few)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadNet:
+    """The head's weights, float32, under torch's names (those of the files written before): 'linear' is
+    ``weight`` (K, d) and ``bias`` (K,); 'mlp' is ``0.weight`` (hidden, d), ``0.bias``, then a ReLU, then
+    ``2.weight`` (K, hidden), ``2.bias``."""
+
+    kind: str
+    weights: dict
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """x (N, d) unit rows -> (N, K) logits."""
+        w = self.weights
+        if self.kind == "linear":
+            return x @ w["weight"].T + w["bias"]
+        h = np.maximum(x @ w["0.weight"].T + w["0.bias"], np.float32(0.0))
+        return h @ w["2.weight"].T + w["2.bias"]
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """x (N, d) unit rows -> (N, K) class probabilities (softmax of the logits)."""
+        return softmax(self.logits(x))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, in place on ``z``."""
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Tokens as the head sees them: float32 rows divided by their L2 norm (at least 1e-12), in place when
+    ``x`` is already a float32 array of our own."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    x /= np.maximum(norms, np.float32(1e-12))[:, None]
+    return x
+
+
+def create_head(cfg: HeadConfig, dim: int, n_classes: int, rng: np.random.Generator) -> HeadNet:
+    """A head with torch's default initialisation of a linear layer: weights and biases uniform in +-1 /
+    sqrt(fan_in)."""
+
+    def layer(fan_out: int, fan_in: int, name: str) -> dict:
+        bound = 1.0 / math.sqrt(fan_in)
+        return {
+            f"{name}weight": rng.uniform(-bound, bound, (fan_out, fan_in)).astype(np.float32),
+            f"{name}bias": rng.uniform(-bound, bound, fan_out).astype(np.float32),
+        }
+
     if cfg.kind == "linear":
-        return torch.nn.Linear(dim, n_classes)
-    return torch.nn.Sequential(
-        torch.nn.Linear(dim, cfg.hidden), torch.nn.ReLU(), torch.nn.Linear(cfg.hidden, n_classes)
-    )
-
-
-def unit(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Tokens as the head sees them: float32, L2-normalised rows."""
-    return F.normalize(torch.as_tensor(x, dtype=torch.float32), dim=-1)
+        return HeadNet("linear", layer(n_classes, dim, ""))
+    return HeadNet("mlp", {**layer(cfg.hidden, dim, "0."), **layer(n_classes, cfg.hidden, "2.")})
 
 
 def _lr_at(step: int, cfg: HeadConfig) -> float:
@@ -84,78 +134,104 @@ def _lr_at(step: int, cfg: HeadConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def fit_head(
-    tokens: torch.Tensor, labels: np.ndarray, n_classes: int, cfg: HeadConfig, progress: Callable | None = None
-) -> torch.nn.Module:
-    """tokens (N, d), L2-normalised as the head sees them (``unit``), and their class ids (N,) -> a head trained
-    with cross-entropy by AdamW (decoupled weight decay), ``cfg.steps`` batches drawn without replacement, warm-up
-    then cosine learning rate.
+def _gradients(net: HeadNet, x: np.ndarray, y: np.ndarray) -> dict:
+    """The gradients of the mean cross-entropy of ``net`` on the batch x (B, d), y (B,)."""
+    w = net.weights
+    if net.kind == "linear":
+        hidden, inp = None, x
+        dz = softmax(x @ w["weight"].T + w["bias"])
+    else:
+        hidden = np.maximum(x @ w["0.weight"].T + w["0.bias"], np.float32(0.0))
+        inp = hidden
+        dz = softmax(hidden @ w["2.weight"].T + w["2.bias"])
+    dz[np.arange(len(y)), y] -= np.float32(1.0)  # d loss / d logits: probabilities less the one-hot targets
+    dz /= np.float32(len(y))
+    last = "" if net.kind == "linear" else "2."
+    grads = {f"{last}weight": dz.T @ inp, f"{last}bias": dz.sum(axis=0)}
+    if hidden is not None:
+        dh = dz @ w["2.weight"]
+        dh *= hidden > 0  # the ReLU's gradient
+        grads["0.weight"] = dh.T @ x
+        grads["0.bias"] = dh.sum(axis=0)
+    return grads
 
-    The update is written out here: torch.optim imports torch._dynamo on first use, 2-4 s of a command
-    that otherwise takes a few."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):  # the head's initial weights, without touching the process's RNG
-        torch.manual_seed(cfg.seed)
-        net = create_head(cfg, tokens.shape[1], n_classes)
-    params = list(net.parameters())
-    m1 = [torch.zeros_like(p) for p in params]
-    m2 = [torch.zeros_like(p) for p in params]
+
+def fit_head(
+    tokens: np.ndarray, labels: np.ndarray, n_classes: int, cfg: HeadConfig, progress: Callable | None = None
+) -> HeadNet:
+    """tokens (N, d) float32, L2-normalised as the head sees them (``unit``), and their class ids (N,) -> a head
+    trained with cross-entropy by AdamW (decoupled weight decay; torch's update, written out), ``cfg.steps``
+    batches drawn without replacement, warm-up then cosine learning rate. Its own random generator (seeded
+    by ``cfg.seed``) draws the initial weights and the batches."""
+    rng = np.random.default_rng(cfg.seed)
+    net = create_head(cfg, tokens.shape[1], n_classes, rng)
+    m1 = {k: np.zeros_like(a) for k, a in net.weights.items()}
+    m2 = {k: np.zeros_like(a) for k, a in net.weights.items()}
     b1, b2, eps = 0.9, 0.999, 1e-8
     x = tokens
-    y = torch.as_tensor(labels, dtype=torch.int64)
+    y = np.asarray(labels, dtype=np.int64)
     bs = min(cfg.batch_size, len(x))
-    batch = torch.empty((bs, x.shape[1]), dtype=x.dtype)  # one buffer: a fresh batch each step costs its page faults
-    perm, at = torch.randperm(len(x), generator=g), 0
+    batch = np.empty((bs, x.shape[1]), dtype=np.float32)  # one buffer: a fresh batch each step costs page faults
+    perm, at = rng.permutation(len(x)), 0
     for step in range(cfg.steps):
         if at + bs > len(x):
-            perm, at = torch.randperm(len(x), generator=g), 0
+            perm, at = rng.permutation(len(x)), 0
         idx = perm[at : at + bs]
         at += bs
-        loss = F.cross_entropy(net(torch.index_select(x, 0, idx, out=batch)), y[idx])
-        grads = torch.autograd.grad(loss, params)
+        grads = _gradients(net, np.take(x, idx, axis=0, out=batch), y[idx])
         lr, t = _lr_at(step, cfg), step + 1
-        with torch.no_grad():
-            for p, gr, a1, a2 in zip(params, grads, m1, m2):
-                a1.mul_(b1).add_(gr, alpha=1 - b1)
-                a2.mul_(b2).addcmul_(gr, gr, value=1 - b2)
-                p.mul_(1 - lr * cfg.weight_decay)
-                denom = (a2 / (1 - b2**t)).sqrt_().add_(eps)
-                p.addcdiv_(a1, denom, value=-lr / (1 - b1**t))
+        for k, p in net.weights.items():
+            g, a1, a2 = grads[k], m1[k], m2[k]
+            a1 *= b1
+            a1 += (1 - b1) * g
+            a2 *= b2
+            a2 += (1 - b2) * (g * g)
+            p *= 1 - lr * cfg.weight_decay
+            denom = np.sqrt(a2 / (1 - b2**t))
+            denom += eps
+            p -= (lr / (1 - b1**t)) * (a1 / denom)
         if progress:
             progress(step + 1, cfg.steps)
-    return net.eval()
+    return net
 
 
-def blend(probs: torch.Tensor, class_map: np.ndarray, keep: float) -> torch.Tensor:
+def blend(probs: np.ndarray, class_map: np.ndarray, keep: float) -> np.ndarray:
     """(K, h, w) head probabilities and classify's (h, w) ids -> keep * one-hot + (1 - keep) * probabilities."""
     if keep == 0:
         return probs
-    onehot = F.one_hot(torch.as_tensor(class_map, dtype=torch.int64), probs.shape[0]).permute(2, 0, 1).float()
-    return keep * onehot + (1.0 - keep) * probs
+    onehot = np.eye(probs.shape[0], dtype=np.float32)[np.asarray(class_map, dtype=np.int64)].transpose(2, 0, 1)
+    return np.float32(keep) * onehot + np.float32(1.0 - keep) * probs
 
 
 # ---------------------------------------------------------------------------------------------
-# The head file
+# The head file: a numpy archive (.npz, read without pickles), or the torch file of earlier versions
 # ---------------------------------------------------------------------------------------------
 
 
-def save_head(path: Path, net: torch.nn.Module, cfg: HeadConfig, n_classes: int, dim: int, provenance: dict) -> None:
-    state = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
-    obj = {
-        "format": HEAD_FORMAT,
-        "config": json.dumps(asdict(cfg), sort_keys=True),
-        "n_classes": int(n_classes),
-        "dim": int(dim),
-        "provenance": json.dumps({k: provenance.get(k) for k in PROVENANCE_KEYS}, sort_keys=True),
-        "state_dict": state,
-        "weights_sha256": weights_sha256(state),
+def save_head(path: Path, net: HeadNet, cfg: HeadConfig, n_classes: int, dim: int, provenance: dict) -> str:
+    """Write the head file; returns its weights hash."""
+    sha = arrays_sha256(net.weights)
+    arrays = {
+        "format": np.array(HEAD_FORMAT),
+        "config": np.array(json.dumps(asdict(cfg), sort_keys=True)),
+        "n_classes": np.array(int(n_classes), np.int64),
+        "dim": np.array(int(dim), np.int64),
+        "provenance": np.array(json.dumps({k: provenance.get(k) for k in PROVENANCE_KEYS}, sort_keys=True)),
+        "weights_sha256": np.array(sha),
+        **{f"state/{k}": a for k, a in net.weights.items()},
     }
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    write_atomic(path, write)
+    return sha
 
 
 @dataclass
 class Head:
-    net: torch.nn.Module
+    net: HeadNet
     cfg: HeadConfig
     n_classes: int
     dim: int
@@ -163,32 +239,70 @@ class Head:
     weights_sha256: str
 
 
+def _read_npz(p: Path) -> dict | None:
+    """The head archive's entries, or None for a file that is not one (a torch file of earlier versions)."""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "format" not in z.files:
+                return None
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def _read_legacy(p: Path) -> dict | None:
+    """A head.pt of earlier versions (a torch file; loading never runs code, ``weights_only``) as the archive's
+    entries, or None."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return None
+        import torch
+
+        obj = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(obj, dict) or obj.get("format") != LEGACY_HEAD_FORMAT:
+        return None
+    entries = {k: obj.get(k) for k in ("format", "config", "n_classes", "dim", "provenance", "weights_sha256")}
+    try:
+        for k, t in obj["state_dict"].items():
+            entries[f"state/{k}"] = t.detach().to(dtype=torch.float32).numpy()
+    except Exception:
+        return None
+    return entries
+
+
 def load_head(path: str | os.PathLike) -> Head:
-    """A head file written by refine, checked whole; loading never runs code (``weights_only``)."""
+    """A head file written by refine (``head.npz``, or the ``head.pt`` of earlier versions), checked whole."""
     p = Path(path)
     if not p.is_file() or not is_regular(p):
-        raise AcsegError(f"head {path} does not exist or is not a file", "pass the head.pt that refine wrote")
-    bad = AcsegError(f"{path} is not a refine head", "pass the head.pt that 'acseg refine' wrote")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
-        raise bad from None
-    if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
+        raise AcsegError(f"head {path} does not exist or is not a file", f"pass the {HEAD_FILE} that refine wrote")
+    bad = AcsegError(f"{path} is not a refine head", f"pass the {HEAD_FILE} that 'acseg refine' wrote")
+    entries = _read_npz(p)
+    if entries is None:
+        entries = _read_legacy(p)
+    if entries is None or str(entries.get("format")) not in (HEAD_FORMAT, LEGACY_HEAD_FORMAT):
         raise bad
     try:
-        cfg = HeadConfig(**json.loads(obj["config"]))
+        cfg = HeadConfig(**json.loads(str(entries["config"])))
         cfg.check()
-        n_classes, dim = int(obj["n_classes"]), int(obj["dim"])
-        provenance = json.loads(obj["provenance"])
+        n_classes, dim = int(entries["n_classes"]), int(entries["dim"])
+        provenance = json.loads(str(entries["provenance"]))
         if not isinstance(provenance, dict) or n_classes < 1 or dim < 1:
             raise ValueError
-        net = create_head(cfg, dim, n_classes)
-        net.load_state_dict(obj["state_dict"])
+        want = create_head(cfg, dim, n_classes, np.random.default_rng(0)).weights
+        weights = {k: np.asarray(entries[f"state/{k}"]) for k in want}
+        if set(k for k in entries if k.startswith("state/")) != {f"state/{k}" for k in want}:
+            raise ValueError
+        if any(weights[k].shape != a.shape or weights[k].dtype != np.float32 for k, a in want.items()):
+            raise ValueError
     except Exception:
         raise AcsegError(f"{path} is a damaged refine head", "re-run refine to fit it again") from None
-    if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
+    if not all(np.isfinite(a).all() for a in weights.values()):
         raise AcsegError(f"{path}: the head's weights hold NaN or Inf", "re-run refine to fit it again")
-    return Head(net.eval(), cfg, n_classes, dim, provenance, str(obj.get("weights_sha256", "")))
+    sha = str(entries.get("weights_sha256") or "")
+    return Head(HeadNet(cfg.kind, weights), cfg, n_classes, dim, provenance, sha)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +319,17 @@ class RefineResult:
     fitted: bool
     changed: float  # share of patches whose label refine changed
     score: dict | None = None  # with match_gt: the score of the maps before they were rewritten in its ids
+
+
+def _one_blas_thread():
+    """numpy's BLAS on one thread for the relabelling (restored after): its products there are small (1,344
+    tokens x 384 x K a photo), and OpenBLAS's idle threads spin after each, taking the cores from PAMR's
+    compiled loops (CamVid, 240 photos fitted and applied: 8.5-9.0 s with one thread against 10.3-10.7 s)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def labels_file(path: str | os.PathLike) -> Path:
@@ -260,7 +385,7 @@ def _sample(labels: LabelMapStore, feats: FeatureStore, idx: list[int], max_toke
     sizes = [int(np.prod(labels.grid[i])) for i in range(labels.n_images)]
     share = min(1.0, max_tokens / max(sum(sizes), 1))
     counts = sizes if share == 1.0 else [max(1, int(round(share * n))) for n in sizes]
-    x = torch.empty((sum(counts), feats.dim), dtype=torch.float32)
+    x = np.empty((sum(counts), feats.dim), dtype=np.float32)
     y = np.empty(sum(counts), np.int64)
     rng = np.random.default_rng(seed)
     at = 0
@@ -271,10 +396,10 @@ def _sample(labels: LabelMapStore, feats: FeatureStore, idx: list[int], max_toke
             if share < 1.0:
                 pick = np.sort(rng.choice(len(lab), counts[i], replace=False))
                 t, lab = t[pick], lab[pick]
-            x[at : at + counts[i]] = torch.from_numpy(np.asarray(t, np.float32))
+            x[at : at + counts[i]] = t
             y[at : at + counts[i]] = lab
             at += counts[i]
-    x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # unit(): F.normalize's arithmetic, in place
+    unit(x)  # in place
     return x, y, share == 1.0
 
 
@@ -346,7 +471,7 @@ def refine(
             net, cfg, head_prov, head_sha = h.net, h.cfg, h.provenance, h.weights_sha256
         inputs = [labels, lab.path, features, head, match_gt]
         lock = acquire_output_lock(out)
-        side = (HEAD_FILE,) if fitted else ()
+        side = (HEAD_FILE, LEGACY_HEAD_FILE) if fitted else ()
         tmp = prepare_label_folder(
             out, overwrite, inputs, lab.sources, stage="refine", store_file=REFINED_FILE, side_files=side
         )
@@ -372,7 +497,7 @@ def refine(
             "features_provenance": feats.provenance(),
         }
         changed = total = at = 0
-        with StoreWriter(tmp / REFINED_FILE, label_maps_schema("refined"), attrs) as w, torch.no_grad():
+        with StoreWriter(tmp / REFINED_FILE, label_maps_schema("refined"), attrs) as w, _one_blas_thread():
             rows = ClassMapRows(w, lab)
             for i, j in enumerate(idx):
                 gh, gw = (int(s) for s in lab.grid[i])
@@ -381,9 +506,9 @@ def refine(
                     tok, at = x[at : at + gh * gw], at + gh * gw
                 else:
                     tok = unit(feats.tokens(j))
-                probs = torch.softmax(net(tok), dim=-1).T.reshape(n_classes, gh, gw)
+                probs = net.probs(tok).T.reshape(n_classes, gh, gw)
                 probs = blend(probs, before, keep)
-                after = probs.argmax(0).numpy()
+                after = probs.argmax(0)
                 changed += int((after != before).sum())
                 total += after.size
                 size = tuple(int(s) for s in lab.image_size[i])
@@ -395,7 +520,7 @@ def refine(
                     )
                     save_label_png(map_paths[i], pamr_probs(photo, probs, size, pamr))
                 else:
-                    save_label_png(map_paths[i], upsample_argmax(probs, size))
+                    save_label_png(map_paths[i], pamr_probs(None, probs, size, pamr))  # 0 iterations: upsampling
                 rows.add(after)
                 if progress:
                     progress((cfg.steps if fitted else 0) + i + 1, (cfg.steps if fitted else 0) + lab.n_images)

@@ -51,7 +51,7 @@ def test_examples_makefile_runs_and_redoes_only_what_changed(tmp_path):
         assert r["n_images"] == 8 and 0 <= r["miou"] <= 1
         assert len(list((out / f"labels-s{s}").glob("*.png"))) == 8
         assert len(list((out / f"refined-s{s}").glob("*.png"))) == 8  # what was scored: refine's maps
-        assert (out / f"refined-s{s}" / "head.pt").is_file()
+        assert (out / f"refined-s{s}" / "head.npz").is_file()
         assert len(list((out / f"preview-s{s}").glob("*.png"))) == 8
     assert "seed 0: mIoU" in p.stdout and "pictures:" in p.stdout
     targets = [str(out / "score-s0.json"), str(out / "score-s1.json")]

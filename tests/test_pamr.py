@@ -1,5 +1,8 @@
 """refine's pixel-adaptive refinement (PAMR): boundaries onto photo edges, exact class pruning, photos."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,7 @@ from test_crf import two_colour_photo
 
 from stages.config import PAMRParams
 from stages.errors import AcsegError
-from stages.pamr import _kernel, _offsets, affinities, propagate, refine_probs, work_size
+from stages.pamr import _kernel, _offsets, affinities, propagate, refine_probs, threads, work_size
 from stages.render import read_photo, upsample_argmax
 
 
@@ -164,6 +167,26 @@ def test_the_compiled_upsampling_of_regions_labels_as_render_does(shape, size):
     got = _kernel().upsample_argmax(probs.numpy(), *size)
     want = upsample_argmax(probs, size)
     assert len(np.unique(want)) >= 3 and np.array_equal(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, size", [((11, 32, 43), (160, 213)), ((3, 7, 5), (30, 41)), ((4, 50, 60), (20, 25))])
+def test_the_compiled_resize_is_torch_bilinear(shape, size):
+    probs = torch.softmax(torch.randn(*shape, generator=torch.Generator().manual_seed(shape[2])) * 2, 0)
+    want = torch.nn.functional.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+    got = _kernel().resize(probs.numpy(), *size)
+    assert got.shape == (shape[0], *size) and got.dtype == np.float32
+    assert np.abs(got - want.numpy()).max() < 1e-6
+
+
+def test_the_loops_thread_count_without_torch(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch")  # as in a refine process, which never imports it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads() == len(os.sched_getaffinity(0))
 
 
 @needs_kernel

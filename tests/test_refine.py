@@ -1,19 +1,31 @@
 """classify's over-clustering merge and the refine stage: planted data, fit against apply, refused inputs."""
 
 import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import cli
+from helpers import ROOT, cli, cli_env
 from PIL import Image
 from planted import planted_images, write_planted_photos, write_planted_store
 from test_hostile import one_error_line
 
 from stages.classify import classify
 from stages.conceptualize import conceptualize
-from stages.refine import HEAD_FILE, REFINED_FILE, HeadConfig, fit_head, load_head, unit
+from stages.refine import (
+    HEAD_FILE,
+    LEGACY_HEAD_FORMAT,
+    REFINED_FILE,
+    HeadConfig,
+    _gradients,
+    create_head,
+    fit_head,
+    load_head,
+    unit,
+)
 
 
 def _unit(x):
@@ -27,13 +39,34 @@ def test_head_recovers_planted_classes_from_noisy_labels():
     x = (centers[true] + rng.normal(size=(6000, 32))).astype(np.float32)
     noisy = np.where(rng.random(6000) < 0.3, rng.integers(0, 4, 6000), true)
     assert (noisy == true).mean() < 0.8
-    tokens = unit(x)
-    rng_state = torch.get_rng_state()
-    net = fit_head(tokens, noisy, 4, HeadConfig(steps=150, batch_size=512, lr=1e-2))
-    assert torch.equal(torch.get_rng_state(), rng_state)  # a stage leaves the process's RNG alone
-    with torch.no_grad():
-        pred = net(tokens).argmax(1).numpy()
-    assert (pred == true).mean() > 0.97
+    tokens = unit(x.copy())
+    assert np.allclose(np.linalg.norm(tokens, axis=1), 1.0, atol=1e-6)
+    rng_state = np.random.get_state()[1].copy()
+    for kind in ("linear", "mlp"):
+        net = fit_head(tokens, noisy, 4, HeadConfig(kind=kind, hidden=64, steps=150, batch_size=512, lr=1e-2))
+        assert (net.logits(tokens).argmax(1) == true).mean() > 0.97, kind
+    assert np.array_equal(np.random.get_state()[1], rng_state)  # a stage leaves the process's RNG alone
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_head_gradients_are_torch_autograd(kind):
+    """The head's hand-written backward pass against torch's autograd on the same weights and batch."""
+    rng = np.random.default_rng(2)
+    x = unit(rng.normal(size=(64, 12)).astype(np.float32))
+    y = rng.integers(0, 5, 64)
+    net = create_head(HeadConfig(kind=kind, hidden=16), 12, 5, rng)
+    got = _gradients(net, x, y)
+    params = {k: torch.tensor(a, requires_grad=True) for k, a in net.weights.items()}
+    xt = torch.from_numpy(x)
+    if kind == "linear":
+        z = xt @ params["weight"].T + params["bias"]
+    else:
+        z = torch.relu(xt @ params["0.weight"].T + params["0.bias"]) @ params["2.weight"].T + params["2.bias"]
+    assert np.allclose(net.logits(x), z.detach().numpy(), atol=1e-6)
+    torch.nn.functional.cross_entropy(z, torch.from_numpy(y)).backward()
+    assert set(got) == set(params)
+    for k, t in params.items():
+        assert np.allclose(got[k], t.grad.numpy(), atol=1e-6), k
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +118,68 @@ def test_fit_and_apply_give_the_same_labels(labelled, tmp_path):
     # a refine output can be refined again
     r = cli(["refine", tmp_path / "fit", "-f", labelled["features"], "-o", tmp_path / "again", "--steps", "5", "-q"])
     assert r.exit_code == 0, r.stderr
+
+
+def test_a_head_file_of_earlier_versions_applies_as_before(labelled, tmp_path):
+    """refine wrote its head as a torch file (head.pt, acseg-head-1) before: such a file still applies, with the
+    labels of the same weights in today's file."""
+    fit = tmp_path / "fit"
+    args = ["refine", labelled["labels"], "-f", labelled["features"], "--steps", "20", "-q"]
+    assert cli([*args, "-o", fit, "--head-kind", "mlp", "--hidden", "8"]).exit_code == 0
+    h = load_head(fit / HEAD_FILE)
+    legacy = {
+        "format": LEGACY_HEAD_FORMAT,
+        "config": json.dumps(h.cfg.__dict__, sort_keys=True),
+        "n_classes": h.n_classes,
+        "dim": h.dim,
+        "provenance": json.dumps(h.provenance, sort_keys=True),
+        "state_dict": {k: torch.from_numpy(a) for k, a in h.net.weights.items()},
+        "weights_sha256": "0" * 64,
+    }
+    torch.save(legacy, tmp_path / "head.pt")
+    old = load_head(tmp_path / "head.pt")
+    assert old.cfg == h.cfg and old.weights_sha256 == "0" * 64
+    assert all(np.array_equal(old.net.weights[k], a) for k, a in h.net.weights.items())
+    for name, head in (("new", fit / HEAD_FILE), ("old", tmp_path / "head.pt")):
+        assert cli([*args, "-o", tmp_path / name, "--head", head]).exit_code == 0
+    for png in sorted((tmp_path / "new").glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "old" / png.name)))
+    # a torch file that is not a head, and a head archive holding a pickled array: refused like any other file
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    one_error_line(cli([*args, "-o", tmp_path / "o", "--head", tmp_path / "other.pt"]))
+    with np.load(fit / HEAD_FILE) as z:
+        entries = {k: z[k] for k in z.files}
+    entries["config"] = np.array([h.cfg.__dict__], dtype=object)  # stored as a pickle
+    with open(tmp_path / "pickled.npz", "wb") as fh:
+        np.savez(fh, **entries)
+    msg = one_error_line(cli([*args, "-o", tmp_path / "o", "--head", tmp_path / "pickled.npz"]))
+    assert "not a refine head" in msg and not (tmp_path / "o").exists()
+
+
+def test_refine_runs_without_torch(labelled, tmp_path):
+    """refine (fit and apply, PAMR and plain upsampling) never imports torch: its import is 2 s of the command."""
+    block = (
+        "import sys, runpy, importlib.abc\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('refine imported torch')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "sys.argv = ['acseg'] + sys.argv[1:]\n"
+        "runpy.run_module('acseg_cli', run_name='__main__')\n"
+    )
+    common = [sys.executable, "-c", block, "refine", "-f", labelled["features"], "-q"]
+    runs = [
+        [labelled["labels"], "-o", tmp_path / "fit", "--steps", "20"],
+        [labelled["labels"], "-o", tmp_path / "app", "--head", tmp_path / "fit" / HEAD_FILE],
+        [labelled["labels"], "-o", tmp_path / "plain", "--steps", "20", "--pamr", "0"],
+    ]
+    for extra in runs:
+        r = subprocess.run(
+            [*map(str, common), *map(str, extra)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == str(extra[2])
 
 
 def test_bad_inputs_are_refused(labelled, tmp_path):
