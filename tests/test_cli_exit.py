@@ -1,4 +1,4 @@
-"""Leaving without the interpreter's teardown (about 0.5 s after torch is imported): only when nothing is lost."""
+"""Leaving without the interpreter's teardown (about 0.5 s after torch or numba): only when nothing is lost."""
 
 import subprocess
 import sys
@@ -13,8 +13,8 @@ PROBE = textwrap.dedent("""
     import sys, threading
     import h5py
     from acseg_cli.process import teardown_can_be_skipped as ok
-    seen = [ok()]                          # False: torch not imported, nothing slow to skip
-    import torch
+    seen = [ok()]                          # False: torch and numba not imported, nothing slow to skip
+    __import__(sys.argv[3])                # torch, or numba (refine's compiled loops, without torch)
     seen.append(ok())                      # True
     w = h5py.File(sys.argv[1], "w")
     seen.append(ok())                      # False: a file open for writing
@@ -35,11 +35,12 @@ PROBE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_teardown_is_skipped_only_when_nothing_is_open(tmp_path):
+@pytest.mark.parametrize("module", ["torch", "numba"])
+def test_teardown_is_skipped_only_when_nothing_is_open(tmp_path, module):
     with h5py.File(tmp_path / "r.h5", "w") as f:
         f["x"] = np.arange(3)
     r = subprocess.run(
-        [sys.executable, "-c", PROBE, str(tmp_path / "w.h5"), str(tmp_path / "r.h5")],
+        [sys.executable, "-c", PROBE, str(tmp_path / "w.h5"), str(tmp_path / "r.h5"), module],
         capture_output=True,
         text=True,
         env=cli_env(),
