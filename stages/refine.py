@@ -324,7 +324,8 @@ class RefineResult:
 def _one_blas_thread():
     """numpy's BLAS on one thread for the relabelling (restored after): its products there are small (1,344
     tokens x 384 x K a photo), and OpenBLAS's idle threads spin after each, taking the cores from PAMR's
-    compiled loops (CamVid, 240 photos fitted and applied: 8.5-9.0 s with one thread against 10.3-10.7 s)."""
+    compiled loops (refine fitted on 123 CamVid photos and applied to 117, from the shell: 7.3-8.2 s with one
+    thread, 12.8-15.2 s without it)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
