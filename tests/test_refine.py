@@ -156,6 +156,7 @@ def test_a_head_file_of_earlier_versions_applies_as_before(labelled, tmp_path):
     assert "not a refine head" in msg and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_refine_runs_without_torch(labelled, tmp_path):
     """refine (fit and apply, PAMR and plain upsampling) never imports torch: its import is 2 s of the command."""
     block = (
