@@ -13,7 +13,6 @@ images of the same features with ``head=``: ``classify --centroids`` labels them
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -79,13 +78,17 @@ class HeadNet:
     kind: str
     weights: dict
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """x (N, d) unit rows -> (N, K) logits."""
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """x (N, d) unit rows -> (the MLP's hidden activations (N, hidden), None for 'linear'; (N, K) logits)."""
         w = self.weights
         if self.kind == "linear":
-            return x @ w["weight"].T + w["bias"]
+            return None, x @ w["weight"].T + w["bias"]
         h = np.maximum(x @ w["0.weight"].T + w["0.bias"], np.float32(0.0))
-        return h @ w["2.weight"].T + w["2.bias"]
+        return h, h @ w["2.weight"].T + w["2.bias"]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """x (N, d) unit rows -> (N, K) logits."""
+        return self.forward(x)[1]
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         """x (N, d) unit rows -> (N, K) class probabilities (softmax of the logits)."""
@@ -109,20 +112,22 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def head_layers(cfg: HeadConfig, dim: int, n_classes: int) -> list[tuple[str, int, int]]:
+    """The head's layers in order: (name prefix of their weights, fan_out, fan_in)."""
+    if cfg.kind == "linear":
+        return [("", n_classes, dim)]
+    return [("0.", cfg.hidden, dim), ("2.", n_classes, cfg.hidden)]
+
+
 def create_head(cfg: HeadConfig, dim: int, n_classes: int, rng: np.random.Generator) -> HeadNet:
     """A head with torch's default initialisation of a linear layer: weights and biases uniform in +-1 /
     sqrt(fan_in)."""
-
-    def layer(fan_out: int, fan_in: int, name: str) -> dict:
+    weights = {}
+    for name, fan_out, fan_in in head_layers(cfg, dim, n_classes):
         bound = 1.0 / math.sqrt(fan_in)
-        return {
-            f"{name}weight": rng.uniform(-bound, bound, (fan_out, fan_in)).astype(np.float32),
-            f"{name}bias": rng.uniform(-bound, bound, fan_out).astype(np.float32),
-        }
-
-    if cfg.kind == "linear":
-        return HeadNet("linear", layer(n_classes, dim, ""))
-    return HeadNet("mlp", {**layer(cfg.hidden, dim, "0."), **layer(n_classes, cfg.hidden, "2.")})
+        weights[f"{name}weight"] = rng.uniform(-bound, bound, (fan_out, fan_in)).astype(np.float32)
+        weights[f"{name}bias"] = rng.uniform(-bound, bound, fan_out).astype(np.float32)
+    return HeadNet(cfg.kind, weights)
 
 
 def _lr_at(step: int, cfg: HeadConfig) -> float:
@@ -136,23 +141,17 @@ def _lr_at(step: int, cfg: HeadConfig) -> float:
 
 def _gradients(net: HeadNet, x: np.ndarray, y: np.ndarray) -> dict:
     """The gradients of the mean cross-entropy of ``net`` on the batch x (B, d), y (B,)."""
-    w = net.weights
-    if net.kind == "linear":
-        hidden, inp = None, x
-        dz = softmax(x @ w["weight"].T + w["bias"])
-    else:
-        hidden = np.maximum(x @ w["0.weight"].T + w["0.bias"], np.float32(0.0))
-        inp = hidden
-        dz = softmax(hidden @ w["2.weight"].T + w["2.bias"])
+    hidden, logits = net.forward(x)
+    dz = softmax(logits)
     dz[np.arange(len(y)), y] -= np.float32(1.0)  # d loss / d logits: probabilities less the one-hot targets
     dz /= np.float32(len(y))
-    last = "" if net.kind == "linear" else "2."
-    grads = {f"{last}weight": dz.T @ inp, f"{last}bias": dz.sum(axis=0)}
-    if hidden is not None:
-        dh = dz @ w["2.weight"]
-        dh *= hidden > 0  # the ReLU's gradient
-        grads["0.weight"] = dh.T @ x
-        grads["0.bias"] = dh.sum(axis=0)
+    if hidden is None:
+        return {"weight": dz.T @ x, "bias": dz.sum(axis=0)}
+    grads = {"2.weight": dz.T @ hidden, "2.bias": dz.sum(axis=0)}
+    dh = dz @ net.weights["2.weight"]
+    dh *= hidden > 0  # the ReLU's gradient
+    grads["0.weight"] = dh.T @ x
+    grads["0.bias"] = dh.sum(axis=0)
     return grads
 
 
@@ -208,16 +207,14 @@ def blend(probs: np.ndarray, class_map: np.ndarray, keep: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_head(path: Path, net: HeadNet, cfg: HeadConfig, n_classes: int, dim: int, provenance: dict) -> str:
-    """Write the head file; returns its weights hash."""
-    sha = arrays_sha256(net.weights)
+def save_head(path: Path, net: HeadNet, cfg: HeadConfig, n_classes: int, dim: int, provenance: dict) -> None:
     arrays = {
         "format": np.array(HEAD_FORMAT),
         "config": np.array(json.dumps(asdict(cfg), sort_keys=True)),
         "n_classes": np.array(int(n_classes), np.int64),
         "dim": np.array(int(dim), np.int64),
         "provenance": np.array(json.dumps({k: provenance.get(k) for k in PROVENANCE_KEYS}, sort_keys=True)),
-        "weights_sha256": np.array(sha),
+        "weights_sha256": np.array(arrays_sha256(net.weights)),
         **{f"state/{k}": a for k, a in net.weights.items()},
     }
 
@@ -226,7 +223,6 @@ def save_head(path: Path, net: HeadNet, cfg: HeadConfig, n_classes: int, dim: in
             np.savez(fh, **arrays)
 
     write_atomic(path, write)
-    return sha
 
 
 @dataclass
@@ -291,11 +287,13 @@ def load_head(path: str | os.PathLike) -> Head:
         provenance = json.loads(str(entries["provenance"]))
         if not isinstance(provenance, dict) or n_classes < 1 or dim < 1:
             raise ValueError
-        want = create_head(cfg, dim, n_classes, np.random.default_rng(0)).weights
-        weights = {k: np.asarray(entries[f"state/{k}"]) for k in want}
-        if set(k for k in entries if k.startswith("state/")) != {f"state/{k}" for k in want}:
+        want = {}
+        for name, fan_out, fan_in in head_layers(cfg, dim, n_classes):
+            want[f"{name}weight"], want[f"{name}bias"] = (fan_out, fan_in), (fan_out,)
+        if {k for k in entries if k.startswith("state/")} != {f"state/{k}" for k in want}:
             raise ValueError
-        if any(weights[k].shape != a.shape or weights[k].dtype != np.float32 for k, a in want.items()):
+        weights = {k: np.asarray(entries[f"state/{k}"]) for k in want}
+        if any(weights[k].shape != shape or weights[k].dtype != np.float32 for k, shape in want.items()):
             raise ValueError
     except Exception:
         raise AcsegError(f"{path} is a damaged refine head", "re-run refine to fit it again") from None
@@ -326,10 +324,8 @@ def _one_blas_thread():
     tokens x 384 x K a photo), and OpenBLAS's idle threads spin after each, taking the cores from PAMR's
     compiled loops (refine fitted on 123 CamVid photos and applied to 117, from the shell: 7.3-8.2 s with one
     thread, 12.8-15.2 s without it)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(1, user_api="blas")
 
 
