@@ -39,6 +39,7 @@ from .output import (
     acquire_output_lock,
     check_apart,
     check_files_into,
+    check_output,
     release_output_lock,
     replace_folder,
 )
@@ -142,6 +143,7 @@ def classify(
         v.integer("--crf-iterations", crf_params.iterations, min=0)
     if crf:
         require_crf()
+    check_output(Path(outdir).absolute(), overwrite, folder=True)  # before the work, as prepare_label_folder after it
     paths = [concepts] if isinstance(concepts, (str, os.PathLike)) else list(concepts)
     store = ConceptSet([str(p) for p in paths])
     concepts = paths[0] if len(paths) == 1 else f"{len(paths)} concepts stores"

@@ -175,6 +175,8 @@ def acquire_output_lock(path: Path) -> int:
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise AcsegError(f"{lp} is a symbolic link", "remove it (acseg makes that lock file itself)") from None
+            if e.errno == errno.ENOENT and not lp.parent.is_dir():
+                raise AcsegError(f"folder {lp.parent} does not exist", "create it first or choose another -o") from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -45,6 +45,7 @@ from .output import (
     acquire_output_lock,
     check_apart,
     check_files_into,
+    check_output,
     is_regular,
     release_output_lock,
     replace_folder,
@@ -445,6 +446,7 @@ def refine(
         idx = _pairs(lab, feats)
         if edges:
             check_photos(lab.sources, "--crf" if crf else PAMR_NEEDS, "drop --crf" if crf else "pass --pamr 0")
+        check_output(out, overwrite, folder=True)  # before the fit, as prepare_label_folder after it
         fitted = head is None
         whole = False
         if fitted:

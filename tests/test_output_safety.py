@@ -18,6 +18,7 @@ from PIL import Image
 from test_hostile import _limited, one_error_line
 
 from stages.classify import classify
+from stages.errors import AcsegError
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,25 @@ def test_a_second_classify_on_one_folder_stops_at_once(valid, tmp_path):
         release_output_lock(out.absolute(), fd)
     assert "another acseg process is writing" in msg
     assert not out.exists()
+
+
+def test_an_output_in_a_missing_folder_is_refused_before_the_work(valid, tmp_path):
+    """classify and refine said "No such file or directory (.x.lock); check free disk space" after their work;
+    now one line that names the folder, before it (and the lock itself says the same to any caller)."""
+    from stages.output import acquire_output_lock
+
+    labels = tmp_path / "labels"
+    assert cli(["classify", valid["concepts"], "-K", "3", "-o", labels, "-q"]).exit_code == 0
+    runs = {
+        "classify": ["classify", valid["concepts"], "-K", "3"],
+        "refine": ["refine", labels, "-f", valid["features"], "--pamr", "0"],
+    }
+    for stage, args in runs.items():
+        msg = one_error_line(cli([*args, "-o", tmp_path / "missing" / "out", "-q"]))
+        assert f"folder {tmp_path / 'missing'} does not exist" in msg, (stage, msg)
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(AcsegError, match="does not exist"):
+        acquire_output_lock(tmp_path / "missing" / "out")
 
 
 def test_names_differing_only_by_extension_get_a_map_each(tmp_path):
