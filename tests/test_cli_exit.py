@@ -97,11 +97,18 @@ HEAP_PROBE = textwrap.dedent("""
 def test_keep_heap_serves_freed_buffers_again_without_page_faults():
     """fit-acg's process setting: after a few steps, buffers come from memory already faulted in; by default
     glibc maps each buffer above 32 MB afresh and the kernel faults in every page again (about 200,000 faults
-    in these 10 steps; 5,000 with it). torch's buffers: numpy asks for huge pages, which fault 512 times less."""
-    faults = {}
-    for mode in ("default", "keep"):
-        r = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, env=cli_env())
-        assert r.returncode == 0, r.stderr
-        faults[mode] = int(r.stdout)
-    assert faults["default"] > 100_000, faults  # (not so with transparent huge pages always on)
-    assert faults["keep"] < faults["default"] / 20, faults
+    in these 10 steps; 5,000 with it). torch's buffers: numpy asks for huge pages, which fault 512 times less.
+    Page faults depend on the machine's state as well (the probe failed 2 of 18 full quick runs, never alone):
+    up to three pairs of probes, and the test fails only when none shows the setting's effect."""
+    seen = []
+    for _ in range(3):
+        faults = {}
+        for mode in ("default", "keep"):
+            r = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, env=cli_env())
+            assert r.returncode == 0, r.stderr
+            faults[mode] = int(r.stdout)
+        seen.append(faults)
+        # (default: not so with transparent huge pages always on)
+        if faults["default"] > 100_000 and faults["keep"] < faults["default"] / 20:
+            return
+    pytest.fail(f"freed buffers were faulted in again under keep_heap in every probe: {seen}")
