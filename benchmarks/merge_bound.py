@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from refine import add_set_arguments  # noqa: E402  (benchmarks/, the script's own folder)
+
 from stages.classify import classify  # noqa: E402
 from stages.score import score  # noqa: E402
 
@@ -72,11 +74,7 @@ def best_mapping(conf: np.ndarray) -> tuple[np.ndarray, float]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--train", required=True, help="concepts store the clusters are fitted on")
-    ap.add_argument("--test", required=True, help="concepts store scored (the same for transductive)")
-    ap.add_argument("--gt", required=True)
-    ap.add_argument("-K", type=int, required=True)
-    ap.add_argument("--ignore", type=int, action="append", default=[])
+    add_set_arguments(ap)
     ap.add_argument("--factors", default="1,2,3,4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)

@@ -69,15 +69,20 @@ def miou(pred: Path, gt: Path, halves_: list[Path], ignore: list[int]) -> list[f
     return [round(100 * x, 2) for x in r]
 
 
+def add_set_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options naming a data set, shared with merge_bound.py: its concept stores, ground truth and classes."""
+    ap.add_argument("--train", required=True, help="concepts store of the train images (fitted on)")
+    ap.add_argument("--test", required=True, help="concepts store of the test images (the same for transductive)")
+    ap.add_argument("--gt", required=True, help="folder of the test images' ground-truth label maps")
+    ap.add_argument("-K", type=int, required=True, help="number of classes")
+    ap.add_argument("--ignore", type=int, action="append", default=[], help="ground-truth id to ignore")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-features", required=True)
-    ap.add_argument("--train", required=True, help="concepts store of the train images")
     ap.add_argument("--test-features", required=True)
-    ap.add_argument("--test", required=True, help="concepts store of the test images (the same for transductive)")
-    ap.add_argument("--gt", required=True)
-    ap.add_argument("-K", type=int, required=True)
-    ap.add_argument("--ignore", type=int, action="append", default=[])
+    add_set_arguments(ap)
     ap.add_argument("--acg", help="the ACG checkpoint, for the kmeans-prep baseline")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--extra", action="store_true", help="also the losing variants (keep, head kind, exclusivity)")
