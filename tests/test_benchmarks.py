@@ -165,3 +165,35 @@ def test_plan_prints_its_table():
 def test_killpoints_once_per_stage(tiny):
     rows = json_lines(run("killpoints.py", "--n", "1", "--images", tiny / "images"))
     assert {r["stage"] for r in rows} == {"extract", "fit-acg", "conceptualize", "classify"}
+
+
+def test_merge_bound_finds_the_merge_of_highest_miou():
+    """The bound's local search beats majority where majority starves a class: cluster 2 is mostly class 0,
+    but giving it to class 1 raises class 1's IoU by more than class 0 loses."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from merge_bound import best_mapping, miou_of_mapping
+    finally:
+        sys.path.remove(str(BENCH))
+    conf = np.array([[100.0, 0.0], [50.0, 0.0], [6.0, 4.0]])  # clusters x classes, pixel counts
+    assert miou_of_mapping(conf, np.array([0, 0, 0])) == pytest.approx((156 / 160 + 0.0) / 2)
+    mapping, best = best_mapping(conf)
+    assert mapping.tolist() == [0, 0, 1]
+    assert best == pytest.approx((150 / 156 + 4 / 10) / 2)  # class 0: 150 of 156; class 1: 4 of 10
+
+
+def test_merge_bound_runs_and_agrees_with_score(tiny):
+    c = tiny / "c.h5"
+    if not c.exists():
+        assert cli(["conceptualize", tiny / "f.h5", "--acg", tiny / "acg.pt", "-o", c, "-q"]).exit_code == 0
+    out = run(
+        "merge_bound.py",
+        *("--train", c, "--test", c, "--gt", tiny / "gt", "-K", "11", "--ignore", "11"),
+        *("--factors", "1,2", "--out", tiny / "mb"),
+    )
+    rows = json_lines(out)
+    assert rows[0]["variant"] == "classify (every default)"
+    assert [r["factor"] for r in rows[1:]] == [1, 2]
+    for r in rows[1:]:
+        assert r["majority"] == pytest.approx(r["majority (score)"], abs=0.01)  # its own mIoU = score's
+        assert r["best merge"] >= r["majority"] - 1e-9
