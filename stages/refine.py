@@ -13,7 +13,6 @@ images of the same features with ``head=``: ``classify --centroids`` labels them
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -256,7 +255,7 @@ def _read_legacy(p: Path) -> dict | None:
                 return None
         import torch
 
-        obj = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=True)
+        obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception:
         return None
     if not isinstance(obj, dict) or obj.get("format") != LEGACY_HEAD_FORMAT:
